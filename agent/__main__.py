@@ -1,0 +1,72 @@
+"""podtwin agent: ``python -m podtwin.agent --listen unix:/podtwin/agent.sock ...``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import asyncssh
+
+from .server import Agent, serve_tcp, serve_unix
+from .target import TargetProcess
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="podtwin-agent", description=__doc__)
+    p.add_argument("--listen", required=True,
+                   help="unix:/path/to/socket or tcp:127.0.0.1:PORT (loopback only)")
+    p.add_argument("--authorized-keys", required=True,
+                   help="file with the session's public key; no other key is accepted")
+    p.add_argument("--target-pid", type=int, default=1,
+                   help="PID of the target's main process, as this agent sees it")
+    p.add_argument("--startup-timeout", type=float, default=60.0,
+                   help="exit if the runner has not connected within this many seconds")
+    p.add_argument("--communication-timeout", type=float, default=10.0,
+                   help="drop a link that has been silent this long (keepalives are sent)")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    target = TargetProcess(args.target_pid)
+    if not target.exists():
+        print(f"podtwin-agent: target process {args.target_pid} not found", file=sys.stderr)
+        return 3
+    agent = Agent(
+        target=target,
+        authorized_keys=asyncssh.read_authorized_keys(args.authorized_keys),
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        startup_timeout=args.startup_timeout,
+        keepalive_interval=max(args.communication_timeout / 2, 1.0),
+        keepalive_count_max=2,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")
+    kind, _, where = args.listen.partition(":")
+    if kind == "unix":
+        await serve_unix(agent, where)
+    elif kind == "tcp":
+        host, _, port = where.rpartition(":")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            print("podtwin-agent: --listen tcp: must be a loopback address", file=sys.stderr)
+            return 2
+        await serve_tcp(agent, host, int(port))
+    else:
+        print(f"podtwin-agent: bad --listen {args.listen!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s agent %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

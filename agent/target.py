@@ -1,0 +1,56 @@
+"""What the agent reads from the target's main process: environment, resolver files, hostname.
+
+Everything goes through /proc/PID, so it works the same whether the agent shares the target's PID
+namespace (Docker: ``--pid container:T``, the target is PID 1) or sees it from the host's PID
+namespace (Kubernetes node agent with hostPID). Reading another process's environ and root needs
+CAP_SYS_PTRACE when the agent's credentials differ from the target's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TargetProcess:
+    pid: int
+    proc: Path = Path("/proc")
+
+    @property
+    def root(self) -> Path:
+        return self.proc / str(self.pid) / "root"
+
+    def exists(self) -> bool:
+        return (self.proc / str(self.pid)).is_dir()
+
+    def environ(self) -> dict[str, str]:
+        raw = (self.proc / str(self.pid) / "environ").read_bytes()
+        env: dict[str, str] = {}
+        for item in raw.split(b"\0"):
+            if not item or b"=" not in item:
+                continue
+            key, _, value = item.partition(b"=")
+            env[key.decode(errors="surrogateescape")] = value.decode(errors="surrogateescape")
+        return env
+
+    def read_text(self, path: str, default: str = "") -> str:
+        """A file as the target sees it, e.g. read_text('/etc/resolv.conf')."""
+        try:
+            return (self.root / path.lstrip("/")).read_text(errors="replace")
+        except (FileNotFoundError, NotADirectoryError):
+            return default
+
+    def hostname(self) -> str:
+        name = self.read_text("/etc/hostname").strip()
+        if name:
+            return name
+        return self.environ().get("HOSTNAME", "")
+
+    def info(self) -> dict:
+        return {
+            "pid": self.pid,
+            "env": self.environ(),
+            "resolv_conf": self.read_text("/etc/resolv.conf"),
+            "hosts": self.read_text("/etc/hosts"),
+            "hostname": self.hostname(),
+        }

@@ -1,0 +1,3 @@
+from podtwin.runner.cli import run
+
+run()

@@ -1,0 +1,248 @@
+"""Everything podtwin asks of the Docker engine. The only module that imports ``docker``.
+
+Errors from the SDK are translated here into ``PodtwinError``s with a hint, so callers never see
+docker exceptions.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+from docker.types import Mount
+
+from ..errors import AgentError, DockerUnavailable, ImageMissing, SessionError, TargetError
+from ..session import LABEL_ROLE, LABEL_SESSION, MOUNT_POINT, Session
+
+log = logging.getLogger("podtwin.docker")
+
+
+@dataclass(frozen=True)
+class DockerTargetInfo:
+    id: str
+    name: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class LeftoverObject:
+    kind: str  # "container" or "network"
+    id: str
+    name: str
+    labels: dict
+
+
+class DockerEngine:
+    def __init__(self, client: "docker.DockerClient | None" = None) -> None:
+        try:
+            self.client = client or docker.from_env(timeout=60)
+            self.client.ping()
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailable(f"the Docker engine does not answer ({_short(exc)})") from exc
+
+    # -- images ---------------------------------------------------------------------------
+    def require_image(self, name: str, hint: str) -> None:
+        try:
+            self.client.images.get(name)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"image {name!r} is not present locally", hint) from exc
+        except docker.errors.APIError as exc:
+            raise ImageMissing(f"image {name!r} cannot be inspected ({_short(exc)})", hint) from exc
+
+    # -- targets --------------------------------------------------------------------------
+    def get_target(self, name: str) -> DockerTargetInfo:
+        try:
+            c = self.client.containers.get(name)
+        except docker.errors.NotFound as exc:
+            names = [x.name for x in self.client.containers.list(all=True)]
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = (f"did you mean {', '.join(close)}?" if close
+                    else "check the name with `docker ps`")
+            raise TargetError(f"target container {name!r} not found", hint) from exc
+        if c.status != "running":
+            raise TargetError(f"target container {name!r} is not running (it is {c.status})",
+                              f"start it with `docker start {name}`")
+        return DockerTargetInfo(c.id, c.name, c.attrs["Config"].get("Hostname", ""))
+
+    # -- session containers ---------------------------------------------------------------
+    def _session_mount(self, session: Session) -> Mount:
+        return Mount(target=MOUNT_POINT, source=str(session.dir), type="bind")
+
+    def start_agent(self, session: Session, target: DockerTargetInfo, image: str,
+                    startup_timeout: float, communication_timeout: float) -> str:
+        """The agent joins the target's network and PID namespaces: it sees the target's main
+        process as PID 1 and every socket it opens is the target's."""
+        container = self._run(
+            image,
+            ["python", "-m", "podtwin.agent", "--listen", f"unix:{MOUNT_POINT}/agent.sock",
+             "--authorized-keys", f"{MOUNT_POINT}/client_key.pub", "--target-pid", "1",
+             "--startup-timeout", str(startup_timeout),
+             "--communication-timeout", str(communication_timeout)],
+            name=session.name("agent"), labels=session.labels("agent"),
+            network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",
+            cap_add=["SYS_PTRACE", "NET_ADMIN"], cap_drop=["ALL"],
+            mounts=[self._session_mount(session)],
+        )
+        return container.id
+
+    def start_sidecar(self, session: Session, image: str, hostname: str) -> str:
+        container = self._run(
+            image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
+            name=session.name("sidecar"), labels=session.labels("sidecar"),
+            hostname=hostname or None,
+            cap_add=["NET_ADMIN", "NET_BIND_SERVICE"], cap_drop=["ALL"],
+            mounts=[self._session_mount(session)],
+        )
+        return container.id
+
+    def _run(self, image: str, command: list[str], **kwargs):
+        try:
+            return self.client.containers.run(image, command, detach=True, auto_remove=True,
+                                              init=False, **kwargs)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"image {image!r} is not present locally",
+                               "build it with `podtwin images build`") from exc
+        except docker.errors.APIError as exc:
+            raise SessionError(f"cannot start {kwargs.get('name')}: {_short(exc)}") from exc
+
+    def wait_for_line(self, container_id: str, prefix: str, timeout: float, what: str) -> str:
+        """Follow a container's output until a line starts with ``prefix``.
+
+        The log stream is followed from the start in a thread, so even a container that fails at
+        once (and is auto-removed) leaves its last words in the error message."""
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def follow() -> None:
+            try:
+                stream = self.client.api.logs(container_id, stream=True, follow=True,
+                                              stdout=True, stderr=True)
+                buf = b""
+                for chunk in stream:
+                    buf += chunk
+                    *done, buf = buf.split(b"\n")
+                    for line in done:
+                        lines.put(line.decode(errors="replace"))
+                if buf:
+                    lines.put(buf.decode(errors="replace"))
+            except docker.errors.APIError:
+                pass
+            finally:
+                lines.put(None)
+
+        threading.Thread(target=follow, name=f"logs-{what}", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentError(f"the {what} was not ready within {timeout:.0f}s: {_tail(seen)}",
+                                 "raise agent.startup_timeout, or look at the container's logs")
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AgentError(f"the {what} exited during start-up: {_tail(seen)}",
+                                 "run `podtwin doctor`, or rerun with --log-level debug")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+            seen.append(line)
+
+    def create_app(self, session: Session, image: str, command: list[str] | None, env: dict[str, str],
+                   sidecar_id: str, tty: bool, interactive: bool, entrypoint: list[str] | None = None,
+                   workdir: str | None = None, user: str | None = None,
+                   volumes: list[str] | None = None) -> str:
+        try:
+            c = self.client.containers.create(
+                image, command or None, name=session.name("app"), labels=session.labels("app"),
+                environment=env, network_mode=f"container:{sidecar_id}", tty=tty,
+                stdin_open=interactive, entrypoint=entrypoint, working_dir=workdir, user=user,
+                volumes=volumes or None,
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"app image {image!r} is not present locally",
+                               f"build or pull it first (`docker pull {image}`)") from exc
+        except docker.errors.APIError as exc:
+            raise SessionError(f"cannot create the app container: {_short(exc)}") from exc
+        return c.id
+
+    def stop(self, container_id: str, timeout: int = 3) -> None:
+        try:
+            self.client.containers.get(container_id).stop(timeout=timeout)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.warning("stop %s: %s", container_id[:12], _short(exc))
+
+    def remove(self, container_id: str) -> None:
+        try:
+            self.client.containers.get(container_id).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                raise SessionError(f"cannot remove container {container_id[:12]}: {_short(exc)}") from exc
+
+    def exists(self, container_id: str) -> bool:
+        try:
+            self.client.containers.get(container_id)
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    def is_running(self, container_id: str) -> bool:
+        try:
+            return self.client.containers.get(container_id).status == "running"
+        except docker.errors.NotFound:
+            return False
+
+    # -- sessions and clean-up ------------------------------------------------------------
+    def session_objects(self, session_id: str | None = None) -> list[LeftoverObject]:
+        selector = LABEL_SESSION if session_id is None else f"{LABEL_SESSION}={session_id}"
+        out: list[LeftoverObject] = []
+        for c in self.client.containers.list(all=True, filters={"label": selector}):
+            out.append(LeftoverObject("container", c.id, c.name, dict(c.labels)))
+        for n in self.client.networks.list(filters={"label": selector}):
+            out.append(LeftoverObject("network", n.id, n.name, dict(n.attrs.get("Labels") or {})))
+        return out
+
+    def remove_object(self, obj: LeftoverObject) -> None:
+        try:
+            if obj.kind == "container":
+                self.client.containers.get(obj.id).remove(force=True)
+            else:
+                self.client.networks.get(obj.id).remove()
+        except docker.errors.NotFound:
+            pass
+
+    def clean_session(self, session_id: str) -> list[str]:
+        """Remove every object of a session: app first, then sidecar, agent, networks."""
+        order = {"app": 0, "sidecar": 1, "agent": 2}
+        objects = sorted(self.session_objects(session_id),
+                         key=lambda o: (o.kind != "container", order.get(o.labels.get(LABEL_ROLE, ""), 9)))
+        removed, errors = [], []
+        for obj in objects:
+            try:
+                self.remove_object(obj)
+                removed.append(obj.name)
+            except docker.errors.APIError as exc:
+                errors.append(f"{obj.name}: {_short(exc)}")
+        if errors:
+            raise SessionError("could not remove " + "; ".join(errors), "run `podtwin clean` again")
+        return removed
+
+
+def _tail(lines: list[str]) -> str:
+    """The last meaningful line a container printed (tracebacks end with the error itself)."""
+    useful = [ln.strip() for ln in lines if ln.strip()]
+    return useful[-1][:300] if useful else "no output"
+
+
+def _short(exc: Exception) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).strip().splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,276 @@
+"""The Python API behind the CLI: ``run(RunOptions) -> exit code``.
+
+One session, step by step; every object is recorded in a ``Teardown`` the moment it exists and
+removed in reverse order however the session ends (app exit, Ctrl-C, SIGTERM, an error). A
+detached guard covers the case where this process itself is killed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import PodtwinConfig, load_config
+from .envfilter import apply_env
+from .errors import ConfigError, DockerUnavailable, PodtwinError, TargetError
+from .link import Link, LinkKeys
+from .netfilter import OutgoingFilter
+from .session import Session
+from .targets import DockerTarget, KubeTarget, parse_target
+
+log = logging.getLogger("podtwin")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    image: str
+    command: tuple[str, ...] = ()
+    target: str | None = None
+    config_file: Path | None = None
+    profile: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    interactive: bool = False
+    tty: bool = False
+    quiet: bool = False
+    entrypoint: str | None = None
+    workdir: str | None = None
+    user: str | None = None
+    volumes: tuple[str, ...] = ()
+    cwd: Path = field(default_factory=Path.cwd)
+    overrides: dict = field(default_factory=dict)
+
+
+class Progress:
+    """Slow steps say what they do and how long the session has taken so far, on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"podtwin [{time.monotonic() - self.start:4.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(message if message.startswith("podtwin") else f"podtwin: {message}", file=sys.stderr, flush=True)
+
+
+class Teardown:
+    """Undo steps, run in reverse order; a failing step is logged and the others still run."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+
+    def add(self, what: str, undo: Callable[[], None]) -> None:
+        self.steps.append((what, undo))
+
+    def run(self) -> list[str]:
+        failures = []
+        while self.steps:
+            what, undo = self.steps.pop()
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - keep tearing down
+                failures.append(f"{what}: {exc}")
+                log.warning("teardown of %s failed: %s", what, exc)
+        return failures
+
+
+class OwnerLink:
+    """The runner's own connection to the agent, held on a background event loop.
+
+    It is the agent's lifeline: when this process dies, the connection drops and the agent exits.
+    """
+
+    def __init__(self, session: Session, on_lost: Callable[[], None]) -> None:
+        self.session = session
+        self.on_lost = on_lost
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="podtwin-link", daemon=True)
+        self.link: Link | None = None
+        self.closing = False
+
+    def connect(self, host_key: str, timeout: float) -> dict:
+        self.thread.start()
+        keys = LinkKeys(str(self.session.dir / "client_key"), host_key)
+
+        async def go() -> dict:
+            self.link = await Link.connect_unix(str(self.session.agent_socket), keys, role="runner")
+            self.loop.create_task(self._watch(), name="runner:link-watch")
+            return await self.link.control.info()
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    async def _watch(self) -> None:
+        assert self.link is not None
+        await self.link.wait_closed()
+        if not self.closing:
+            self.on_lost()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.link is not None:
+            self.loop.call_soon_threadsafe(self.link.close)
+            time.sleep(0.05)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def sidecar_settings(cfg: PodtwinConfig) -> dict:
+    out = cfg.feature.network.outgoing
+    rules = OutgoingFilter.from_config(out).kernel_rules()
+    return {
+        "tcp": out.tcp,
+        "udp": out.udp,
+        "dns": cfg.feature.network.dns.enabled,
+        "local_cidrs": [list(r) for r in rules.keep_local],
+        "remote_cidrs": None if rules.redirect_only is None else [list(r) for r in rules.redirect_only],
+        "proxy_decides": rules.proxy_decides,
+    }
+
+
+def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig, DockerTarget]:
+    cfg, warnings = load_config(opts.config_file, opts.profile, opts.cwd, opts.overrides)
+    for warning in warnings:
+        progress.warn(warning)
+    target = parse_target(opts.target) if opts.target else cfg.target_spec()
+    if target is None:
+        raise ConfigError("no target given",
+                          "pass --target container/NAME, or set `target` in the config file")
+    if OutgoingFilter.from_config(cfg).kernel_rules().proxy_decides:
+        progress.warn("podtwin: feature.network.outgoing.filter: host-name entries are not supported yet"
+                      " (only IP, CIDR and port entries are applied); they are ignored")
+    if isinstance(target, KubeTarget):
+        raise TargetError(f"Kubernetes targets ({target}) are not supported yet",
+                          "use a Docker target: --target container/NAME")
+    return cfg, target
+
+
+def run(opts: RunOptions) -> int:
+    from .adapters.docker_engine import DockerEngine
+    from .adapters.images import podtwin_image_name
+
+    progress = Progress(opts.quiet)
+    cfg, target = resolve_config(opts, progress)
+    if shutil.which("docker") is None:
+        raise DockerUnavailable("the `docker` command is not on PATH",
+                                "install the Docker CLI (podtwin uses it to attach to the app)")
+    engine = DockerEngine()
+    image = cfg.agent.image or podtwin_image_name()
+    engine.require_image(image, "build it with `podtwin images build`")
+    engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
+    info = engine.get_target(target.name)
+
+    session = Session.create(str(target))
+    teardown = Teardown()
+    teardown.add("session directory", session.remove_dir)
+    app_id: list[str] = []
+    try:
+        from .guard import spawn as spawn_guard
+        spawn_guard(session.id, session.runner_pid, session.dir)
+        session.write_keys()
+
+        progress(f"session {session.id}: starting the agent in {target}'s namespaces")
+        agent_id = engine.start_agent(session, info, image, cfg.agent.startup_timeout,
+                                      cfg.agent.communication_timeout)
+        teardown.add("agent container", lambda: engine.remove(agent_id))
+        ready = json.loads(engine.wait_for_line(agent_id, "PODTWIN_AGENT_READY ",
+                                                cfg.agent.startup_timeout, "agent"))
+        host_key = ready["host_key"]
+        (session.dir / "agent_host_key.pub").write_text(host_key + "\n")
+
+        def link_lost() -> None:
+            progress.warn("podtwin: the link to the agent was lost (did the target stop?); stopping the app")
+            if app_id:
+                engine.stop(app_id[0], timeout=2)
+        owner = OwnerLink(session, link_lost)
+        teardown.add("link", owner.close)
+        remote = owner.connect(host_key, cfg.agent.startup_timeout)
+        progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
+
+        (session.dir / "sidecar.json").write_text(json.dumps(sidecar_settings(cfg)))
+        sidecar_id = engine.start_sidecar(session, image, remote.get("hostname") or info.hostname)
+        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+        engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
+        progress("network bridged; starting the app")
+
+        env = apply_env(remote["env"], cfg.feature.env, opts.env)
+        app = engine.create_app(
+            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
+            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
+        app_id.append(app)
+        teardown.add("app container", lambda: engine.remove(app))
+        return attach(engine, app, opts.interactive)
+    finally:
+        failures = teardown.run()
+        if failures:
+            progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
+
+
+def attach(engine, app_id: str, interactive: bool) -> int:
+    """Run the app in the foreground through the docker CLI, which handles TTYs, stdin and signal
+    forwarding exactly as `docker run` does. Ctrl-C/SIGTERM stop the app (SIGTERM, then SIGKILL
+    after 2 s: a PID 1 without handlers ignores SIGINT) and podtwin exits with 130."""
+    cmd = ["docker", "start", "--attach"] + (["--interactive"] if interactive else []) + [app_id]
+    proc = subprocess.Popen(cmd)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=engine.stop, args=(app_id, 2), name="podtwin-stop", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stopping.is_set() else code
+
+
+def list_sessions() -> list[dict]:
+    from .adapters.docker_engine import DockerEngine
+    from .session import LABEL_ROLE, LABEL_SESSION, LABEL_TARGET, runner_alive
+
+    sessions: dict[str, dict] = {}
+    for obj in DockerEngine().session_objects():
+        sid = obj.labels.get(LABEL_SESSION, "?")
+        entry = sessions.setdefault(sid, {"session": sid, "target": obj.labels.get(LABEL_TARGET, ""),
+                                          "alive": runner_alive(obj.labels), "objects": []})
+        entry["objects"].append(f"{obj.labels.get(LABEL_ROLE, obj.kind)}:{obj.name}")
+    return sorted(sessions.values(), key=lambda s: s["session"])
+
+
+def clean(all_sessions: bool = False) -> list[str]:
+    """Remove the objects of sessions whose runner is gone (or of every session with all=True)."""
+    from .adapters.docker_engine import DockerEngine
+    from .session import dir_owner_alive, sessions_dir
+
+    engine = DockerEngine()
+    removed: list[str] = []
+    live = set()
+    for entry in list_sessions():
+        if entry["alive"] and not all_sessions:
+            live.add(entry["session"])
+            continue
+        removed += engine.clean_session(entry["session"])
+    root = sessions_dir()
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name not in live and (all_sessions or not dir_owner_alive(path)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(f"session directory {path.name}")
+    return removed
+
+
+__all__ = ["RunOptions", "run", "list_sessions", "clean", "PodtwinError"]

@@ -1,0 +1,160 @@
+"""The `podtwin` command: parses options and calls ``podtwin.runner.api``. Nothing else lives here.
+
+Every PodtwinError becomes one line on stderr and a non-zero exit code, here and only here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import click
+
+from . import api
+from .errors import ConfigError, PodtwinError
+
+
+def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"bad -e {item!r}", "write -e KEY=VALUE")
+        if not sep:  # docker's `-e KEY` passes the local value through
+            import os
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version("podtwin"), prog_name="podtwin")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Runner log verbosity.")
+def main(log_level: str) -> None:
+    """Run a local container as if it were inside a target pod or container."""
+    logging.basicConfig(level=log_level.upper(), format="podtwin %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def container() -> None:
+    """Run a local container bridged to a target."""
+
+
+@container.command("run", context_settings={"allow_interspersed_args": False})
+@click.option("--target", "target", metavar="TARGET",
+              help="What to run as: container/NAME (Docker). Overrides `target` in the config.")
+@click.option("-f", "--config-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Config file (JSON, YAML or TOML; mirrord's format is accepted).")
+@click.option("--profile", help="A ready-made profile from profiles/ (see `podtwin config profiles`).")
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Set an environment variable in the app; wins over the target's and the config's.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and connect it to the app.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal for the app.")
+@click.option("--rm", is_flag=True, help="Accepted for docker compatibility: the app container is always removed.")
+@click.option("--entrypoint", help="Override the image's entrypoint.")
+@click.option("-w", "--workdir", help="Working directory inside the app container.")
+@click.option("-u", "--user", help="User (name|uid[:group|gid]) to run the app as.")
+@click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount, as in docker run -v.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not print progress.")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def container_run(target, config_file, profile, env, interactive, tty, rm, entrypoint, workdir, user,
+                  volumes, quiet, image, command) -> None:
+    """Run IMAGE [COMMAND...] with the target's environment, network and DNS.
+
+    \b
+    Example:
+      podtwin container run --target container/api myimage:dev
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    opts = api.RunOptions(
+        image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
+        env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
+        workdir=workdir, user=user, volumes=tuple(volumes), cwd=Path.cwd())
+    sys.exit(api.run(opts))
+
+
+@main.group()
+def config() -> None:
+    """Inspect configuration."""
+
+
+@config.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the config file."""
+    from .config import config_schema as schema
+    click.echo(json.dumps(schema(), indent=2))
+
+
+@config.command("profiles")
+def config_profiles() -> None:
+    """List the ready-made profiles."""
+    from .config import list_profiles
+    for name, description in sorted(list_profiles().items()):
+        click.echo(f"{name:20} {description}")
+
+
+@main.group()
+def images() -> None:
+    """Build the images podtwin needs."""
+
+
+@images.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if the images exist.")
+def images_build(force: bool) -> None:
+    """Build the podtwin image (agent and sidecar) and its base, offline if need be."""
+    from .adapters.images import build_images
+    build_images(echo=lambda line: click.echo(line, err=True), force=force)
+
+
+@main.command("sessions")
+def sessions() -> None:
+    """List podtwin sessions and whether their runner is still alive."""
+    rows = api.list_sessions()
+    if not rows:
+        click.echo("no podtwin sessions")
+        return
+    for row in rows:
+        state = "live" if row["alive"] else "dead"
+        click.echo(f"{row['session']}  {state:4}  {row['target']:30}  {' '.join(row['objects'])}")
+
+
+@main.command("clean")
+@click.option("--all", "all_sessions", is_flag=True, help="Also remove sessions whose runner is alive.")
+def clean(all_sessions: bool) -> None:
+    """Remove what dead sessions left behind (containers, networks, session directories)."""
+    removed = api.clean(all_sessions)
+    click.echo("\n".join(f"removed {r}" for r in removed) if removed else "nothing to clean")
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run() -> None:
+    """Console-script entry point: one line per error, never a traceback for a known failure."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        main.main(standalone_mode=False)
+    except PodtwinError as exc:
+        click.echo(exc.one_line(), err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("podtwin: interrupted; everything this session created was removed", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,105 @@
+"""A session: its id, its private directory, its key, and the labels on everything it creates.
+
+The session directory (mode 0700) is bind-mounted into the agent and the sidecar as /podtwin. It
+holds the session's SSH key and the agent's unix socket: the link has no network listener at all,
+so nothing outside this session can reach the agent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LABEL_SESSION = "podtwin.session"
+LABEL_ROLE = "podtwin.role"
+LABEL_TARGET = "podtwin.target"
+LABEL_RUNNER_PID = "podtwin.runner-pid"
+LABEL_HOST = "podtwin.host"
+MOUNT_POINT = "/podtwin"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("PODTWIN_STATE_DIR", "~/.cache/podtwin")).expanduser()
+
+
+def sessions_dir() -> Path:
+    return state_dir() / "sessions"
+
+
+@dataclass
+class Session:
+    id: str
+    target: str
+    dir: Path
+    runner_pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def create(cls, target: str) -> "Session":
+        sid = secrets.token_hex(4)
+        path = sessions_dir() / sid
+        path.mkdir(parents=True, mode=0o700)
+        path.chmod(0o700)
+        session = cls(sid, target, path)
+        (path / "owner.json").write_text(json.dumps(session.labels("runner")))
+        return session
+
+    def name(self, role: str) -> str:
+        return f"podtwin-{self.id}-{role}"
+
+    def labels(self, role: str) -> dict[str, str]:
+        return {
+            LABEL_SESSION: self.id,
+            LABEL_ROLE: role,
+            LABEL_TARGET: self.target,
+            LABEL_RUNNER_PID: str(self.runner_pid),
+            LABEL_HOST: socket.gethostname(),
+        }
+
+    def write_keys(self) -> None:
+        """A fresh ed25519 key for this session only; the agent accepts nothing else."""
+        import asyncssh  # heavy import, only when a session really starts
+
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"podtwin-{self.id}")
+        private = self.dir / "client_key"
+        private.write_bytes(key.export_private_key())
+        private.chmod(0o600)
+        (self.dir / "client_key.pub").write_bytes(key.export_public_key())
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.dir / "agent.sock"
+
+    def remove_dir(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def dir_owner_alive(path: Path) -> bool:
+    """Whether the runner that created a session directory still runs."""
+    try:
+        labels = json.loads((path / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return runner_alive(labels)
+
+
+def runner_alive(labels: dict[str, str]) -> bool:
+    """Whether the runner that owns objects with these labels still runs (on this host)."""
+    if labels.get(LABEL_HOST) != socket.gethostname():
+        return True  # another machine's session: not ours to judge
+    try:
+        pid = int(labels.get(LABEL_RUNNER_PID, "0"))
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

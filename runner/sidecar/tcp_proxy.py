@@ -1,0 +1,82 @@
+"""Transparent TCP proxy: each redirected connection becomes a direct-tcpip channel to the agent."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+log = logging.getLogger("podtwin.sidecar.tcp")
+SO_ORIGINAL_DST = 80
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST, so the app sees 'connection refused/reset' as it would from the real peer."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.close()
+
+
+async def pump(reader, writer) -> None:
+    try:
+        while True:
+            data = await reader.read(256 * 1024)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError, asyncio.IncompleteReadError):
+        writer.close()
+
+
+class TcpProxy:
+    def __init__(self, link, port: int) -> None:
+        self.link = link
+        self.port = port
+        self.server: asyncio.base_events.Server | None = None
+        self.active = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                 limit=256 * 1024)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            host, port = original_dst(sock)
+        except OSError:
+            writer.close()  # not a redirected connection: someone dialled the proxy port itself
+            return
+        if (host, port) == ("127.0.0.1", self.port):
+            writer.close()
+            return
+        peer = writer.get_extra_info("peername") or ("", 0)
+        try:
+            r_reader, r_writer = await self.link.open_tcp(host, port, orig=(peer[0], peer[1]))
+        except Exception as exc:  # ChannelOpenError (refused, unreachable) or the link is gone
+            log.debug("connect %s:%d failed: %s", host, port, exc)
+            reset(writer)
+            return
+        self.active += 1
+        try:
+            await asyncio.gather(pump(reader, r_writer), pump(r_reader, writer))
+        finally:
+            self.active -= 1
+            r_writer.close()
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

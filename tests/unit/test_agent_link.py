@@ -1,0 +1,154 @@
+"""The agent and the link client, for real: an agent process, SSH over a unix socket, loopback peers.
+
+Needs no network beyond loopback, so it runs with the unit tests under `unshare --net`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from podtwin.runner.link import Link, LinkKeys
+
+
+@pytest.fixture
+def target(tmp_path: Path):
+    """A 'target' process with a known environment and its own resolv.conf via /proc/PID/root."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                            env={"GREETING": "hello from target", "SECRET_TOKEN": "s3cr3t"})
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, target):
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "client_key").write_bytes(key.export_private_key())
+    (tmp_path / "client_key").chmod(0o600)
+    (tmp_path / "client_key.pub").write_bytes(key.export_public_key())
+    sock = str(tmp_path / "agent.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podtwin.agent", "--listen", f"unix:{sock}",
+         "--authorized-keys", str(tmp_path / "client_key.pub"), "--target-pid", str(target.pid),
+         "--startup-timeout", "20", "--log-level", "debug"],
+        stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("PODTWIN_AGENT_READY "), line
+    ready = json.loads(line.split(" ", 1)[1])
+    keys = LinkKeys(str(tmp_path / "client_key"), ready["host_key"])
+    yield proc, sock, keys, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_info_tcp_udp_and_owner_lifetime(agent, target):
+    proc, sock, keys, _ = agent
+
+    async def scenario():
+        # a loopback TCP server and UDP echo, reached *through the agent*
+        async def on_tcp(reader, writer):
+            data = await reader.read(100)
+            writer.write(b"echo:" + data)
+            await writer.drain()
+            writer.close()
+        tcp = await asyncio.start_server(on_tcp, "127.0.0.1", 0)
+        tcp_port = tcp.sockets[0].getsockname()[1]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        udp.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def udp_echo():
+            data, addr = await loop.sock_recvfrom(udp, 2048)
+            await loop.sock_sendto(udp, data.upper(), addr)
+        echo_task = asyncio.create_task(udp_echo(), name="udp-echo")
+
+        link = await Link.connect_unix(sock, keys, role="runner")
+        info = await link.control.info()
+        assert info["pid"] == target.pid
+        assert info["env"]["GREETING"] == "hello from target"
+        assert info["env"]["SECRET_TOKEN"] == "s3cr3t"
+
+        reader, writer = await link.open_tcp("127.0.0.1", tcp_port)
+        writer.write(b"ping")
+        assert await reader.read(100) == b"echo:ping"
+        writer.close()
+
+        got: asyncio.Future[bytes] = loop.create_future()
+        flow = link.control.udp_open("127.0.0.1", udp.getsockname()[1],
+                                     lambda d: got.done() or got.set_result(d), lambda r: None)
+        link.control.udp_send(flow, b"datagram")
+        assert await asyncio.wait_for(got, 5) == b"DATAGRAM"
+        await echo_task
+
+        link.close()
+        tcp.close()
+        udp.close()
+
+    run(scenario())
+    # the runner (owner) went away: the agent must exit by itself, and remove its socket
+    assert proc.wait(timeout=10) == 0
+    assert not os.path.exists(sock)
+
+
+def test_wrong_key_is_refused(agent):
+    proc, sock, keys, tmp_path = agent
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "other").write_bytes(other.export_private_key())
+    bad = LinkKeys(str(tmp_path / "other"), keys.agent_host_key)
+
+    async def scenario():
+        with pytest.raises(asyncssh.PermissionDenied):
+            await Link.connect_unix(sock, bad, role="runner")
+        # the right key still works afterwards
+        link = await Link.connect_unix(sock, keys, role="runner")
+        link.close()
+    run(scenario())
+    assert proc.wait(timeout=10) == 0
+
+
+def test_agent_exits_when_nobody_connects(tmp_path, target):
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "k.pub").write_bytes(key.export_public_key())
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "podtwin.agent", "--listen", f"unix:{tmp_path}/a.sock",
+         "--authorized-keys", str(tmp_path / "k.pub"), "--target-pid", str(target.pid),
+         "--startup-timeout", "1"], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0
+    assert "no client connected" in proc.stderr
+    assert not (tmp_path / "a.sock").exists()
+
+
+def test_dns_is_forwarded_to_the_targets_nameserver(agent):
+    """The agent sends the raw query to the nameserver in the target's resolv.conf.
+
+    The target here is a host process, so its resolv.conf is the host's: we can only check that a
+    query to an unreachable/unknown server comes back empty rather than hanging, unless a loopback
+    nameserver is configured. The full DNS path is proven in integration/ against a real target.
+    """
+    proc, sock, keys, _ = agent
+
+    async def scenario():
+        link = await Link.connect_unix(sock, keys, role="runner")
+        query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x07example\x04test\x00\x00\x01\x00\x01"
+        answer = await link.control.dns(query, timeout=30)
+        assert answer == b"" or answer[:2] == b"\x12\x34"
+        link.close()
+    run(scenario())
