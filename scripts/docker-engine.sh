@@ -26,6 +26,7 @@ if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/n
     rm -f /var/run/docker.pid
 fi
 
+DPID=""
 if [ -f /var/run/docker.pid ]; then
     echo "[docker] dockerd (pid $(cat /var/run/docker.pid)) is starting; waiting for it"
 else
@@ -33,12 +34,17 @@ else
     # setsid+nohup: own session, no controlling tty, immune to SIGHUP when make exits.
     # The log is appended to, never truncated, so earlier failures stay readable.
     setsid nohup dockerd >>"$LOG" 2>&1 </dev/null &
+    DPID=$!
 fi
 
 for i in $(seq 1 60); do
     if docker info >/dev/null 2>&1; then
         echo "[docker] engine is up after ${i}s (dockerd pid $(cat /var/run/docker.pid 2>/dev/null || echo '?'))"
         exit 0
+    fi
+    if [ -n "$DPID" ] && ! kill -0 "$DPID" 2>/dev/null; then
+        echo "[docker] ERROR: dockerd exited at start-up; see $LOG" >&2
+        exit 1
     fi
     if [ $((i % 10)) -eq 0 ]; then echo "[docker] still waiting for dockerd (${i}s)..."; fi
     sleep 1

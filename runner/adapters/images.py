@@ -7,7 +7,8 @@ debootstrap from the machine's own apt mirror, and every other image is built on
 * ``podtwin/debian-base:bookworm`` -- minbase Debian, apt pointed at the host's mirror;
 * ``podtwin:dev`` -- the agent and the sidecar (this repo installed in /opt/podtwin), rebuilt
   whenever the repo's sources change (a content hash is stored in a label);
-* ``podtwin-test/busybox:latest`` -- an unchanged static app image for the tests: only busybox.
+* ``podtwin-test/busybox:latest`` -- an unchanged static app image for the tests and the demo:
+  static busybox plus ``udpsend``, a static Go UDP client (no libc, nothing podtwin).
 
 Run ``python -m podtwin.runner.adapters.images [--force]``.
 """
@@ -239,6 +240,26 @@ def _is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
 
 
+def _build_udpsend(out: Path, echo: Echo) -> None:
+    """The test app's UDP client: a static Go binary (stdlib only, so no module download)."""
+    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
+                                     if Path(p).exists()), None)
+    if go is None:
+        raise ImageBuildError("no Go toolchain to build the test app's UDP client",
+                              "install Go (`apt-get install golang-go`)")
+    echo("[images] compiling images/testapp/udpsend.go (static, CGO_ENABLED=0)...")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    _stream([go, "build", "-C", str(REPO / "images/testapp"), "-trimpath", "-ldflags", "-s -w",
+             "-o", str(out), "."], echo, env=env)
+
+
+def test_app_hash() -> str:
+    digest = hashlib.sha256()
+    for rel in ("images/busybox/Dockerfile", "images/testapp/udpsend.go", "images/testapp/go.mod"):
+        digest.update(rel.encode() + b"\0" + (REPO / rel).read_bytes())
+    return digest.hexdigest()
+
+
 def build_busybox(echo: Echo, force: bool) -> None:
     busybox = Path("/bin/busybox")
     if not busybox.exists() or not _is_static_elf(busybox.resolve()):
@@ -250,7 +271,9 @@ def build_busybox(echo: Echo, force: bool) -> None:
         ctx = Path(ctx_dir)
         shutil.copy2(REPO / "images/busybox/Dockerfile", ctx / "Dockerfile")
         shutil.copy2(busybox.resolve(), ctx / "busybox")
-        cmd = ["docker", "build", "-t", BUSYBOX_IMAGE, *(["--no-cache"] if force else []), str(ctx)]
+        _build_udpsend(ctx / "udpsend", echo)
+        cmd = ["docker", "build", "-t", BUSYBOX_IMAGE, "--label", f"{HASH_LABEL}={test_app_hash()}",
+               *(["--no-cache"] if force else []), str(ctx)]
         _stream(cmd, echo, env=_legacy_build_env())
     _drop_if_replaced(BUSYBOX_IMAGE, old)
 
@@ -285,7 +308,7 @@ def _build_all(echo: Echo, force: bool) -> None:
     else:
         echo(f"[images] {PODTWIN_IMAGE}: up to date ({digest[:12]})")
 
-    if force or _image_id(BUSYBOX_IMAGE) is None:
+    if force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
         build_busybox(echo, force)
     else:
         echo(f"[images] {BUSYBOX_IMAGE}: present")

@@ -1,0 +1,3 @@
+module podtwin.invalid/udpsend
+
+go 1.21

@@ -1,0 +1,157 @@
+"""`podtwin container run --target container/NAME`: what a user of the tool would check.
+
+Each test runs the real CLI against the staging of conftest.py, with an unchanged static app
+image, and the `podtwin` fixture fails the test if anything is left behind.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+from conftest import APP_IMAGE, docker, kill, session_containers, wait_until, write_config
+
+
+def app_run(podtwin, staging, script: str, *extra: str, input: str | None = None):
+    return podtwin.run("container", "run", "-q", "--target", f"container/{staging.target}", *extra,
+                       APP_IMAGE, "sh", "-c", script, input=input)
+
+
+def lines(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def test_env_exclude_override_and_dash_e(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "podtwin.json", {"feature": {"env": {
+        "exclude": "DB_*;FEATURE_Y", "override": {"REGION": "local-override"}}}})
+    result = app_run(podtwin, staging,
+                     "echo APP_MODE=$APP_MODE; echo DB_PASSWORD=${DB_PASSWORD:-unset}; "
+                     "echo FEATURE_X=$FEATURE_X; echo FEATURE_Y=${FEATURE_Y:-unset}; echo REGION=$REGION; "
+                     "echo EXTRA=$EXTRA; echo PATH=$PATH",
+                     "-f", str(cfg), "-e", "EXTRA=from-cli", "-e", "APP_MODE=cli-wins")
+    assert result.returncode == 0, result.stderr
+    seen = lines(result.stdout)
+    assert seen["APP_MODE"] == "cli-wins"          # -e wins over the target
+    assert seen["DB_PASSWORD"] == "unset"           # excluded by pattern
+    assert seen["FEATURE_X"] == "on"                # from the target
+    assert seen["FEATURE_Y"] == "unset"             # excluded by name
+    assert seen["REGION"] == "local-override"       # override
+    assert seen["EXTRA"] == "from-cli"
+    assert "/bin" in seen["PATH"]                   # the image's own PATH, not the target's
+
+
+def test_env_include(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "podtwin.yaml", {})
+    (tmp_path / "podtwin.yaml").write_text("feature:\n  env:\n    include: 'FEATURE_*'\n")
+    result = app_run(podtwin, staging, "echo FEATURE_X=$FEATURE_X; echo APP_MODE=${APP_MODE:-unset}",
+                     "-f", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert lines(result.stdout) == {"FEATURE_X": "on", "APP_MODE": "unset"}
+
+
+def test_dns_http_hosts_udp_from_the_targets_network(podtwin, staging):
+    script = ("nslookup backend; echo ---; wget -qO- http://backend/dns; "
+              "wget -qO- http://hosts-only.example/hosts; "
+              f"wget -qO- http://{staging.backend_ip}/by-ip; "
+              "udpsend backend:9000 ping-over-udp")
+    result = app_run(podtwin, staging, script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dns_part, _, rest = result.stdout.partition("---")
+    assert staging.backend_ip in dns_part                     # a name only the target's network knows
+    assert "you asked for /dns" in rest                        # HTTP by that name
+    assert "you asked for /hosts" in rest                      # a name from the target's /etc/hosts
+    assert "you asked for /by-ip" in rest                      # an internal IP, unreachable from here
+    assert "echo:ping-over-udp" in rest                        # UDP request, answered
+
+
+def test_names_that_fail_remotely_fail_for_the_app(podtwin, staging):
+    """A name the target cannot resolve does not resolve for the app either (no fallback to the
+    host's resolver), and a name the target resolves does."""
+    in_target = docker("exec", staging.target, "python3", "-c",
+                       "import socket; socket.gethostbyname('no-such-name.invalid')", check=False)
+    assert in_target.returncode != 0
+    result = app_run(podtwin, staging, "nslookup no-such-name.invalid; echo rc=$?; nslookup backend; echo rc=$?")
+    codes = [ln for ln in result.stdout.splitlines() if ln.startswith("rc=")]
+    assert codes[0] != "rc=0" and codes[1] == "rc=0", result.stdout
+
+
+def test_loopback_stays_local(podtwin, staging):
+    script = ("mkdir -p /tmp/www && echo local-listener > /tmp/www/index.html && "
+              "httpd -p 127.0.0.1:8080 -h /tmp/www && wget -qO- http://127.0.0.1:8080/")
+    result = app_run(podtwin, staging, script)
+    assert result.returncode == 0, result.stderr
+    assert "local-listener" in result.stdout
+
+
+def test_outgoing_filter_keeps_matching_traffic_local(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "local.json", {"feature": {"network": {"outgoing": {
+        "filter": {"local": [f"{staging.backend_ip}/32"]}}}}})
+    # (busybox's own `wget -T` crashes in Debian's static build, so `timeout` bounds the attempt)
+    result = app_run(podtwin, staging, f"timeout 5 wget -qO- http://{staging.backend_ip}/; echo rc=$?", "-f", str(cfg))
+    assert "rc=0" not in result.stdout   # kept local: the internal network is unreachable from here
+    cfg = write_config(tmp_path / "remote.json", {"feature": {"network": {"outgoing": {
+        "filter": {"remote": [f"{staging.backend_ip}:80"]}}}}})
+    result = app_run(podtwin, staging, f"timeout 5 wget -qO- http://{staging.backend_ip}/remote", "-f", str(cfg))
+    assert "you asked for /remote" in result.stdout, result.stderr
+
+
+def test_exit_code_and_stdin(podtwin, staging):
+    result = app_run(podtwin, staging, "exit 7")
+    assert result.returncode == 7
+    result = app_run(podtwin, staging, 'read line; echo "got:$line"', "-i", input="hello stdin\n")
+    assert result.returncode == 0, result.stderr
+    assert "got:hello stdin" in result.stdout
+
+
+def test_crashed_app_leaves_nothing(podtwin, staging):
+    # A process that dies of SIGSEGV (PID 1 itself would ignore a signal sent with kill).
+    result = app_run(podtwin, staging, "sh -c 'kill -SEGV $$'; exit $?")
+    assert result.returncode == 139
+
+
+def start_session(podtwin, staging):
+    proc = podtwin.start("container", "run", "-q", "--target", f"container/{staging.target}",
+                         APP_IMAGE, "sleep", "300")
+    wait_until(lambda: any(n.endswith("-app") for n in session_containers("app"))
+               and docker("ps", "--filter", "label=podtwin.role=app", "-q").stdout.strip(), 60,
+               "the app container to run")
+    return proc
+
+
+def test_ctrl_c_tears_everything_down(podtwin, staging):
+    proc = start_session(podtwin, staging)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, proc.err_path.read_text()
+
+
+def test_sigkill_of_the_runner(podtwin, staging):
+    """The guard removes everything after the runner is SIGKILLed."""
+    proc = start_session(podtwin, staging)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_until(lambda: not podtwin.leftovers(), 10, "the session to be cleaned up")
+    assert docker("inspect", "-f", "{{.State.Running}}", staging.target).stdout.strip() == "true"
+
+
+def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging):
+    """Even if the runner and its guard both die, agent and sidecar notice and go within 10 s;
+    `podtwin clean` then removes the app container the dead session left."""
+    proc = start_session(podtwin, staging)
+    sid = docker("inspect", "-f", '{{index .Config.Labels "podtwin.session"}}',
+                 session_containers("app")[0]).stdout.strip()
+    # only this session's guard (started by this test's runner), found by its session id
+    guards = subprocess.run(["pgrep", "-f", f"podtwin.runner.guard --session {sid} "],
+                            capture_output=True, text=True)
+    assert guards.stdout.split(), "the session's guard is not running"
+    for pid in guards.stdout.split():
+        kill(int(pid))
+    proc.kill()
+    proc.wait(timeout=10)
+    start = time.monotonic()
+    wait_until(lambda: not session_containers("agent") and not session_containers("sidecar"), 10,
+               "agent and sidecar to exit")
+    assert time.monotonic() - start < 10
+    listing = podtwin.run("sessions")
+    assert "dead" in listing.stdout, listing.stdout
+    cleaned = podtwin.run("clean")
+    assert cleaned.returncode == 0 and "removed" in cleaned.stdout, cleaned.stdout + cleaned.stderr

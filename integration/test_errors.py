@@ -1,0 +1,68 @@
+"""Bad input: one clear line naming the problem and the fix, a non-zero exit, nothing left behind."""
+from __future__ import annotations
+
+from conftest import APP_IMAGE, docker, write_config
+
+
+def one_error_line(result) -> str:
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("podtwin:")]
+    assert result.returncode != 0
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_unknown_target_suggests_close_names(podtwin, staging):
+    typo = staging.target[:-1]
+    line = one_error_line(podtwin.run("container", "run", "--target", f"container/{typo}", APP_IMAGE, "true"))
+    assert f"target container '{typo}' not found" in line
+    assert staging.target in line  # did you mean ...
+
+
+def test_target_not_running(podtwin, staging):
+    name = staging.target + "-stopped"
+    docker("create", "--name", name, "--label", "podtwin-test", APP_IMAGE, "true")
+    try:
+        line = one_error_line(podtwin.run("container", "run", "--target", f"container/{name}", APP_IMAGE, "true"))
+        assert "is not running" in line and "docker start" in line
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_app_image_missing(podtwin, staging):
+    line = one_error_line(podtwin.run("container", "run", "--target", f"container/{staging.target}",
+                                      "podtwin-test/no-such-image:1", "true"))
+    assert "podtwin-test/no-such-image:1" in line and "pull" in line
+
+
+def test_podtwin_image_missing(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "c.json", {"agent": {"image": "podtwin:no-such-tag"}})
+    line = one_error_line(podtwin.run("container", "run", "-f", str(cfg), "--target",
+                                      f"container/{staging.target}", APP_IMAGE, "true"))
+    assert "podtwin:no-such-tag" in line and "podtwin images build" in line
+
+
+def test_docker_unreachable(podtwin, tmp_path):
+    line = one_error_line(podtwin.run("container", "run", "--target", "container/x", APP_IMAGE, "true",
+                                      env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}))
+    assert "Docker engine does not answer" in line
+
+
+def test_bad_config_names_key_and_file(podtwin, tmp_path):
+    cfg = write_config(tmp_path / "bad.json", {"feature": {"network": {"outgoingg": True}}})
+    line = one_error_line(podtwin.run("container", "run", "-f", str(cfg), "--target", "container/x",
+                                      APP_IMAGE, "true"))
+    assert "feature.network.outgoingg" in line and "bad.json" in line
+
+
+def test_bad_target_string(podtwin):
+    line = one_error_line(podtwin.run("container", "run", "--target", "banana/x", APP_IMAGE, "true"))
+    assert "banana/x" in line and "container/NAME" in line
+
+
+def test_unsupported_mirrord_key_is_reported(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "mirrord.json", {"target": f"container/{staging.target}",
+                                                   "feature": {"hostname": True}})
+    result = podtwin.run("container", "run", "-f", str(cfg), APP_IMAGE, "true")
+    assert result.returncode == 0, result.stderr
+    assert "feature.hostname is not supported yet" in result.stderr
