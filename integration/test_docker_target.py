@@ -155,3 +155,19 @@ def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging)
     assert "dead" in listing.stdout, listing.stdout
     cleaned = podtwin.run("clean")
     assert cleaned.returncode == 0 and "removed" in cleaned.stdout, cleaned.stdout + cleaned.stderr
+
+
+def test_target_stopping_ends_the_session(podtwin, staging):
+    """The agent dies with the target's PID namespace; the runner notices and stops the app."""
+    name = staging.target + "-short"
+    docker("run", "-d", "--name", name, "--label", "podtwin-test", "--network", staging.network,
+           "podtwin:dev", "sleep", "infinity")
+    try:
+        proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sleep", "300")
+        wait_until(lambda: docker("ps", "--filter", "label=podtwin.role=app", "-q").stdout.strip(), 60,
+                   "the app container to run")
+        docker("rm", "-f", name)
+        assert proc.wait(timeout=20) != 0
+        assert "link to the agent was lost" in proc.err_path.read_text()
+    finally:
+        docker("rm", "-f", name, check=False)

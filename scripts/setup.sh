@@ -16,6 +16,8 @@ MISSING=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || MISSING="$MISSING $p"
 done
+# Go compiles the test app's static UDP client (images/testapp); use any Go already installed.
+if ! command -v go >/dev/null && [ ! -x /usr/local/go/bin/go ]; then MISSING="$MISSING golang-go"; fi
 if [ -n "$MISSING" ]; then
     echo "[setup] installing:$MISSING"
     $SUDO apt-get update -q

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import queue
 import threading
 import time
@@ -85,7 +86,7 @@ class DockerEngine:
              "--communication-timeout", str(communication_timeout)],
             name=session.name("agent"), labels=session.labels("agent"),
             network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",
-            cap_add=["SYS_PTRACE", "NET_ADMIN"], cap_drop=["ALL"],
+            cap_add=["SYS_PTRACE", *_session_dir_caps()], cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
         return container.id
@@ -95,7 +96,7 @@ class DockerEngine:
             image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
             name=session.name("sidecar"), labels=session.labels("sidecar"),
             hostname=hostname or None,
-            cap_add=["NET_ADMIN", "NET_BIND_SERVICE"], cap_drop=["ALL"],
+            cap_add=["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
         return container.id
@@ -235,6 +236,13 @@ class DockerEngine:
         if errors:
             raise SessionError("could not remove " + "; ".join(errors), "run `podtwin clean` again")
         return removed
+
+
+def _session_dir_caps() -> list[str]:
+    """The session directory (0700) and key (0600) belong to the user running podtwin. Container
+    root reaches them without extra rights only when that user is root; otherwise it needs
+    DAC_OVERRIDE, which in these containers reaches nothing more than what they already see."""
+    return [] if os.geteuid() == 0 else ["DAC_OVERRIDE"]
 
 
 def _tail(lines: list[str]) -> str:
