@@ -171,3 +171,36 @@ def test_target_stopping_ends_the_session(podtwin, staging):
         assert "link to the agent was lost" in proc.err_path.read_text()
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_tty_with_t(podtwin, staging):
+    """With -i -t on a real terminal the app gets a TTY, as with `docker run -it`."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(podtwin.cmd("container", "run", "-q", "-i", "-t", "--target",
+                                            f"container/{staging.target}", APP_IMAGE,
+                                            "sh", "-c", "tty; echo cols=$(stty size); exit 3"),
+                                stdin=slave, stdout=slave, stderr=slave, env=podtwin.env,
+                                start_new_session=True)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every process holding the terminal has exited
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 3
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text, text
+    assert "cols=" in text and "not a tty" not in text, text

@@ -19,6 +19,7 @@ LABEL_ROLE = "podtwin.role"
 LABEL_TARGET = "podtwin.target"
 LABEL_RUNNER_PID = "podtwin.runner-pid"
 LABEL_HOST = "podtwin.host"
+LABEL_RUNNER_START = "podtwin.runner-start"
 MOUNT_POINT = "/podtwin"
 
 
@@ -56,6 +57,7 @@ class Session:
             LABEL_ROLE: role,
             LABEL_TARGET: self.target,
             LABEL_RUNNER_PID: str(self.runner_pid),
+            LABEL_RUNNER_START: process_start(self.runner_pid),
             LABEL_HOST: socket.gethostname(),
         }
 
@@ -75,6 +77,16 @@ class Session:
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the PID
+    it names one process for good, so a reused PID is not taken for a live runner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def dir_owner_alive(path: Path) -> bool:
@@ -101,5 +113,6 @@ def runner_alive(labels: dict[str, str]) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    recorded = labels.get(LABEL_RUNNER_START)
+    return not recorded or recorded == process_start(pid)
