@@ -75,7 +75,7 @@ class ControlHandler:
         for msg in self.decoder.feed(data):
             log.debug("<- %s (%d bytes)", msg.name, len(msg.payload))
             if not self.greeted:
-                body = wire.check_hello(msg)
+                body = wire.check_hello(msg, expected=wire.HELLO)
                 self.greeted = True
                 self.send(wire.encode_json(wire.HELLO_OK, {"version": wire.PROTOCOL_VERSION,
                                                            "agent": "podtwin-agent"}))
@@ -97,6 +97,7 @@ class ControlHandler:
             if len(self.flows) >= MAX_UDP_FLOWS:
                 self.send(wire.encode_id(wire.UDP_CLOSED, ident, b"too many UDP flows"))
                 return
+            self._close_flow(ident, notify=False)  # a reused id replaces the old flow entirely
             # Register now: UDP_SEND for this flow may be in the same read, before the socket exists.
             flow = self.flows[ident] = _UdpFlow(self, ident)
             self._spawn(self._udp_open(flow, str(dest["host"]), int(dest["port"])), f"udp-open-{ident}")
@@ -126,9 +127,10 @@ class ControlHandler:
         try:
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
                 lambda: flow, remote_addr=(host, port))
-        except OSError as exc:
-            self.flows.pop(ident, None)
-            self.send(wire.encode_id(wire.UDP_CLOSED, ident, str(exc).encode()))
+        except (OSError, OverflowError, ValueError) as exc:  # refused, unresolvable, bad port
+            if self.flows.get(ident) is flow:
+                del self.flows[ident]
+                self.send(wire.encode_id(wire.UDP_CLOSED, ident, str(exc).encode()))
             return
         if self.flows.get(ident) is not flow:  # closed while we were opening
             transport.close()

@@ -111,10 +111,11 @@ class FrameDecoder:
         return len(self._buf)
 
 
-def check_hello(msg: Message) -> dict:
-    """Validate a HELLO / HELLO_OK: the versions must match exactly."""
-    if msg.type not in (HELLO, HELLO_OK):
-        raise ProtocolError(f"expected HELLO, got {msg.name}")
+def check_hello(msg: Message, expected: int = HELLO_OK) -> dict:
+    """Validate the peer's greeting (the agent expects HELLO, a client HELLO_OK): the message
+    type and the protocol version must match exactly."""
+    if msg.type != expected:
+        raise ProtocolError(f"expected {NAMES[expected]}, got {msg.name}")
     body = msg.json()
     if body.get("version") != PROTOCOL_VERSION:
         raise ProtocolError(

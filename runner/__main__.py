@@ -1,3 +1,7 @@
-from podtwin.runner.cli import run
+"""`python -m podtwin.runner`: the podtwin CLI."""
+try:
+    from podtwin.runner.cli import run
+except KeyboardInterrupt:  # Ctrl-C while still importing: nothing was created yet
+    raise SystemExit(130) from None
 
 run()

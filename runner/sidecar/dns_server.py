@@ -13,14 +13,37 @@ import struct
 log = logging.getLogger("podtwin.sidecar.dns")
 
 
+def _end_of_questions(query: bytes, count: int) -> int | None:
+    """Offset just past the question section, or None if it is malformed."""
+    pos = 12
+    for _ in range(count):
+        while True:
+            if pos >= len(query):
+                return None
+            length = query[pos]
+            if length == 0:
+                pos += 1
+                break
+            if length & 0xC0 == 0xC0:  # a compression pointer ends the name
+                pos += 2
+                break
+            pos += 1 + length
+        pos += 4  # QTYPE, QCLASS
+    return pos if pos <= len(query) else None
+
+
 def servfail(query: bytes) -> bytes:
-    """A SERVFAIL answer to ``query`` (header flags: QR=1, same opcode and RD, RA=1, RCODE=2)."""
+    """A SERVFAIL answer to ``query``: the same id and question; QR=1, opcode, RD and CD copied,
+    RA=1, RCODE=2; no other section (an EDNS OPT record of the query is not echoed)."""
     if len(query) < 12:
         return b""
     flags = struct.unpack_from("!H", query, 2)[0]
-    flags = 0x8000 | (flags & 0x7900) | 0x0080 | 0x0002
+    flags = 0x8000 | (flags & 0x7910) | 0x0080 | 0x0002
     qdcount = struct.unpack_from("!H", query, 4)[0]
-    return query[:2] + struct.pack("!HHHHH", flags, qdcount, 0, 0, 0) + query[12:]
+    end = _end_of_questions(query, qdcount)
+    if end is None:
+        qdcount, end = 0, 12
+    return query[:2] + struct.pack("!HHHHH", flags, qdcount, 0, 0, 0) + query[12:end]
 
 
 class DnsServer:
