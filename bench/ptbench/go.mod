@@ -1,0 +1,3 @@
+module podtwin.invalid/ptbench
+
+go 1.21
