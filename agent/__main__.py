@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
                    help="drop a link that has been silent this long (keepalives are sent)")
+    p.add_argument("--host-key", help="the agent's private host key (made by the runner, so clients "
+                   "can start before the agent announces it); default: a new key, announced on stdout")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -37,7 +39,8 @@ async def amain(args: argparse.Namespace) -> int:
     agent = Agent(
         target=target,
         authorized_keys=asyncssh.read_authorized_keys(args.authorized_keys),
-        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        host_key=(asyncssh.read_private_key(args.host_key) if args.host_key
+                  else asyncssh.generate_private_key("ssh-ed25519")),
         startup_timeout=args.startup_timeout,
         keepalive_interval=max(args.communication_timeout / 2, 1.0),
         keepalive_count_max=2,

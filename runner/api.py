@@ -21,7 +21,7 @@ from typing import Callable
 
 from .config import PodtwinConfig, load_config
 from .envfilter import apply_env
-from .errors import ConfigError, DockerUnavailable, PodtwinError, TargetError
+from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, TargetError
 from .link import Link, LinkKeys
 from .netfilter import OutgoingFilter
 from .session import Session
@@ -178,14 +178,23 @@ def run(opts: RunOptions) -> int:
         spawn_guard(session.id, session.runner_pid, session.dir)
         session.write_keys()
 
-        progress(f"session {session.id}: starting the agent in {target}'s namespaces")
+        progress(f"session {session.id}: starting the agent in {target}'s namespaces, and the sidecar")
         agent_id = engine.start_agent(session, info, image, cfg.agent.startup_timeout,
                                       cfg.agent.communication_timeout)
         teardown.add("agent container", lambda: engine.remove(agent_id))
+        # The sidecar needs nothing from the agent to start (the runner made the agent's host
+        # key): start it now, it connects as soon as the agent listens.
+        settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout}
+        (session.dir / "sidecar.json").write_text(json.dumps(settings))
+        sidecar_id = engine.start_sidecar(session, image, info.hostname)
+        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+
         ready = json.loads(engine.wait_for_line(agent_id, "PODTWIN_AGENT_READY ",
                                                 cfg.agent.startup_timeout, "agent"))
-        host_key = ready["host_key"]
-        (session.dir / "agent_host_key.pub").write_text(host_key + "\n")
+        host_key = (session.dir / "agent_host_key.pub").read_text().split()[:2]
+        if ready["host_key"].split()[:2] != host_key:
+            raise AgentError("the agent announced a host key that is not this session's",
+                             "make sure nothing else writes to the session directory")
 
         def link_lost() -> None:
             progress.warn("podtwin: the link to the agent was lost (did the target stop?); stopping the app")
@@ -193,12 +202,8 @@ def run(opts: RunOptions) -> int:
                 engine.stop(app_id[0], timeout=2)
         owner = OwnerLink(session, link_lost)
         teardown.add("link", owner.close)
-        remote = owner.connect(host_key, cfg.agent.startup_timeout)
+        remote = owner.connect(" ".join(host_key), cfg.agent.startup_timeout)
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
-
-        (session.dir / "sidecar.json").write_text(json.dumps(sidecar_settings(cfg)))
-        sidecar_id = engine.start_sidecar(session, image, remote.get("hostname") or info.hostname)
-        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
         engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         progress("network bridged; starting the app")
 

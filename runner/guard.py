@@ -62,6 +62,9 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
         except PodtwinError as exc:
             log.warning("session %s: %s (attempt %d)", session_id, exc.message, attempt + 1)
             time.sleep(1 + attempt)
+        except Exception as exc:  # noqa: BLE001 - the guard is the last line of defence: retry
+            log.warning("session %s: %r (attempt %d)", session_id, exc, attempt + 1)
+            time.sleep(1 + attempt)
     shutil.rmtree(session_dir, ignore_errors=True)
 
 

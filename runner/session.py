@@ -62,7 +62,8 @@ class Session:
         }
 
     def write_keys(self) -> None:
-        """A fresh ed25519 key for this session only; the agent accepts nothing else."""
+        """Fresh ed25519 keys for this session only: the client key (the agent accepts nothing
+        else) and the agent's host key (the clients accept nothing else)."""
         import asyncssh  # heavy import, only when a session really starts
 
         key = asyncssh.generate_private_key("ssh-ed25519", comment=f"podtwin-{self.id}")
@@ -70,6 +71,10 @@ class Session:
         private.write_bytes(key.export_private_key())
         private.chmod(0o600)
         (self.dir / "client_key.pub").write_bytes(key.export_public_key())
+        host = asyncssh.generate_private_key("ssh-ed25519", comment=f"podtwin-agent-{self.id}")
+        (self.dir / "agent_host_key").write_bytes(host.export_private_key())
+        (self.dir / "agent_host_key").chmod(0o600)
+        (self.dir / "agent_host_key.pub").write_bytes(host.export_public_key())
 
     @property
     def agent_socket(self) -> Path:

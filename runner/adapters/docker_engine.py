@@ -60,7 +60,7 @@ class DockerEngine:
         try:
             c = self.client.containers.get(name)
         except docker.errors.NotFound as exc:
-            names = [x.name for x in self.client.containers.list(all=True)]
+            names = [n.lstrip("/") for c in self.client.api.containers(all=True) for n in c.get("Names") or []]
             close = difflib.get_close_matches(name, names, n=3)
             hint = (f"did you mean {', '.join(close)}?" if close
                     else "check the name with `docker ps`")
@@ -82,6 +82,7 @@ class DockerEngine:
             image,
             ["python", "-m", "podtwin.agent", "--listen", f"unix:{MOUNT_POINT}/agent.sock",
              "--authorized-keys", f"{MOUNT_POINT}/client_key.pub", "--target-pid", "1",
+             "--host-key", f"{MOUNT_POINT}/agent_host_key",
              "--startup-timeout", str(startup_timeout),
              "--communication-timeout", str(communication_timeout)],
             name=session.name("agent"), labels=session.labels("agent"),
@@ -206,8 +207,11 @@ class DockerEngine:
     def session_objects(self, session_id: str | None = None) -> list[LeftoverObject]:
         selector = LABEL_SESSION if session_id is None else f"{LABEL_SESSION}={session_id}"
         out: list[LeftoverObject] = []
-        for c in self.client.containers.list(all=True, filters={"label": selector}):
-            out.append(LeftoverObject("container", c.id, c.name, dict(c.labels)))
+        # The low-level list: containers.list() inspects each one afterwards, which races with
+        # the session's own --rm containers going away.
+        for c in self.client.api.containers(all=True, filters={"label": selector}):
+            name = (c.get("Names") or ["/" + c["Id"][:12]])[0].lstrip("/")
+            out.append(LeftoverObject("container", c["Id"], name, dict(c.get("Labels") or {})))
         for n in self.client.networks.list(filters={"label": selector}):
             out.append(LeftoverObject("network", n.id, n.name, dict(n.attrs.get("Labels") or {})))
         return out

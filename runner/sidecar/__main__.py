@@ -52,7 +52,10 @@ async def amain(args: argparse.Namespace) -> int:
     session = Path(args.session_dir)
     rules, dns_enabled = load_settings(session / "sidecar.json")
     keys = LinkKeys(str(session / "client_key"), (session / "agent_host_key.pub").read_text().strip())
-    link = await Link.connect_unix(str(session / "agent.sock"), keys, role="sidecar")
+    # The sidecar starts alongside the agent: wait for the agent's socket.
+    link = await Link.connect_unix(str(session / "agent.sock"), keys, role="sidecar",
+                                   wait=float(json.loads((session / "sidecar.json").read_text())
+                                              .get("connect_timeout", 60)))
     info = await link.control.info()
 
     Path("/etc/hosts").write_text(info.get("hosts") or "127.0.0.1\tlocalhost\n")
