@@ -219,12 +219,11 @@ class Bench:
         ``cipher`` first (runner/link.py patched in a derived image, used through agent.image).
         Returns the config file that selects it, or None if the patch does not apply."""
         source = (REPO / "runner" / "link.py").read_text()
-        anchor = "            compression_algs=None,\n        )"
+        anchor = "encryption_algs=CIPHERS,"
         if source.count(anchor) != 1:
             log("cipher variant: runner/link.py has changed shape; skipping the experiment")
             return None
-        patched = source.replace(anchor, "            compression_algs=None,\n"
-                                 f"            encryption_algs={[cipher]!r},  # bench experiment\n        )")
+        patched = source.replace(anchor, f"encryption_algs={[cipher]!r},  # bench experiment")
         where = docker("run", "--rm", PODTWIN_IMAGE, "python", "-c",
                        "import podtwin.runner.link as m; print(m.__file__)").stdout.strip()
         with tempfile.TemporaryDirectory(prefix="ptbench-variant-") as ctx:
@@ -626,9 +625,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="markdown file to update (default docs/performance.md)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--keep-image", action="store_true", help="keep the bench image afterwards")
-    p.add_argument("--cipher-variant", default="aes128-gcm@openssh.com", metavar="CIPHER",
-                   help="also run podtwin with the sidecar's link patched to use CIPHER (an experiment, "
-                        "in a derived image; default aes128-gcm@openssh.com; '' skips it)")
+    p.add_argument("--cipher-variant", default="", metavar="CIPHER",
+                   help="also run podtwin with the sidecar's link patched to use only CIPHER (an "
+                        "experiment in a derived image, e.g. chacha20-poly1305@openssh.com; "
+                        "default: off)")
     args = p.parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     if os.environ.get("MAKELEVEL"):
