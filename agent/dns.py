@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from dataclasses import dataclass, field
 
 log = logging.getLogger("podtwin.agent.dns")
 
+SO_MARK = 36
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 2
 MAX_TIMEOUT = 30.0
@@ -76,9 +78,24 @@ class _OneShot(asyncio.DatagramProtocol):
             self.answer.set_exception(exc)
 
 
-async def _udp(server: str, query: bytes, timeout: float) -> bytes:
+def _socket(server: str, kind: int, mark: int | None) -> socket.socket:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setblocking(False)
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    return sock
+
+
+async def _udp(server: str, query: bytes, timeout: float, mark: int | None = None) -> bytes:
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(lambda: _OneShot(query), remote_addr=(server, 53))
+    sock = _socket(server, socket.SOCK_DGRAM, mark)
+    try:
+        sock.connect((server, 53))
+    except OSError:
+        sock.close()
+        raise
+    transport, proto = await loop.create_datagram_endpoint(lambda: _OneShot(query), sock=sock)
     try:
         transport.sendto(query)
         return await asyncio.wait_for(proto.answer, timeout)
@@ -86,9 +103,15 @@ async def _udp(server: str, query: bytes, timeout: float) -> bytes:
         transport.close()
 
 
-async def _tcp(server: str, query: bytes, timeout: float) -> bytes:
+async def _tcp(server: str, query: bytes, timeout: float, mark: int | None = None) -> bytes:
     async def exchange() -> bytes:
-        reader, writer = await asyncio.open_connection(server, 53)
+        sock = _socket(server, socket.SOCK_STREAM, mark)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (server, 53))
+        except OSError:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(struct.pack("!H", len(query)) + query)
             await writer.drain()
@@ -104,6 +127,7 @@ class Forwarder:
     """Sends each query to the target's nameservers; re-reads resolv.conf through ``read_conf``."""
 
     read_conf: "callable[[], str]"
+    mark: int | None = None  # SO_MARK for its sockets (the sidecar's local resolver bypasses its rules)
     _cache: tuple[str, ResolvConf] = field(default=("", ResolvConf()))
 
     def conf(self) -> ResolvConf:
@@ -118,9 +142,9 @@ class Forwarder:
         for _ in range(conf.attempts):
             for server in servers:
                 try:
-                    answer = await _udp(server, query, conf.timeout)
+                    answer = await _udp(server, query, conf.timeout, self.mark)
                     if is_truncated(answer):
-                        answer = await _tcp(server, query, conf.timeout)
+                        answer = await _tcp(server, query, conf.timeout, self.mark)
                     return answer
                 except (OSError, asyncio.TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
                     log.debug("nameserver %s: %r", server, exc)

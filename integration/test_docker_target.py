@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import APP_IMAGE, docker, kill, session_containers, wait_until, write_config
 
 
@@ -204,3 +206,47 @@ def test_tty_with_t(podtwin, staging):
     text = out.decode(errors="replace")
     assert "/dev/pts/" in text, text
     assert "cols=" in text and "not a tty" not in text, text
+
+
+@pytest.fixture
+def local_service(staging):
+    """A local Docker network with a service on it that only local containers reach."""
+    net, name = staging.network + "-local", staging.target + "-localsvc"
+    docker("network", "create", "--label", "podtwin-test", net)
+    docker("run", "-d", "--name", name, "--label", "podtwin-test", "--network", net, APP_IMAGE,
+           "sh", "-c", "mkdir -p /w && echo local-service > /w/index.html && httpd -f -p 80 -h /w")
+    yield net, name
+    docker("rm", "-f", name, check=False)
+    docker("network", "rm", net, check=False)
+
+
+def test_filters_by_host_name_split_local_and_remote(podtwin, staging, local_service, tmp_path):
+    """`local` lists with a host name: that name resolves and connects locally, the rest of the
+    session still goes through the target."""
+    net, svc = local_service
+    cfg = write_config(tmp_path / "names.json", {"feature": {"network": {
+        "outgoing": {"filter": {"local": [svc]}}, "dns": {"filter": {"local": [svc]}}}}})
+    result = app_run(podtwin, staging, f"wget -qO- http://{svc}/; wget -qO- http://backend/both; "
+                     "udpsend backend:9000 remote-udp", "--network", net, "-f", str(cfg))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "local-service" in result.stdout
+    assert "you asked for /both" in result.stdout
+    assert "echo:remote-udp" in result.stdout
+
+
+def test_remote_list_with_a_host_name(podtwin, staging, tmp_path):
+    """Only `backend:80` goes remote: HTTP to it works, UDP to it (not listed) stays local."""
+    cfg = write_config(tmp_path / "remote.json", {"feature": {"network": {
+        "outgoing": {"filter": {"remote": ["backend:80"]}}}}})
+    result = app_run(podtwin, staging, "wget -qO- http://backend/listed; udpsend backend:9000 x 2; "
+                     "echo udp=$?", "-f", str(cfg))
+    assert "you asked for /listed" in result.stdout, result.stderr
+    assert "udp=1" in result.stdout
+
+
+def test_dns_off_resolves_locally(podtwin, staging, local_service, tmp_path):
+    net, svc = local_service
+    cfg = write_config(tmp_path / "nodns.json", {"feature": {"network": {"dns": False}}})
+    result = app_run(podtwin, staging, f"nslookup {svc} >/dev/null; echo local=$?; "
+                     "nslookup backend >/dev/null; echo remote=$?", "--network", net, "-f", str(cfg))
+    assert "local=0" in result.stdout and "remote=1" in result.stdout, result.stdout + result.stderr

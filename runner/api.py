@@ -45,6 +45,7 @@ class RunOptions:
     workdir: str | None = None
     user: str | None = None
     volumes: tuple[str, ...] = ()
+    network: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
     overrides: dict = field(default_factory=dict)
 
@@ -134,6 +135,8 @@ def sidecar_settings(cfg: PodtwinConfig) -> dict:
         "local_cidrs": [list(r) for r in rules.keep_local],
         "remote_cidrs": None if rules.redirect_only is None else [list(r) for r in rules.redirect_only],
         "proxy_decides": rules.proxy_decides,
+        "outgoing": out.model_dump(mode="json"),
+        "dns_config": cfg.feature.network.dns.model_dump(mode="json"),
     }
 
 
@@ -145,9 +148,6 @@ def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig,
     if target is None:
         raise ConfigError("no target given",
                           "pass --target container/NAME, or set `target` in the config file")
-    if OutgoingFilter.from_config(cfg).kernel_rules().proxy_decides:
-        progress.warn("podtwin: feature.network.outgoing.filter: host-name entries are not supported yet"
-                      " (only IP, CIDR and port entries are applied); they are ignored")
     if isinstance(target, KubeTarget):
         raise TargetError(f"Kubernetes targets ({target}) are not supported yet",
                           "use a Docker target: --target container/NAME")
@@ -168,6 +168,8 @@ def run(opts: RunOptions) -> int:
     engine.require_image(image, "build it with `podtwin images build`")
     engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
     info = engine.get_target(target.name)
+    if opts.network:
+        engine.require_network(opts.network)
 
     session = Session.create(str(target))
     teardown = Teardown()
@@ -186,7 +188,7 @@ def run(opts: RunOptions) -> int:
         # key): start it now, it connects as soon as the agent listens.
         settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout}
         (session.dir / "sidecar.json").write_text(json.dumps(settings))
-        sidecar_id = engine.start_sidecar(session, image, info.hostname)
+        sidecar_id = engine.start_sidecar(session, image, info.hostname, opts.network)
         teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
 
         ready = json.loads(engine.wait_for_line(agent_id, "PODTWIN_AGENT_READY ",

@@ -61,11 +61,13 @@ def container() -> None:
 @click.option("-w", "--workdir", help="Working directory inside the app container.")
 @click.option("-u", "--user", help="User (name|uid[:group|gid]) to run the app as.")
 @click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount, as in docker run -v.")
+@click.option("--network", help="Local Docker network for the app (reach local services; pair with "
+              "a `local` outgoing/DNS filter). Default: Docker's default bridge.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print progress.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def container_run(target, config_file, profile, env, interactive, tty, rm, entrypoint, workdir, user,
-                  volumes, quiet, image, command) -> None:
+                  volumes, network, quiet, image, command) -> None:
     """Run IMAGE [COMMAND...] with the target's environment, network and DNS.
 
     \b
@@ -77,7 +79,7 @@ def container_run(target, config_file, profile, env, interactive, tty, rm, entry
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
         env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
-        workdir=workdir, user=user, volumes=tuple(volumes), cwd=Path.cwd())
+        workdir=workdir, user=user, volumes=tuple(volumes), network=network, cwd=Path.cwd())
     sys.exit(api.run(opts))
 
 

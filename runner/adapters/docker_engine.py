@@ -92,11 +92,20 @@ class DockerEngine:
         )
         return container.id
 
-    def start_sidecar(self, session: Session, image: str, hostname: str) -> str:
+    def require_network(self, name: str) -> None:
+        try:
+            self.client.networks.get(name)
+        except docker.errors.NotFound as exc:
+            raise TargetError(f"docker network {name!r} not found",
+                              "create it, or check the name with `docker network ls`") from exc
+
+    def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None) -> str:
+        """The sidecar owns the app's network namespace: on ``network`` (docker's default bridge
+        if None), so local services on that network stay reachable with a local filter."""
         container = self._run(
             image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
             name=session.name("sidecar"), labels=session.labels("sidecar"),
-            hostname=hostname or None,
+            hostname=hostname or None, network=network,
             cap_add=["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )

@@ -12,12 +12,15 @@ import signal
 import sys
 from pathlib import Path
 
-from podtwin.agent.dns import ResolvConf
+from podtwin.agent.dns import Forwarder, ResolvConf
+from podtwin.runner.config import DnsConfig, OutgoingConfig
 from podtwin.runner.link import Link, LinkKeys
+from podtwin.runner.netfilter import DnsFilter, OutgoingFilter
 
 from .dns_server import DnsServer
+from .names import NameCache
 from .netsetup import NetSetup
-from .rules import RuleSettings
+from .rules import BYPASS_MARK, RuleSettings
 from .tcp_proxy import TcpProxy
 from .udp_proxy import UdpRelay
 
@@ -25,15 +28,35 @@ log = logging.getLogger("podtwin.sidecar")
 
 
 def resolv_conf_for_app(target_resolv: str) -> str:
-    """The target's search list and options, with our loopback resolver as the only nameserver."""
+    """A resolv.conf's search list and options (the target's, or with DNS off this container's
+    own), with our loopback resolver as the only nameserver."""
     conf = ResolvConf.parse(target_resolv)
-    lines = ["# written by podtwin: queries go to the target's nameservers through the agent",
-             "nameserver 127.0.0.1"]
+    lines = ["# written by podtwin: its resolver on 127.0.0.1 answers (through the target, or"
+             " locally where feature.network.dns says so)", "nameserver 127.0.0.1"]
     if conf.search:
         lines.append("search " + " ".join(conf.search))
     if conf.options:
         lines.append("options " + " ".join(conf.options))
     return "\n".join(lines) + "\n"
+
+
+class Decider:
+    """Per-connection and per-query decisions for filters the kernel rules cannot express (host
+    names), using the names the app knows each address by."""
+
+    def __init__(self, outgoing: OutgoingFilter, dns: DnsFilter, names: NameCache) -> None:
+        self.outgoing, self.dns, self.names = outgoing, dns, names
+
+    def connection(self, proto: str, ip: str, port: int) -> str:
+        flt = self.outgoing
+        # An entry hits when it matches under any of the names the address is known by.
+        decisions = {flt.decide(name, ip, port, proto) for name in self.names.names(ip) or [None]}
+        if flt.side == "local":
+            return "local" if "local" in decisions else "remote"
+        return "remote" if "remote" in decisions else "local"
+
+    def query(self, name: str) -> str:
+        return self.dns.decide(name)
 
 
 def load_settings(path: Path) -> tuple[RuleSettings, bool]:
@@ -58,9 +81,22 @@ async def amain(args: argparse.Namespace) -> int:
                                               .get("connect_timeout", 60)))
     info = await link.control.info()
 
-    Path("/etc/hosts").write_text(info.get("hosts") or "127.0.0.1\tlocalhost\n")
+    raw = json.loads((session / "sidecar.json").read_text())
+    names = NameCache()
+    decider = Decider(OutgoingFilter.from_config(OutgoingConfig.model_validate(raw.get("outgoing", {}))),
+                      DnsFilter.from_config(DnsConfig.model_validate(raw.get("dns_config", {}))), names)
+    # Our resolver answers every query: remote ones through the agent, local ones (dns off, or
+    # the filter says so) from the resolver this container had, over sockets that bypass our rules.
+    own_resolv = Path("/etc/resolv.conf").read_text()
+    local_dns = Forwarder(lambda: own_resolv, mark=BYPASS_MARK)
     if dns_enabled:
+        hosts = info.get("hosts") or "127.0.0.1\tlocalhost\n"
+        Path("/etc/hosts").write_text(hosts)
+        names.learn_hosts(hosts)
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(info.get("resolv_conf", "")))
+    else:
+        Path("/etc/resolv.conf").write_text(resolv_conf_for_app(own_resolv))
+    per_connection = bool(raw.get("proxy_decides"))
 
     net = NetSetup(rules)
     stop = asyncio.Event()
@@ -71,11 +107,12 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
         if rules.tcp:
-            services.append(TcpProxy(link, rules.tcp_port))
+            services.append(TcpProxy(link, rules.tcp_port, decide=(
+                lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None))
         if rules.udp:
-            services.append(UdpRelay(link.control, rules.udp_port))
-        if dns_enabled:
-            services.append(DnsServer(link.control.dns))
+            services.append(UdpRelay(link.control, rules.udp_port, decide=(
+                lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
+        services.append(DnsServer(link.control.dns, local_dns.forward, decider.query, names.learn_answer))
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)

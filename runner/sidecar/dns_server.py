@@ -10,6 +10,8 @@ import asyncio
 import logging
 import struct
 
+from .names import question_name
+
 log = logging.getLogger("podtwin.sidecar.dns")
 
 
@@ -47,19 +49,29 @@ def servfail(query: bytes) -> bytes:
 
 
 class DnsServer:
-    def __init__(self, resolve, host: str = "127.0.0.1", port: int = 53) -> None:
-        self.resolve = resolve  # async (query bytes) -> answer bytes (b"" when nothing answered)
+    """``remote`` and ``local`` are async (query bytes) -> answer bytes (b"" when nothing
+    answered); ``decide(name)`` picks one per query; ``learn(answer)`` sees every answer."""
+
+    def __init__(self, remote, local=None, decide=None, learn=None,
+                 host: str = "127.0.0.1", port: int = 53) -> None:
+        self.remote, self.local = remote, local
+        self.decide = decide or (lambda name: "remote")
+        self.learn = learn or (lambda answer: None)
         self.host, self.port = host, port
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.base_events.Server | None = None
         self.tasks: set[asyncio.Task] = set()
 
     async def answer(self, query: bytes) -> bytes:
+        name = question_name(query)
+        side = self.decide(name) if name is not None and self.local is not None else "remote"
         try:
-            answer = await self.resolve(query)
-        except (ConnectionError, asyncio.TimeoutError) as exc:
-            log.debug("dns: %r", exc)
+            answer = await (self.local if side == "local" else self.remote)(query)
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            log.debug("dns %s (%s): %r", name, side, exc)
             answer = b""
+        if answer:
+            self.learn(answer)
         return answer or servfail(query)
 
     async def start(self) -> None:

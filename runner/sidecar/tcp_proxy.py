@@ -6,8 +6,11 @@ import logging
 import socket
 import struct
 
+from .rules import BYPASS_MARK
+
 log = logging.getLogger("podtwin.sidecar.tcp")
 SO_ORIGINAL_DST = 80
+SO_MARK = 36
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -41,10 +44,28 @@ async def pump(reader, writer) -> None:
         writer.close()
 
 
+async def open_local(host: str, port: int):
+    """A connection made from the sidecar itself, marked so its own rules let it through."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+
+
 class TcpProxy:
-    def __init__(self, link, port: int) -> None:
+    """``decide(ip, port)`` says "remote" (through the agent) or "local" (from here) for each
+    connection whose fate the kernel rules could not settle (filters with host names)."""
+
+    def __init__(self, link, port: int, decide=None) -> None:
         self.link = link
         self.port = port
+        self.decide = decide
         self.server: asyncio.base_events.Server | None = None
         self.active = 0
 
@@ -63,8 +84,12 @@ class TcpProxy:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or ("", 0)
+        side = self.decide(host, port) if self.decide is not None else "remote"
         try:
-            r_reader, r_writer = await self.link.open_tcp(host, port, orig=(peer[0], peer[1]))
+            if side == "local":
+                r_reader, r_writer = await open_local(host, port)
+            else:
+                r_reader, r_writer = await self.link.open_tcp(host, port, orig=(peer[0], peer[1]))
         except Exception as exc:  # ChannelOpenError (refused, unreachable) or the link is gone
             log.debug("connect %s:%d failed: %s", host, port, exc)
             reset(writer)

@@ -41,13 +41,36 @@ def parse_orig_dst(ancdata) -> tuple[str, int] | None:
 
 
 class _Flow:
-    def __init__(self, relay: "UdpRelay", src: tuple[str, int], dst: tuple[str, int]) -> None:
+    """A flow through the agent (the default) or, when the filter keeps it local, straight out of
+    the sidecar through a marked socket."""
+
+    def __init__(self, relay: "UdpRelay", src: tuple[str, int], dst: tuple[str, int], local: bool) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
         self.reply = transparent_socket(dst)
         self.last_used = asyncio.get_running_loop().time()
-        self.ident = relay.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+        self.local: socket.socket | None = None
+        self.ident = 0
+        if local:
+            self.local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.local.setblocking(False)
+            self.local.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+            self.local.connect(dst)
+            asyncio.get_running_loop().add_reader(self.local.fileno(), self._local_readable)
+        else:
+            self.ident = relay.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+
+    def _local_readable(self) -> None:
+        assert self.local is not None
+        while True:
+            try:
+                self.on_data(self.local.recv(65535))
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            except OSError as exc:
+                log.debug("local flow %s: %s", self.dst, exc)
+                return
 
     def on_data(self, data: bytes) -> None:
         self.last_used = asyncio.get_running_loop().time()
@@ -62,13 +85,26 @@ class _Flow:
 
     def send(self, data: bytes) -> None:
         self.last_used = asyncio.get_running_loop().time()
-        self.relay.control.udp_send(self.ident, data)
+        if self.local is not None:
+            try:
+                self.local.send(data)
+            except OSError as exc:
+                log.debug("local flow %s: %s", self.dst, exc)
+        else:
+            self.relay.control.udp_send(self.ident, data)
+
+    def close(self) -> None:
+        if self.local is not None:
+            asyncio.get_running_loop().remove_reader(self.local.fileno())
+            self.local.close()
+        self.reply.close()
 
 
 class UdpRelay:
-    def __init__(self, control, port: int) -> None:
+    def __init__(self, control, port: int, decide=None) -> None:
         self.control = control
         self.port = port
+        self.decide = decide  # (ip, port) -> "remote" | "local", for filters with host names
         self.flows: dict[tuple, _Flow] = {}
         self.sock: socket.socket | None = None
         self.expiry: asyncio.Task | None = None
@@ -95,7 +131,8 @@ class UdpRelay:
             flow = self.flows.get(key)
             try:
                 if flow is None:
-                    flow = self.flows[key] = _Flow(self, src, dst)
+                    local = self.decide is not None and self.decide(dst[0], dst[1]) == "local"
+                    flow = self.flows[key] = _Flow(self, src, dst, local)
                 flow.send(data)
             except (ConnectionError, OSError) as exc:
                 log.debug("udp %s -> %s: %s", src, dst, exc)
@@ -103,12 +140,12 @@ class UdpRelay:
     def drop(self, flow: _Flow, notify: bool) -> None:
         if self.flows.get((flow.src, flow.dst)) is flow:
             del self.flows[(flow.src, flow.dst)]
-        if notify:
+        if notify and flow.local is None:
             try:
                 self.control.udp_close(flow.ident)
             except ConnectionError:
                 pass
-        flow.reply.close()
+        flow.close()
 
     async def _expire(self) -> None:
         loop = asyncio.get_running_loop()
