@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 
 import asyncssh
 
+from .incoming import IncomingServer
+from .rules import sweep_dead_sessions
 from .server import Agent, serve_tcp, serve_unix
 from .target import TargetProcess
 
@@ -27,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="drop a link that has been silent this long (keepalives are sent)")
     p.add_argument("--host-key", help="the agent's private host key (made by the runner, so clients "
                    "can start before the agent announces it); default: a new key, announced on stdout")
+    p.add_argument("--session", default="", help="the session id (names this agent's rules)")
+    p.add_argument("--incoming", action="store_true",
+                   help="offer incoming traffic (needs NET_ADMIN): sweep dead sessions' rules, "
+                        "then steal the ports clients subscribe")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -45,6 +52,15 @@ async def amain(args: argparse.Namespace) -> int:
         keepalive_interval=max(args.communication_timeout / 2, 1.0),
         keepalive_count_max=2,
     )
+    if args.incoming:
+        if not re.fullmatch(r"[0-9a-f]{4,16}", args.session):
+            print("podtwin-agent: --incoming needs --session ID (hex)", file=sys.stderr)
+            return 2
+        swept = await asyncio.to_thread(sweep_dead_sessions)
+        if swept:
+            logging.getLogger("podtwin.agent").info("removed rules of dead sessions: %s", ", ".join(swept))
+        agent.incoming = IncomingServer(args.session, notify=agent.notify)
+        await agent.incoming.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")

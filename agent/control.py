@@ -40,10 +40,12 @@ class _UdpFlow(asyncio.DatagramProtocol):
 
 class ControlHandler:
     def __init__(self, target: TargetProcess, send: Callable[[bytes], None],
-                 on_hello: Callable[[dict], None]) -> None:
+                 on_hello: Callable[[dict], None], subscribe=None) -> None:
         self.target = target
         self.send = send
         self.on_hello = on_hello
+        # async (port, mode, http_filter) -> None or the reason it is refused; None: no incoming
+        self.subscribe = subscribe
         self.decoder = wire.FrameDecoder()
         self.greeted = False
         self.dns = Forwarder(lambda: target.read_text("/etc/resolv.conf"))
@@ -114,8 +116,19 @@ class ControlHandler:
         elif msg.type == wire.UDP_CLOSE:
             ident, _ = msg.split_id()
             self._close_flow(ident, notify=False)
+        elif msg.type == wire.INCOMING_SUBSCRIBE:
+            body = msg.json()
+            self._spawn(self._subscribe(int(body["port"]), str(body.get("mode", "steal")),
+                                        body.get("http_filter")), f"subscribe-{body['port']}")
         else:
             raise wire.ProtocolError(f"unexpected message {msg.name}")
+
+    async def _subscribe(self, port: int, mode: str, http_filter: dict | None) -> None:
+        if self.subscribe is None:
+            error = "this agent was started without incoming traffic (agent --incoming)"
+        else:
+            error = await self.subscribe(port, mode, http_filter)
+        self.send(wire.encode_json(wire.INCOMING_REPLY, {"port": port, "error": error}))
 
     # -- DNS and UDP ----------------------------------------------------------------------
     async def _dns(self, ident: int, query: bytes) -> None:

@@ -20,6 +20,7 @@ import asyncssh
 
 from . import wire
 from .control import ControlHandler
+from .incoming import INCOMING_HOST, IncomingServer
 from .target import TargetProcess
 
 log = logging.getLogger("podtwin.agent")
@@ -33,10 +34,16 @@ class Agent:
     startup_timeout: float = 60.0
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 2
+    incoming: "IncomingServer | None" = None
     owner: "AgentConnection | None" = None
     connections: set = field(default_factory=set)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
+
+    def notify(self, level: str, message: str) -> None:
+        """Tell the runner (the owner) something the user should see."""
+        if self.owner is not None and self.owner.control is not None:
+            self.owner.control._send(wire.encode_json(wire.NOTICE, {"level": level, "message": message}))
 
     def stop(self, reason: str) -> None:
         if not self.shutdown.is_set():
@@ -81,6 +88,7 @@ class AgentConnection(asyncssh.SSHServer):
         self.agent = agent
         self.conn: asyncssh.SSHServerConnection | None = None
         self.role = "?"
+        self.control: "ControlSession | None" = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -89,6 +97,8 @@ class AgentConnection(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self.agent.connections.discard(self)
         log.info("%s disconnected%s", self.role, f": {exc}" if exc else "")
+        if self.agent.incoming is not None:
+            self.agent.incoming.drop_owner(self)
         if self.agent.owner is self:
             self.agent.stop("the runner's connection closed")
 
@@ -103,7 +113,18 @@ class AgentConnection(asyncssh.SSHServer):
         return True  # asyncssh opens the TCP connection from here: the target's netns
 
     def server_requested(self, listen_host: str, listen_port: int):
-        return False  # incoming traffic is not offered by this protocol version
+        """Remote forwarding of a port this client subscribed: the steal rule goes in now."""
+        if self.agent.incoming is None or listen_host != INCOMING_HOST:
+            return False
+        return self.agent.incoming.activate(self, listen_port) or False
+
+    async def subscribe(self, port: int, mode: str, http_filter: dict | None) -> str | None:
+        if self.agent.incoming is None:
+            return "this agent was started without incoming traffic"
+        error = await self.agent.incoming.subscribe(self, port, mode, http_filter)
+        if error:
+            self.agent.notify("fatal", error)  # the session cannot do what it was asked to
+        return error
 
     def session_requested(self):
         return ControlSession(self)
@@ -134,7 +155,9 @@ class ControlSession(asyncssh.SSHServerSession):
         return False
 
     def session_started(self) -> None:
-        self.handler = ControlHandler(self.owner.agent.target, self._send, self.owner.hello)
+        self.owner.control = self
+        self.handler = ControlHandler(self.owner.agent.target, self._send, self.owner.hello,
+                                      subscribe=self.owner.subscribe)
 
     def _send(self, data: bytes) -> None:
         if self.chan is not None and not self.chan.is_closing():
@@ -195,6 +218,8 @@ async def _accept_loop(agent: Agent, listener: socket.socket, cleanup) -> None:
     finally:
         acceptor.cancel()
         watcher.cancel()
+        if agent.incoming is not None:
+            agent.incoming.close()  # removes this session's rules before anything else
         listener.close()
         cleanup()
         for conn in list(agent.connections):

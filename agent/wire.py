@@ -15,7 +15,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CONTROL_SUBSYSTEM = "podtwin-control"
 MAX_FRAME = 1 << 20  # a UDP datagram or DNS message is far smaller; anything larger is a bug
 
@@ -27,6 +27,7 @@ UDP_OPEN = 0x04       # u32 flow id + JSON {"host", "port"}
 UDP_SEND = 0x05       # u32 flow id + datagram
 UDP_CLOSE = 0x06      # u32 flow id
 PING = 0x07           # opaque bytes, echoed
+INCOMING_SUBSCRIBE = 0x08  # JSON {"port", "mode", "http_filter"}: then ask to forward (INCOMING_HOST, port)
 # agent -> client
 HELLO_OK = 0x81       # JSON {"version", "agent"}
 INFO = 0x82           # JSON {"env", "resolv_conf", "hosts", "hostname", "pid"}
@@ -34,6 +35,8 @@ DNS_ANSWER = 0x83     # u32 request id + raw DNS message (empty: no nameserver a
 UDP_RECV = 0x85       # u32 flow id + datagram
 UDP_CLOSED = 0x86     # u32 flow id + utf-8 reason
 PONG = 0x87           # the PING's bytes
+INCOMING_REPLY = 0x88  # JSON {"port", "error"}: error is null when the subscription is accepted
+NOTICE = 0x89         # JSON {"level", "message"}: for the runner to show the user
 ERROR = 0xFF          # JSON {"message"}: fatal, the agent closes the channel after it
 
 NAMES = {value: name for name, value in globals().items()

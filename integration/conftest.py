@@ -108,6 +108,7 @@ class Podtwin:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.env = {**os.environ, "PODTWIN_STATE_DIR": str(state_dir)}
+        self.started: list[subprocess.Popen] = []
 
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "podtwin.runner", *args]
@@ -125,6 +126,7 @@ class Podtwin:
             proc = subprocess.Popen(self.cmd(*args), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                     env=self.env)
         proc.out_path, proc.err_path = logs / "out", logs / "err"
+        self.started.append(proc)
         return proc
 
     def leftovers(self) -> list[str]:
@@ -141,6 +143,13 @@ class Podtwin:
 def podtwin(state_dir: Path) -> Podtwin:
     tool = Podtwin(state_dir)
     yield tool
+    for proc in tool.started:  # a test that failed half-way may leave its runner running
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     # every test must leave nothing behind; the guard may need a moment after a kill
     left = []
     try:

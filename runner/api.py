@@ -21,7 +21,7 @@ from typing import Callable
 
 from .config import PodtwinConfig, load_config
 from .envfilter import apply_env
-from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, TargetError
+from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, SessionError, TargetError
 from .link import Link, LinkKeys
 from .netfilter import OutgoingFilter
 from .session import Session
@@ -92,9 +92,11 @@ class OwnerLink:
     It is the agent's lifeline: when this process dies, the connection drops and the agent exits.
     """
 
-    def __init__(self, session: Session, on_lost: Callable[[], None]) -> None:
+    def __init__(self, session: Session, on_lost: Callable[[], None],
+                 on_notice: Callable[[str, str], None] = lambda level, message: None) -> None:
         self.session = session
         self.on_lost = on_lost
+        self.on_notice = on_notice
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="podtwin-link", daemon=True)
         self.link: Link | None = None
@@ -106,6 +108,7 @@ class OwnerLink:
 
         async def go() -> dict:
             self.link = await Link.connect_unix(str(self.session.agent_socket), keys, role="runner")
+            self.link.control.on_notice = self.on_notice
             self.loop.create_task(self._watch(), name="runner:link-watch")
             return await self.link.control.info()
         return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
@@ -138,6 +141,23 @@ def sidecar_settings(cfg: PodtwinConfig) -> dict:
         "outgoing": out.model_dump(mode="json"),
         "dns_config": cfg.feature.network.dns.model_dump(mode="json"),
     }
+
+
+def incoming_settings(cfg: PodtwinConfig, progress: Progress) -> dict | None:
+    """What the sidecar takes of the target's incoming traffic, or None."""
+    inc = cfg.feature.network.incoming
+    if inc.mode == "off":
+        return None
+    if inc.mode == "mirror":
+        if "incoming" in cfg.feature.network.model_fields_set:
+            progress.warn("podtwin: feature.network.incoming: mirror mode is not supported yet;"
+                          " incoming traffic is left to the target (use mode steal)")
+        return None
+    if inc.http_filter is not None:
+        raise ConfigError("feature.network.incoming.http_filter is not supported yet",
+                          "remove the filter to steal whole ports, or set incoming mode off")
+    return {"mode": inc.mode, "ports": inc.ports, "ignore_ports": inc.ignore_ports,
+            "port_mapping": [list(pair) for pair in inc.port_mapping], "http_filter": None}
 
 
 def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig, DockerTarget]:
@@ -180,13 +200,21 @@ def run(opts: RunOptions) -> int:
         spawn_guard(session.id, session.runner_pid, session.dir)
         session.write_keys()
 
+        incoming = incoming_settings(cfg, progress)
+        if incoming is not None:
+            # Started first so it is removed last: it removes the session's incoming rules from
+            # the target's namespace once the agent is gone, however the agent went.
+            guard_id = engine.start_rules_guard(session, info, image, cfg.agent.startup_timeout)
+            teardown.add("rules guard", lambda: engine.remove_when_exited(guard_id, 5))
         progress(f"session {session.id}: starting the agent in {target}'s namespaces, and the sidecar")
         agent_id = engine.start_agent(session, info, image, cfg.agent.startup_timeout,
-                                      cfg.agent.communication_timeout)
-        teardown.add("agent container", lambda: engine.remove(agent_id))
+                                      cfg.agent.communication_timeout, incoming=incoming is not None)
+        # After the link closes the agent removes its rules and exits; give it that moment.
+        teardown.add("agent container", lambda: engine.remove_when_exited(agent_id, 3))
         # The sidecar needs nothing from the agent to start (the runner made the agent's host
         # key): start it now, it connects as soon as the agent listens.
-        settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout}
+        settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout,
+                    "incoming": incoming}
         (session.dir / "sidecar.json").write_text(json.dumps(settings))
         sidecar_id = engine.start_sidecar(session, image, info.hostname, opts.network)
         teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
@@ -199,10 +227,21 @@ def run(opts: RunOptions) -> int:
                              "make sure nothing else writes to the session directory")
 
         def link_lost() -> None:
-            progress.warn("podtwin: the link to the agent was lost (did the target stop?); stopping the app")
+            progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped); stopping the app")
             if app_id:
                 engine.stop(app_id[0], timeout=2)
-        owner = OwnerLink(session, link_lost)
+        fatal: list[str] = []
+
+        def on_notice(level: str, message: str) -> None:
+            if level == "fatal":  # e.g. a port another session already steals: end the session
+                fatal.append(message)
+                if app_id:
+                    engine.stop(app_id[0], timeout=2)
+            elif level in ("error", "warning"):
+                progress.warn(f"podtwin: {message}")
+            else:
+                progress(message)
+        owner = OwnerLink(session, link_lost, on_notice=on_notice)
         teardown.add("link", owner.close)
         remote = owner.connect(" ".join(host_key), cfg.agent.startup_timeout)
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
@@ -216,7 +255,11 @@ def run(opts: RunOptions) -> int:
             workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
         app_id.append(app)
         teardown.add("app container", lambda: engine.remove(app))
-        return attach(engine, app, opts.interactive)
+        code = attach(engine, app, opts.interactive)
+        if fatal:
+            raise SessionError(fatal[0], "stop the other session (`podtwin sessions`), or use "
+                               "feature.network.incoming.port_mapping/ignore_ports")
+        return code
     finally:
         failures = teardown.run()
         if failures:

@@ -40,6 +40,8 @@ class ControlChannel(asyncssh.SSHClientSession):
         self.dns_waiters: dict[int, asyncio.Future[bytes]] = {}
         self.udp_handlers: dict[int, tuple[Callable[[bytes], None], Callable[[str], None]]] = {}
         self.ids = itertools.count(1)
+        self.incoming_waiters: dict[int, asyncio.Future[str | None]] = {}
+        self.on_notice: Callable[[str, str], None] = lambda level, message: None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # -- asyncssh callbacks -----------------------------------------------------------------
@@ -52,7 +54,8 @@ class ControlChannel(asyncssh.SSHClientSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = str(exc) if exc else "control channel closed"
-        for fut in [self.hello_ok, *self.info_waiters, *self.dns_waiters.values()]:
+        for fut in [self.hello_ok, *self.info_waiters, *self.dns_waiters.values(),
+                    *self.incoming_waiters.values()]:
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
         for _, on_close in list(self.udp_handlers.values()):
@@ -86,6 +89,14 @@ class ControlChannel(asyncssh.SSHClientSession):
             handler = self.udp_handlers.pop(ident, None)
             if handler is not None:
                 handler[1](reason.decode(errors="replace"))
+        elif msg.type == wire.INCOMING_REPLY:
+            body = msg.json()
+            fut = self.incoming_waiters.pop(int(body["port"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(body.get("error"))
+        elif msg.type == wire.NOTICE:
+            body = msg.json()
+            self.on_notice(str(body.get("level", "info")), str(body.get("message", "")))
         elif msg.type == wire.ERROR:
             log.error("agent error: %s", msg.json().get("message"))
         elif msg.type == wire.PONG:
@@ -118,6 +129,14 @@ class ControlChannel(asyncssh.SSHClientSession):
             return await asyncio.wait_for(fut, timeout)
         finally:
             self.dns_waiters.pop(ident, None)
+
+    async def subscribe(self, port: int, mode: str, http_filter: dict | None = None) -> str | None:
+        """Ask the agent for a target port's incoming traffic; None if granted, else why not."""
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.incoming_waiters[port] = fut
+        self.send(wire.encode_json(wire.INCOMING_SUBSCRIBE,
+                                   {"port": port, "mode": mode, "http_filter": http_filter}))
+        return await fut
 
     def udp_open(self, host: str, port: int, on_data: Callable[[bytes], None],
                  on_close: Callable[[str], None]) -> int:

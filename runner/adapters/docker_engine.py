@@ -75,19 +75,22 @@ class DockerEngine:
         return Mount(target=MOUNT_POINT, source=str(session.dir), type="bind")
 
     def start_agent(self, session: Session, target: DockerTargetInfo, image: str,
-                    startup_timeout: float, communication_timeout: float) -> str:
+                    startup_timeout: float, communication_timeout: float, incoming: bool = False) -> str:
         """The agent joins the target's network and PID namespaces: it sees the target's main
-        process as PID 1 and every socket it opens is the target's."""
+        process as PID 1 and every socket it opens is the target's. With incoming traffic it
+        also needs NET_ADMIN, for the nat rules that steal the target's ports."""
         container = self._run(
             image,
             ["python", "-m", "podtwin.agent", "--listen", f"unix:{MOUNT_POINT}/agent.sock",
              "--authorized-keys", f"{MOUNT_POINT}/client_key.pub", "--target-pid", "1",
              "--host-key", f"{MOUNT_POINT}/agent_host_key",
              "--startup-timeout", str(startup_timeout),
-             "--communication-timeout", str(communication_timeout)],
+             "--communication-timeout", str(communication_timeout),
+             *(["--incoming", "--session", session.id] if incoming else [])],
             name=session.name("agent"), labels=session.labels("agent"),
             network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",
-            cap_add=["SYS_PTRACE", *_session_dir_caps()], cap_drop=["ALL"],
+            cap_add=["SYS_PTRACE", *(["NET_ADMIN"] if incoming else []), *_session_dir_caps()],
+            cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
         return container.id
@@ -98,6 +101,25 @@ class DockerEngine:
         except docker.errors.NotFound as exc:
             raise TargetError(f"docker network {name!r} not found",
                               "create it, or check the name with `docker network ls`") from exc
+
+    def start_rules_guard(self, session: Session, target: DockerTargetInfo, image: str,
+                          startup_timeout: float) -> str:
+        """A container of its own in the target's network namespace, so that killing or deleting
+        the agent's container does not take it along: it removes the session's rules."""
+        container = self._run(
+            image, ["python", "-m", "podtwin.agent.guard", "--session", session.id,
+                    "--startup-timeout", str(startup_timeout)],
+            name=session.name("rules-guard"), labels=session.labels("rules-guard"),
+            network_mode=f"container:{target.id}", cap_add=["NET_ADMIN"], cap_drop=["ALL"],
+        )
+        return container.id
+
+    def remove_when_exited(self, container_id: str, timeout: float) -> None:
+        """Let a container finish its own clean-up, then remove it whatever its state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.is_running(container_id):
+            time.sleep(0.05)
+        self.remove(container_id)
 
     def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None) -> str:
         """The sidecar owns the app's network namespace: on ``network`` (docker's default bridge
@@ -236,12 +258,14 @@ class DockerEngine:
 
     def clean_session(self, session_id: str) -> list[str]:
         """Remove every object of a session: app first, then sidecar, agent, networks."""
-        order = {"app": 0, "sidecar": 1, "agent": 2}
+        order = {"app": 0, "sidecar": 1, "agent": 2, "rules-guard": 3}
         objects = sorted(self.session_objects(session_id),
                          key=lambda o: (o.kind != "container", order.get(o.labels.get(LABEL_ROLE, ""), 9)))
         removed, errors = [], []
         for obj in objects:
             try:
+                if obj.labels.get(LABEL_ROLE) == "rules-guard":
+                    self.remove_when_exited(obj.id, 5)  # it is removing the session's rules
                 self.remove_object(obj)
                 removed.append(obj.name)
             except docker.errors.APIError as exc:

@@ -18,6 +18,7 @@ from podtwin.runner.link import Link, LinkKeys
 from podtwin.runner.netfilter import DnsFilter, OutgoingFilter
 
 from .dns_server import DnsServer
+from .incoming import IncomingPorts, IncomingSettings
 from .names import NameCache
 from .netsetup import NetSetup
 from .rules import BYPASS_MARK, RuleSettings
@@ -113,6 +114,9 @@ async def amain(args: argparse.Namespace) -> int:
             services.append(UdpRelay(link.control, rules.udp_port, decide=(
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
         services.append(DnsServer(link.control.dns, local_dns.forward, decider.query, names.learn_answer))
+        if raw.get("incoming"):
+            services.append(IncomingPorts(link, IncomingSettings.from_dict(raw["incoming"]),
+                                          own_ports={rules.tcp_port, 53}))
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)

@@ -1,0 +1,134 @@
+"""Incoming-traffic rules in the target's network namespace, one nat chain per session.
+
+``PODTWIN_IN_<session>`` holds one REDIRECT per stolen port (to the agent's listener), entered
+from ``PREROUTING``, so only connections arriving from outside the namespace are taken; the
+agent's own connections to the target (locally generated) are not. Every session's chain carries
+its id, so any agent or guard can tell whose rules it sees, and a live agent is recognised by an
+abstract unix socket named after its session: abstract sockets belong to the network namespace,
+so "it answers" means "its agent is alive in this very namespace".
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger("podtwin.agent.rules")
+
+CHAIN_PREFIX = "PODTWIN_IN_"
+_CHAIN_RE = re.compile(rf"^:({CHAIN_PREFIX}([0-9a-f]+))\s")
+_RULE_RE = re.compile(rf"^-A ({CHAIN_PREFIX}([0-9a-f]+)) .*--dport (\d+)\b")
+
+
+def liveness_name(session_id: str) -> bytes:
+    return b"\0podtwin-agent-" + session_id.encode()
+
+
+def session_alive(session_id: str) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(liveness_name(session_id))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["iptables", "-w", "5", "-t", "nat", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"iptables {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass(frozen=True)
+class NatState:
+    chains: dict[str, str]           # chain -> session id
+    ports: dict[int, set[str]]       # port -> session ids redirecting it
+
+    @classmethod
+    def parse(cls, save: str) -> "NatState":
+        """From `iptables-save -t nat` output (pure, unit-tested)."""
+        chains: dict[str, str] = {}
+        ports: dict[int, set[str]] = {}
+        for line in save.splitlines():
+            m = _CHAIN_RE.match(line)
+            if m:
+                chains[m.group(1)] = m.group(2)
+                continue
+            m = _RULE_RE.match(line)
+            if m:
+                ports.setdefault(int(m.group(3)), set()).add(m.group(2))
+        return cls(chains, ports)
+
+    @classmethod
+    def read(cls) -> "NatState":
+        proc = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"iptables-save: {proc.stderr.strip()}")
+        return cls.parse(proc.stdout)
+
+
+def remove_session_chain(session_id: str) -> bool:
+    """Remove a session's chain and the jump to it. True if anything was removed."""
+    chain = CHAIN_PREFIX + session_id
+    if iptables("-n", "-L", chain, check=False).returncode != 0:
+        return False
+    while iptables("-D", "PREROUTING", "-p", "tcp", "-j", chain, check=False).returncode == 0:
+        pass
+    iptables("-F", chain, check=False)
+    iptables("-X", chain, check=False)
+    log.info("removed %s", chain)
+    return True
+
+
+def sweep_dead_sessions(except_session: str | None = None) -> list[str]:
+    """Remove the chains of sessions whose agent is gone (crash, SIGKILL, deleted container)."""
+    removed = []
+    for session_id in set(NatState.read().chains.values()):
+        if session_id != except_session and not session_alive(session_id):
+            if remove_session_chain(session_id):
+                removed.append(session_id)
+    return removed
+
+
+class SessionRules:
+    """The rules of one live session; the agent owns one."""
+
+    def __init__(self, session_id: str, listen_port: int) -> None:
+        self.session_id = session_id
+        self.chain = CHAIN_PREFIX + session_id
+        self.listen_port = listen_port
+        self.ports: set[int] = set()
+        self.created = False
+
+    def other_owner(self, port: int) -> str | None:
+        """Another live session already redirecting ``port``, if any (dead ones are swept)."""
+        sweep_dead_sessions(except_session=self.session_id)
+        owners = NatState.read().ports.get(port, set()) - {self.session_id}
+        return next(iter(sorted(owners)), None)
+
+    def add(self, port: int) -> None:
+        if not self.created:
+            iptables("-N", self.chain, check=False)
+            iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain)
+            self.created = True
+        iptables("-A", self.chain, "-p", "tcp", "--dport", str(port), "-j", "REDIRECT",
+                 "--to-ports", str(self.listen_port))
+        self.ports.add(port)
+
+    def remove(self, port: int) -> None:
+        if port in self.ports:
+            iptables("-D", self.chain, "-p", "tcp", "--dport", str(port), "-j", "REDIRECT",
+                     "--to-ports", str(self.listen_port), check=False)
+            self.ports.discard(port)
+
+    def remove_all(self) -> None:
+        if self.created or self.ports:
+            remove_session_chain(self.session_id)
+        self.ports.clear()
+        self.created = False

@@ -1,0 +1,120 @@
+"""Incoming traffic, Docker targets: stealing the target's port, and never leaving a rule behind.
+
+The target is the staging backend (an HTTP server on :80); a client container on the same
+internal network calls it by name, as another service of the staging would.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, session_containers, wait_until, write_config
+
+APP_HTTPD = "mkdir -p /w && echo {body} > /w/index.html && httpd -f -p {port} -h /w"
+
+
+@pytest.fixture(scope="module")
+def client(staging):
+    name = staging.target + "-client"
+    docker("run", "-d", "--name", name, "--label", "podtwin-test", "--network", staging.network,
+           APP_IMAGE, "sleep", "3600")
+    yield name
+    docker("rm", "-f", name, check=False)
+
+
+def call(client: str, path: str = "/") -> str:
+    """What another service on the staging network gets from the target."""
+    out = docker("exec", client, "timeout", "5", "wget", "-qO-", f"http://backend{path}", check=False)
+    return out.stdout.strip() or f"(failed: {out.stderr.strip()})"
+
+
+def podtwin_rules(target: str) -> list[str]:
+    """podtwin's nat rules in the target's network namespace."""
+    save = docker("run", "--rm", "--network", f"container:{target}", "--cap-add", "NET_ADMIN",
+                  PODTWIN_IMAGE, "iptables-save", "-t", "nat").stdout
+    return [line for line in save.splitlines() if "PODTWIN" in line]
+
+
+def steal(podtwin, staging, tmp_path, body: str = "from-local-app", port: int = 80, extra: dict | None = None):
+    cfg = write_config(tmp_path / f"steal-{body}.json",
+                       {"feature": {"network": {"incoming": {"mode": "steal", **(extra or {})}}}})
+    proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
+                         APP_IMAGE, "sh", "-c", APP_HTTPD.format(body=body, port=port))
+    wait_until(lambda: "stealing port 80" in proc.err_path.read_text() or proc.poll() is not None,
+               60, "the port to be stolen")
+    assert proc.poll() is None, proc.err_path.read_text()
+    return proc
+
+
+def test_steal_whole_port_and_give_it_back(podtwin, staging, client, tmp_path):
+    assert "hello from backend" in call(client)
+    proc = steal(podtwin, staging, tmp_path)
+    assert call(client, "/") == "from-local-app"
+    assert call(client, "/?again") == "from-local-app"      # every connection, not just one
+    assert podtwin_rules(staging.backend)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert "hello from backend" in call(client)             # the target serves again at once
+    assert podtwin_rules(staging.backend) == []
+
+
+def test_port_mapping(podtwin, staging, client, tmp_path):
+    proc = steal(podtwin, staging, tmp_path, body="mapped-8080", port=8080,
+                 extra={"port_mapping": [[8080, 80]]})
+    assert call(client) == "mapped-8080"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+def test_the_port_follows_the_app(podtwin, staging, client, tmp_path):
+    """When the app stops listening the target gets its port back, while the session goes on."""
+    cfg = write_config(tmp_path / "follow.json", {"feature": {"network": {"incoming": "steal"}}})
+    script = (APP_HTTPD.format(body="briefly", port=80).replace("httpd -f", "httpd")
+              + " && sleep 4 && killall httpd && sleep 60")
+    proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
+                         APP_IMAGE, "sh", "-c", script)
+    wait_until(lambda: "stealing port 80" in proc.err_path.read_text(), 60, "the steal")
+    assert call(client) == "briefly"
+    wait_until(lambda: "port 80 released" in proc.err_path.read_text(), 15, "the release")
+    assert "hello from backend" in call(client)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+def test_second_whole_port_steal_is_refused(podtwin, staging, client, tmp_path):
+    first = steal(podtwin, staging, tmp_path, body="first")
+    sid = json.loads(docker("inspect", session_containers("agent")[0]).stdout)[0]["Config"]["Labels"]["podtwin.session"]
+    cfg = write_config(tmp_path / "second.json", {"feature": {"network": {"incoming": "steal"}}})
+    second = podtwin.run("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
+                         APP_IMAGE, "sh", "-c", APP_HTTPD.format(body="second", port=80), timeout=60)
+    assert second.returncode != 0
+    assert f"port 80 is already stolen by podtwin session {sid}" in second.stderr
+    assert call(client) == "first"                            # the first session is unaffected
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=30)
+
+
+def agent_container() -> str:
+    return session_containers("agent")[0]
+
+
+@pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-container", "sigkill-runner"])
+def test_no_dirty_rules_after_a_crash(podtwin, staging, client, tmp_path, fault):
+    proc = steal(podtwin, staging, tmp_path, body=f"crash-{fault}")
+    assert call(client) == f"crash-{fault}"
+    if fault == "sigkill-agent":
+        pid = docker("inspect", "-f", "{{.State.Pid}}", agent_container()).stdout.strip()
+        docker("run", "--rm", "--pid", "host", "--cap-add", "KILL", APP_IMAGE, "kill", "-9", pid)
+    elif fault == "delete-agent-container":
+        docker("rm", "-f", agent_container())
+    else:
+        proc.kill()
+    start = time.monotonic()
+    wait_until(lambda: not podtwin_rules(staging.backend), 10, "the session's rules to go")
+    wait_until(lambda: "hello from backend" in call(client), 10, "the target to serve again")
+    assert time.monotonic() - start < 10
+    proc.wait(timeout=30)
