@@ -118,13 +118,13 @@ class Podtwin:
         return subprocess.run(self.cmd(*args), input=input, capture_output=True, text=True,
                               timeout=timeout, env={**self.env, **(env or {})}, cwd=cwd)
 
-    def start(self, *args: str) -> subprocess.Popen:
+    def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen:
         """A runner in the background; its output goes to files (``proc.out_path``/``err_path``)
         so a killed runner leaves no pipe to drain."""
         logs = Path(tempfile.mkdtemp(prefix="runner-", dir=self.state_dir))
         with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
             proc = subprocess.Popen(self.cmd(*args), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=self.env)
+                                    env=self.env, cwd=cwd)
         proc.out_path, proc.err_path = logs / "out", logs / "err"
         self.started.append(proc)
         return proc

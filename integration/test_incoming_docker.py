@@ -118,3 +118,17 @@ def test_no_dirty_rules_after_a_crash(podtwin, staging, client, tmp_path, fault)
     wait_until(lambda: "hello from backend" in call(client), 10, "the target to serve again")
     assert time.monotonic() - start < 10
     proc.wait(timeout=30)
+
+
+def test_a_mirrord_file_works_unchanged(podtwin, staging, client, tmp_path):
+    """`.mirrord/mirrord.json` in the working directory, mirrord's own keys, no podtwin flags."""
+    (tmp_path / ".mirrord").mkdir()
+    (tmp_path / ".mirrord" / "mirrord.json").write_text(json.dumps(
+        {"target": f"container/{staging.backend}", "feature": {"network": {"incoming": "steal"}}}))
+    proc = podtwin.start("container", "run", APP_IMAGE, "sh", "-c",
+                         APP_HTTPD.format(body="mirrord-file", port=80), cwd=tmp_path)
+    wait_until(lambda: "stealing port 80" in proc.err_path.read_text() or proc.poll() is not None,
+               60, "the steal")
+    assert call(client) == "mirrord-file", proc.err_path.read_text()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
