@@ -12,7 +12,8 @@ import asyncssh
 
 from .incoming import IncomingServer
 from .rules import sweep_dead_sessions
-from .server import Agent, serve_tcp, serve_unix
+from .nsenter import NamespaceError, enter_netns, main_pid
+from .server import Agent, make_listener, serve
 from .target import TargetProcess
 
 
@@ -20,10 +21,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="podtwin-agent", description=__doc__)
     p.add_argument("--listen", required=True,
                    help="unix:/path/to/socket or tcp:127.0.0.1:PORT (loopback only)")
-    p.add_argument("--authorized-keys", required=True,
-                   help="file with the session's public key; no other key is accepted")
-    p.add_argument("--target-pid", type=int, default=1,
-                   help="PID of the target's main process, as this agent sees it")
+    keys = p.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--authorized-keys",
+                      help="file with the session's public key; no other key is accepted")
+    keys.add_argument("--authorized-key", help="the session's public key itself (ssh-ed25519 ...)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-pid", type=int, default=1,
+                        help="PID of the target's main process, as this agent sees it")
+    target.add_argument("--target-container-id",
+                        help="the target container's ID (containerd://...): the agent finds its main "
+                             "process (needs hostPID) and enters its network namespace (setns)")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
@@ -38,14 +45,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def amain(args: argparse.Namespace) -> int:
-    target = TargetProcess(args.target_pid)
+def prepare(args: argparse.Namespace):
+    """Before any thread or event loop exists: the listener (in our own namespace), then, for a
+    node agent, find the target container's process and enter its network namespace."""
+    listener, cleanup = make_listener(args.listen)
+    pid = args.target_pid
+    if args.target_container_id:
+        pid = main_pid(args.target_container_id)
+        enter_netns(pid)
+    return listener, cleanup, TargetProcess(pid)
+
+
+async def amain(args: argparse.Namespace, listener, cleanup, target: TargetProcess) -> int:
     if not target.exists():
-        print(f"podtwin-agent: target process {args.target_pid} not found", file=sys.stderr)
+        print(f"podtwin-agent: target process {target.pid} not found", file=sys.stderr)
         return 3
     agent = Agent(
         target=target,
-        authorized_keys=asyncssh.read_authorized_keys(args.authorized_keys),
+        authorized_keys=(asyncssh.read_authorized_keys(args.authorized_keys) if args.authorized_keys
+                         else asyncssh.import_authorized_keys(args.authorized_key + "\n")),
         host_key=(asyncssh.read_private_key(args.host_key) if args.host_key
                   else asyncssh.generate_private_key("ssh-ed25519")),
         startup_timeout=args.startup_timeout,
@@ -64,18 +82,7 @@ async def amain(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")
-    kind, _, where = args.listen.partition(":")
-    if kind == "unix":
-        await serve_unix(agent, where)
-    elif kind == "tcp":
-        host, _, port = where.rpartition(":")
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            print("podtwin-agent: --listen tcp: must be a loopback address", file=sys.stderr)
-            return 2
-        await serve_tcp(agent, host, int(port))
-    else:
-        print(f"podtwin-agent: bad --listen {args.listen!r}", file=sys.stderr)
-        return 2
+    await serve(agent, listener, cleanup)
     return 0
 
 
@@ -84,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s agent %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    return asyncio.run(amain(args))
+    try:
+        listener, cleanup, target = prepare(args)
+    except (NamespaceError, ValueError, OSError) as exc:
+        print(f"podtwin-agent: {exc}", file=sys.stderr)
+        return 3
+    return asyncio.run(amain(args, listener, cleanup, target))
 
 
 if __name__ == "__main__":

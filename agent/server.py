@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Callable
 
 import asyncssh
 
@@ -178,22 +179,33 @@ class ControlSession(asyncssh.SSHServerSession):
             self.handler.close()
 
 
-async def serve_unix(agent: Agent, path: str) -> None:
-    """Listen on a unix socket (inside the per-session directory only the session can reach)."""
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    os.chmod(path, 0o666)  # the session directory's own mode (0700) is what keeps others out
+def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
+    """``unix:/path`` (inside the per-session directory only the session can reach) or
+    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward reaches it).
+    Made before the agent enters the target's namespace, so it stays where the runner can reach it."""
+    kind, _, where = spec.partition(":")
+    if kind == "unix":
+        if os.path.exists(where):
+            os.unlink(where)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(where)
+        os.chmod(where, 0o666)  # the session directory's own mode (0700) is what keeps others out
+        cleanup = lambda: os.path.exists(where) and os.unlink(where)  # noqa: E731
+    elif kind == "tcp":
+        host, _, port = where.rpartition(":")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("--listen tcp: must be a loopback address")
+        listener = socket.create_server((host, int(port)))
+        cleanup = lambda: None  # noqa: E731
+    else:
+        raise ValueError(f"bad --listen {spec!r}")
     listener.listen(16)
     listener.setblocking(False)
-    await _accept_loop(agent, listener, cleanup=lambda: os.path.exists(path) and os.unlink(path))
+    return listener, cleanup
 
 
-async def serve_tcp(agent: Agent, host: str, port: int) -> None:
-    listener = socket.create_server((host, port), reuse_port=False)
-    listener.setblocking(False)
-    await _accept_loop(agent, listener, cleanup=lambda: None)
+async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], None]) -> None:
+    await _accept_loop(agent, listener, cleanup)
 
 
 async def _accept_loop(agent: Agent, listener: socket.socket, cleanup) -> None:
