@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host-key", help="the agent's private host key (made by the runner, so clients "
                    "can start before the agent announces it); default: a new key, announced on stdout")
     p.add_argument("--session", default="", help="the session id (names this agent's rules)")
-    p.add_argument("--incoming", action="store_true",
-                   help="offer incoming traffic (needs NET_ADMIN): sweep dead sessions' rules, "
-                        "then steal the ports clients subscribe")
+    p.add_argument("--incoming", choices=["steal", "mirror"],
+                   help="offer incoming traffic: steal (needs NET_ADMIN; sweeps dead sessions' rules "
+                        "first) or mirror (needs NET_RAW; a passive copy)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -74,9 +74,10 @@ async def amain(args: argparse.Namespace, listener, cleanup, target: TargetProce
         if not re.fullmatch(r"[0-9a-f]{4,16}", args.session):
             print("podtwin-agent: --incoming needs --session ID (hex)", file=sys.stderr)
             return 2
-        swept = await asyncio.to_thread(sweep_dead_sessions)
-        if swept:
-            logging.getLogger("podtwin.agent").info("removed rules of dead sessions: %s", ", ".join(swept))
+        if args.incoming == "steal":
+            swept = await asyncio.to_thread(sweep_dead_sessions)
+            if swept:
+                logging.getLogger("podtwin.agent").info("removed rules of dead sessions: %s", ", ".join(swept))
         agent.incoming = IncomingServer(args.session, notify=agent.notify)
         await agent.incoming.start()
     loop = asyncio.get_running_loop()

@@ -16,12 +16,15 @@ from typing import Any, Callable
 
 import asyncssh
 
+from .httpfilter import HttpFilter
+from .httprelay import relay_filtered
 from .rules import SessionRules, liveness_name
 
 log = logging.getLogger("podtwin.agent.incoming")
 INCOMING_HOST = "podtwin-incoming"
 SO_ORIGINAL_DST = 80
 STEAL_MODES = ("steal",)
+MODES = ("steal", "mirror")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Subscription:
     owner: Any                      # the AgentConnection that subscribed
     http_filter: dict | None = None
     active: bool = False
+    filter: HttpFilter | None = None
 
 
 class PortListener(asyncssh.SSHListener):
@@ -80,6 +84,7 @@ class IncomingServer:
     _listener: socket.socket | None = None
     _liveness: socket.socket | None = None
     _tasks: set = field(default_factory=set)
+    _mirror: Any = None
 
     async def start(self) -> None:
         """Listen (any port, all addresses) and announce liveness in this namespace."""
@@ -109,17 +114,26 @@ class IncomingServer:
     # -- subscriptions (called from the control channel and the SSH server) ----------------
     async def subscribe(self, owner, port: int, mode: str, http_filter: dict | None) -> str | None:
         """Validate a subscription; None if accepted, else the reason it is refused."""
-        if mode not in STEAL_MODES:
+        if mode not in MODES:
             return f"incoming mode {mode!r} is not supported by this agent"
         if not 0 < port < 65536:
             return f"port {port} is out of range"
         current = self.subs.get(port)
         if current is not None and current.owner is not owner:
             return f"port {port} is already taken by another client of this session"
-        other = await asyncio.to_thread(self.rules.other_owner, port)
-        if other is not None:
-            return f"port {port} is already stolen by podtwin session {other}"
-        self.subs[port] = Subscription(port, mode, owner, http_filter)
+        if mode in STEAL_MODES:  # mirroring takes nothing away, so any number of sessions may mirror
+            other = await asyncio.to_thread(self.rules.other_owner, port)
+            if other is not None:
+                return f"port {port} is already stolen by podtwin session {other}"
+        sub = Subscription(port, mode, owner, http_filter)
+        if http_filter:
+            if mode != "steal":
+                return "an HTTP filter works with mode steal"
+            try:
+                sub.filter = HttpFilter.from_dict(http_filter)
+            except ValueError as exc:
+                return f"bad http_filter: {exc}"
+        self.subs[port] = sub
         return None
 
     def activate(self, owner, port: int) -> PortListener | None:
@@ -127,16 +141,25 @@ class IncomingServer:
         sub = self.subs.get(port)
         if sub is None or sub.owner is not owner:
             return None
-        self.rules.add(port)
-        sub.active = True
-        self.notify("info", f"stealing port {port}")
+        if sub.mode == "mirror":
+            sub.active = True
+            self._spawn(self._mirror_ports(), f"mirror:{port}")
+            self.notify("info", f"mirroring port {port}")
+        else:
+            self.rules.add(port)
+            sub.active = True
+            filtered = sub.filter is not None and sub.filter.filters_port(port)
+            self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
         return PortListener(lambda: self.unsubscribe(owner, port), port)
 
     def unsubscribe(self, owner, port: int) -> None:
         sub = self.subs.get(port)
         if sub is not None and sub.owner is owner:
             del self.subs[port]
-            self.rules.remove(port)
+            if sub.mode == "mirror":
+                self._spawn(self._mirror_ports(), f"mirror-release:{port}")
+            else:
+                self.rules.remove(port)
             if sub.active:
                 self.notify("info", f"port {port} released")
 
@@ -163,6 +186,9 @@ class IncomingServer:
         if sub is None or not sub.active:
             writer.close()  # a rule without a live subscription (being removed): refuse
             return
+        if sub.filter is not None and sub.filter.filters_port(port):
+            await self._filtered(sub, reader, writer, _original_dst(conn), peer)
+            return
         try:
             r_reader, r_writer = await sub.owner.conn.open_connection(
                 INCOMING_HOST, port, peer[0], peer[1], encoding=None)
@@ -176,7 +202,44 @@ class IncomingServer:
             r_writer.close()
             writer.close()
 
+    # -- mirror ------------------------------------------------------------------------------
+    async def _mirror_ports(self) -> None:
+        """Capture exactly the ports mirrored now (a passive copy: the target is not touched)."""
+        from .mirror import Mirror
+
+        ports = {p for p, sub in self.subs.items() if sub.mode == "mirror" and sub.active}
+        if self._mirror is None:
+            if not ports:
+                return
+            self._mirror = Mirror(self._mirror_flow)
+            try:
+                await self._mirror.start(ports)
+            except PermissionError as exc:
+                self._mirror = None
+                self.notify("fatal", f"mirroring needs CAP_NET_RAW in the agent: {exc}")
+        else:
+            self._mirror.update_ports(ports)
+
+    def _mirror_flow(self, flow_id: int, client, server):
+        sub = self.subs.get(server[1])
+        if sub is None or sub.mode != "mirror" or not sub.active:
+            return None
+        return _MirrorSink(self, sub, client)
+
+    async def _filtered(self, sub: Subscription, reader, writer, original, peer) -> None:
+        """Each HTTP request to the app or to the target's own process, by the filter."""
+        async def open_target():
+            # Made from here (locally generated), so PREROUTING's REDIRECT does not catch it.
+            return await asyncio.open_connection(*original)
+
+        async def open_local():
+            return await sub.owner.conn.open_connection(INCOMING_HOST, sub.port, peer[0], peer[1],
+                                                        encoding=None)
+        await relay_filtered(reader, writer, sub.filter, open_target, open_local)
+
     def close(self) -> None:
+        if self._mirror is not None:
+            self._mirror.close()
         for task in list(self._tasks):
             task.cancel()
         if self.rules is not None:
@@ -184,3 +247,43 @@ class IncomingServer:
         for sock in (self._listener, self._liveness):
             if sock is not None:
                 sock.close()
+
+
+class _MirrorSink:
+    """One mirrored connection: its client bytes go to the app over a forwarded channel, opened
+    on the first bytes; whatever the app answers is read and thrown away."""
+
+    def __init__(self, server: IncomingServer, sub: Subscription, client) -> None:
+        self.server, self.sub, self.client = server, sub, client
+        self.writer = None
+        self.failed = False
+
+    async def write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        if self.writer is None:
+            try:
+                reader, self.writer = await self.sub.owner.conn.open_connection(
+                    INCOMING_HOST, self.sub.port, self.client[0], self.client[1], encoding=None)
+            except (asyncssh.Error, OSError) as exc:
+                log.info("mirror of port %d: the client did not take it: %s", self.sub.port, exc)
+                self.failed = True
+                return
+            self.server._spawn(_discard(reader), "mirror:discard")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write_eof()
+            except (OSError, asyncssh.Error):
+                self.writer.close()
+
+
+async def _discard(reader) -> None:
+    try:
+        while await reader.read(65536):
+            pass
+    except (asyncssh.Error, OSError):
+        pass

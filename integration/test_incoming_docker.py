@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, session_containers, wait_until, write_config
+from conftest import APP_IMAGE, ASSETS, PODTWIN_IMAGE, docker, session_containers, wait_until, write_config
 
 APP_HTTPD = "mkdir -p /w && echo {body} > /w/index.html && httpd -f -p {port} -h /w"
 
@@ -130,5 +130,66 @@ def test_a_mirrord_file_works_unchanged(podtwin, staging, client, tmp_path):
     wait_until(lambda: "stealing port 80" in proc.err_path.read_text() or proc.poll() is not None,
                60, "the steal")
     assert call(client) == "mirrord-file", proc.err_path.read_text()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+def test_mirror_is_the_default(podtwin, staging, client):
+    """With no config the app gets a copy of every request while the target answers them all."""
+    proc = podtwin.start("container", "run", "--target", f"container/{staging.backend}", APP_IMAGE,
+                         "nc", "-ll", "-p", "80", "-e", "sh", "-c", "head -1 >&2")
+    wait_until(lambda: "mirroring port 80" in proc.err_path.read_text() or proc.poll() is not None,
+               60, "the mirror")
+    for i in range(3):
+        assert "hello from backend" in call(client, f"/copy-{i}")   # the target still answers
+    wait_until(lambda: all(f"GET /copy-{i} HTTP/1.1" in proc.err_path.read_text() for i in range(3)),
+               10, "the app to log a copy of each request")
+    assert podtwin_rules(staging.backend) == []                      # mirroring redirects nothing
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+def keepalive(staging, requests: list) -> list:
+    """Requests from a service on the staging network over one kept-alive connection."""
+    out = docker("run", "--rm", "--network", staging.network, "-v",
+                 f"{ASSETS / 'keepalive_client.py'}:/c.py:ro", PODTWIN_IMAGE, "python3", "/c.py",
+                 "backend", json.dumps(requests))
+    return [body for _, body in json.loads(out.stdout)["responses"]]
+
+
+def filtered_steal(podtwin, staging, tmp_path, http_filter: dict):
+    cfg = write_config(tmp_path / "filter.json", {"feature": {"network": {"incoming": {
+        "mode": "steal", "http_filter": http_filter}}}})
+    proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
+                         "-v", f"{ASSETS / 'keepalive_app.py'}:/app.py:ro", PODTWIN_IMAGE, "python3", "/app.py")
+    wait_until(lambda: "matching the HTTP filter" in proc.err_path.read_text() or proc.poll() is not None,
+               60, "the filtered steal")
+    assert proc.poll() is None, proc.err_path.read_text()
+    return proc
+
+
+def test_http_filter_by_header_on_one_keepalive_connection(podtwin, staging, tmp_path):
+    proc = filtered_steal(podtwin, staging, tmp_path, {"header_filter": "^x-podtwin-user: alice$"})
+    alice, bob = {"x-podtwin-user": "alice"}, {"x-podtwin-user": "bob"}
+    bodies = keepalive(staging, [["GET", "/1", alice], ["GET", "/2", bob], ["POST", "/3", alice],
+                                 ["GET", "/4", {}], ["GET", "/5", alice]])
+    assert bodies[0] == "local:GET /1"
+    assert "hello from backend, you asked for /2" in bodies[1]
+    assert bodies[2] == "local:POST /3"
+    assert "you asked for /4" in bodies[3]
+    assert bodies[4] == "local:GET /5"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert podtwin_rules(staging.backend) == []
+
+
+def test_http_filter_by_path_or_method(podtwin, staging, tmp_path):
+    proc = filtered_steal(podtwin, staging, tmp_path,
+                          {"any_of": [{"path": "^/api/"}, {"method": "DELETE"}]})
+    bodies = keepalive(staging, [["GET", "/api/orders", {}], ["GET", "/home", {}],
+                                 ["DELETE", "/home", {}]])
+    assert bodies[0] == "local:GET /api/orders"
+    assert "you asked for /home" in bodies[1]
+    assert bodies[2] == "local:DELETE /home"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

@@ -148,16 +148,14 @@ def incoming_settings(cfg: PodtwinConfig, progress: Progress) -> dict | None:
     inc = cfg.feature.network.incoming
     if inc.mode == "off":
         return None
-    if inc.mode == "mirror":
-        if "incoming" in cfg.feature.network.model_fields_set:
-            progress.warn("podtwin: feature.network.incoming: mirror mode is not supported yet;"
-                          " incoming traffic is left to the target (use mode steal)")
-        return None
+    http_filter = None
     if inc.http_filter is not None:
-        raise ConfigError("feature.network.incoming.http_filter is not supported yet",
-                          "remove the filter to steal whole ports, or set incoming mode off")
+        if inc.mode != "steal":
+            raise ConfigError("feature.network.incoming.http_filter works with mode steal only",
+                              "set feature.network.incoming.mode to steal, or remove the filter")
+        http_filter = inc.http_filter.model_dump(mode="json", exclude_none=True)
     return {"mode": inc.mode, "ports": inc.ports, "ignore_ports": inc.ignore_ports,
-            "port_mapping": [list(pair) for pair in inc.port_mapping], "http_filter": None}
+            "port_mapping": [list(pair) for pair in inc.port_mapping], "http_filter": http_filter}
 
 
 def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig, DockerTarget]:
@@ -201,14 +199,15 @@ def run(opts: RunOptions) -> int:
         session.write_keys()
 
         incoming = incoming_settings(cfg, progress)
-        if incoming is not None:
+        if incoming is not None and incoming["mode"] == "steal":
             # Started first so it is removed last: it removes the session's incoming rules from
             # the target's namespace once the agent is gone, however the agent went.
             guard_id = engine.start_rules_guard(session, info, image, cfg.agent.startup_timeout)
             teardown.add("rules guard", lambda: engine.remove_when_exited(guard_id, 5))
         progress(f"session {session.id}: starting the agent in {target}'s namespaces, and the sidecar")
         agent_id = engine.start_agent(session, info, image, cfg.agent.startup_timeout,
-                                      cfg.agent.communication_timeout, incoming=incoming is not None)
+                                      cfg.agent.communication_timeout,
+                                      incoming=incoming["mode"] if incoming else None)
         # After the link closes the agent removes its rules and exits; give it that moment.
         teardown.add("agent container", lambda: engine.remove_when_exited(agent_id, 3))
         # The sidecar needs nothing from the agent to start (the runner made the agent's host

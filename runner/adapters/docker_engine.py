@@ -75,10 +75,10 @@ class DockerEngine:
         return Mount(target=MOUNT_POINT, source=str(session.dir), type="bind")
 
     def start_agent(self, session: Session, target: DockerTargetInfo, image: str,
-                    startup_timeout: float, communication_timeout: float, incoming: bool = False) -> str:
+                    startup_timeout: float, communication_timeout: float, incoming: str | None = None) -> str:
         """The agent joins the target's network and PID namespaces: it sees the target's main
-        process as PID 1 and every socket it opens is the target's. With incoming traffic it
-        also needs NET_ADMIN, for the nat rules that steal the target's ports."""
+        process as PID 1 and every socket it opens is the target's. To steal it also needs
+        NET_ADMIN (the nat rules); to mirror, NET_RAW (the packet capture)."""
         container = self._run(
             image,
             ["python", "-m", "podtwin.agent", "--listen", f"unix:{MOUNT_POINT}/agent.sock",
@@ -86,10 +86,10 @@ class DockerEngine:
              "--host-key", f"{MOUNT_POINT}/agent_host_key",
              "--startup-timeout", str(startup_timeout),
              "--communication-timeout", str(communication_timeout),
-             *(["--incoming", "--session", session.id] if incoming else [])],
+             *(["--incoming", incoming, "--session", session.id] if incoming else [])],
             name=session.name("agent"), labels=session.labels("agent"),
             network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",
-            cap_add=["SYS_PTRACE", *(["NET_ADMIN"] if incoming else []), *_session_dir_caps()],
+            cap_add=["SYS_PTRACE", *_INCOMING_CAPS.get(incoming, []), *_session_dir_caps()],
             cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
@@ -273,6 +273,9 @@ class DockerEngine:
         if errors:
             raise SessionError("could not remove " + "; ".join(errors), "run `podtwin clean` again")
         return removed
+
+
+_INCOMING_CAPS = {"steal": ["NET_ADMIN"], "mirror": ["NET_RAW"]}
 
 
 def _session_dir_caps() -> list[str]:
