@@ -46,6 +46,9 @@ class RunOptions:
     user: str | None = None
     volumes: tuple[str, ...] = ()
     network: str | None = None
+    namespace: str | None = None
+    context: str | None = None
+    kubeconfig: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
     overrides: dict = field(default_factory=dict)
 
@@ -102,8 +105,13 @@ class OwnerLink:
         self.link: Link | None = None
         self.closing = False
 
+    def start(self) -> None:
+        if not self.thread.is_alive():
+            self.thread.start()
+
     def connect(self, host_key: str, timeout: float) -> dict:
-        self.thread.start()
+        """Connect over the session's unix socket and fetch the target's info."""
+        self.start()
         keys = LinkKeys(str(self.session.dir / "client_key"), host_key)
 
         async def go() -> dict:
@@ -112,6 +120,11 @@ class OwnerLink:
             self.loop.create_task(self._watch(), name="runner:link-watch")
             return await self.link.control.info()
         return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def run(self, coro, timeout: float = 30):
+        """Run a coroutine on the link's event loop (e.g. serving the session's socket)."""
+        self.start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _watch(self) -> None:
         assert self.link is not None
@@ -166,9 +179,6 @@ def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig,
     if target is None:
         raise ConfigError("no target given",
                           "pass --target container/NAME, or set `target` in the config file")
-    if isinstance(target, KubeTarget):
-        raise TargetError(f"Kubernetes targets ({target}) are not supported yet",
-                          "use a Docker target: --target container/NAME")
     return cfg, target
 
 
@@ -182,6 +192,8 @@ def run(opts: RunOptions) -> int:
         raise DockerUnavailable("the `docker` command is not on PATH",
                                 "install the Docker CLI (podtwin uses it to attach to the app)")
     engine = DockerEngine()
+    if isinstance(target, KubeTarget):
+        return run_kube(opts, cfg, target, progress, engine)
     image = cfg.agent.image or podtwin_image_name()
     engine.require_image(image, "build it with `podtwin images build`")
     engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
@@ -244,6 +256,94 @@ def run(opts: RunOptions) -> int:
         teardown.add("link", owner.close)
         remote = owner.connect(" ".join(host_key), cfg.agent.startup_timeout)
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
+        engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
+        progress("network bridged; starting the app")
+
+        env = apply_env(remote["env"], cfg.feature.env, opts.env)
+        app = engine.create_app(
+            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
+            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
+        app_id.append(app)
+        teardown.add("app container", lambda: engine.remove(app))
+        code = attach(engine, app, opts.interactive)
+        if fatal:
+            raise SessionError(fatal[0], "stop the other session (`podtwin sessions`), or use "
+                               "feature.network.incoming.port_mapping/ignore_ports")
+        return code
+    finally:
+        failures = teardown.run()
+        if failures:
+            progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
+
+
+def _notice_handler(progress: Progress, engine, app_id: list[str], fatal: list[str]):
+    def on_notice(level: str, message: str) -> None:
+        if level == "fatal":  # e.g. a port another session already steals: end the session
+            fatal.append(message)
+            if app_id:
+                engine.stop(app_id[0], timeout=2)
+        elif level in ("error", "warning"):
+            progress.warn(f"podtwin: {message}")
+        else:
+            progress(message)
+    return on_notice
+
+
+def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress: Progress, engine) -> int:
+    """A session whose agent is a Job next to the target pod (see kube_session)."""
+    from .adapters.images import podtwin_image_name
+    from .adapters.kube import KubeEngine
+    from .kube_session import PortForwardTransport, write_kube_marker
+
+    sidecar_image = podtwin_image_name()
+    engine.require_image(sidecar_image, "build it with `podtwin images build`")
+    engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
+    context = opts.context or cfg.kube_context
+    progress(f"resolving {target}")
+    kube = KubeEngine(opts.kubeconfig, context)
+    pod = kube.resolve(target, opts.namespace or cfg.target.namespace)
+    progress(f"target: pod {pod.namespace}/{pod.pod}, container {pod.container}, node {pod.node}")
+    incoming = incoming_settings(cfg, progress)
+
+    session = Session.create(str(target))
+    teardown = Teardown()
+    teardown.add("session directory", session.remove_dir)
+    app_id: list[str] = []
+    fatal: list[str] = []
+    try:
+        from .guard import spawn as spawn_guard
+        write_kube_marker(session, opts.kubeconfig, context)
+        spawn_guard(session.id, session.runner_pid, session.dir)
+        session.write_keys()
+        public_key = (session.dir / "client_key.pub").read_text().strip()
+        progress(f"session {session.id}: creating the agent Job on node {pod.node}")
+        ns, job = kube.start_agent(session, pod, cfg.agent.image or sidecar_image, cfg.agent, public_key,
+                                   incoming["mode"] if incoming else None)
+        teardown.add("agent job", lambda: kube.delete_job(ns, job))
+        agent_pod, ready = kube.wait_agent(ns, job, cfg.agent.startup_timeout, progress)
+        host_key = json.loads(ready)["host_key"]
+        (session.dir / "agent_host_key.pub").write_text(host_key + "\n")
+
+        transport = PortForwardTransport(kube, ns, agent_pod)
+        teardown.add("port-forwards", transport.close)
+
+        def link_lost() -> None:
+            progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped); stopping the app")
+            if app_id:
+                engine.stop(app_id[0], timeout=2)
+        owner = OwnerLink(session, link_lost, on_notice=_notice_handler(progress, engine, app_id, fatal))
+        teardown.add("link", owner.close)
+        # The session's unix socket, served here over port-forwards: the owner link and the
+        # sidecar connect to it exactly as they do to a Docker agent's own socket.
+        owner.run(transport.serve(str(session.agent_socket)))
+        remote = owner.connect(host_key, cfg.agent.startup_timeout)
+        progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
+
+        settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout, "incoming": incoming}
+        (session.dir / "sidecar.json").write_text(json.dumps(settings))
+        sidecar_id = engine.start_sidecar(session, sidecar_image, remote.get("hostname") or pod.pod, opts.network)
+        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
         engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         progress("network bridged; starting the app")
 

@@ -48,7 +48,8 @@ def container() -> None:
 
 @container.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--target", "target", metavar="TARGET",
-              help="What to run as: container/NAME (Docker). Overrides `target` in the config.")
+              help="What to run as: container/NAME (Docker), or pod/NAME, deploy/NAME, sts/NAME, job/NAME, "
+                   "cronjob/NAME, svc/NAME [/container/C] (Kubernetes). Overrides `target` in the config.")
 @click.option("-f", "--config-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Config file (JSON, YAML or TOML; mirrord's format is accepted).")
 @click.option("--profile", help="A ready-made profile from profiles/ (see `podtwin config profiles`).")
@@ -61,13 +62,16 @@ def container() -> None:
 @click.option("-w", "--workdir", help="Working directory inside the app container.")
 @click.option("-u", "--user", help="User (name|uid[:group|gid]) to run the app as.")
 @click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount, as in docker run -v.")
+@click.option("-n", "--namespace", help="Kubernetes namespace of the target (default: the context's).")
+@click.option("--context", help="kubeconfig context to use (default: the current one).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
 @click.option("--network", help="Local Docker network for the app (reach local services; pair with "
               "a `local` outgoing/DNS filter). Default: Docker's default bridge.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print progress.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def container_run(target, config_file, profile, env, interactive, tty, rm, entrypoint, workdir, user,
-                  volumes, network, quiet, image, command) -> None:
+                  volumes, namespace, context, kubeconfig, network, quiet, image, command) -> None:
     """Run IMAGE [COMMAND...] with the target's environment, network and DNS.
 
     \b
@@ -79,7 +83,8 @@ def container_run(target, config_file, profile, env, interactive, tty, rm, entry
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
         env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
-        workdir=workdir, user=user, volumes=tuple(volumes), network=network, cwd=Path.cwd())
+        workdir=workdir, user=user, volumes=tuple(volumes), network=network, namespace=namespace,
+        context=context, kubeconfig=kubeconfig, cwd=Path.cwd())
     sys.exit(api.run(opts))
 
 

@@ -65,7 +65,28 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
         except Exception as exc:  # noqa: BLE001 - the guard is the last line of defence: retry
             log.warning("session %s: %r (attempt %d)", session_id, exc, attempt + 1)
             time.sleep(1 + attempt)
+    _clean_kube(session_id, session_dir)
     shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _clean_kube(session_id: str, session_dir: Path) -> None:
+    """A Kubernetes session's agent Job: it exits by itself once the link drops, but one that
+    never started (the runner died while it was being scheduled) would stay."""
+    marker = session_dir / "kube.json"
+    if not marker.exists():
+        return
+    try:
+        import json
+
+        from .adapters.kube import KubeEngine
+
+        where = json.loads(marker.read_text())
+        kube = KubeEngine(where.get("kubeconfig"), where.get("context"))
+        for ns, name, _ in kube.session_jobs(session_id):
+            kube.delete_job(ns, name)
+            log.info("session %s: deleted Job %s/%s", session_id, ns, name)
+    except Exception as exc:  # noqa: BLE001 - best effort; `podtwin clean` covers the rest
+        log.warning("session %s: could not delete its agent Job: %r", session_id, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
