@@ -25,13 +25,14 @@ lint:
 	PYTHONPATH=.cache/lint $(VENV)/lint-imports
 
 integration:
-	$(VENV)/pytest integration -q
+	$(VENV)/pytest integration -q --ignore=integration/kube
 
 # Lint first: it is the cheapest to fail.
 test: setup
 	$(MAKE) lint
 	$(MAKE) unit
 	$(MAKE) integration
+	$(MAKE) kube-test
 
 demo: setup
 	$(VENV)/python -m podtwin.runner.demo
@@ -41,3 +42,29 @@ bench: setup
 
 clean:
 	$(VENV)/podtwin clean
+
+# --- Test cluster (integration/cluster, docs/cluster.md) -------------------------------------
+# A real single-node Kubernetes cluster, built offline from Go modules and cached in
+# ~/.cache/podtwin/cluster/<version>. PODTWIN_TEST_KUBECONFIG=<file> uses an existing cluster.
+.PHONY: cluster-build cluster-up cluster-down cluster-load kube-test
+
+cluster-build:
+	integration/cluster/build.sh
+
+# Last line printed: export KUBECONFIG=<path>
+cluster-up:
+	integration/cluster/up.sh
+
+cluster-down:
+	integration/cluster/down.sh
+
+# make cluster-load IMAGE=name:tag
+cluster-load:
+	@test -n "$(IMAGE)" || { echo "usage: make cluster-load IMAGE=name:tag" >&2; exit 2; }
+	integration/cluster/load.sh $(IMAGE)
+
+# The Kubernetes tests (integration/kube; skipped unless PODTWIN_KUBE_TESTS=1). cluster-up
+# first: on a fresh machine it builds for ~12 minutes, longer than a test's timeout; when the
+# cluster is up it returns in a second. The cluster stays up afterwards (make cluster-down).
+kube-test: cluster-up
+	PODTWIN_KUBE_TESTS=1 $(VENV)/pytest integration/kube -q

@@ -11,7 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # 1. Host packages. debootstrap + busybox-static build the images; iptables/iproute2/fuse3/sshfs
 #    are used by the runner and the tests; python3-venv makes .venv.
 echo "[setup] 1/4 host packages"
-PKGS="debootstrap busybox-static iptables iproute2 fuse3 sshfs python3-venv"
+# etcd-server, containernetworking-plugins, conntrack and socat are for the offline test cluster
+# (integration/cluster; containerd and runc come with docker.io).
+PKGS="debootstrap busybox-static iptables iproute2 fuse3 sshfs python3-venv etcd-server containernetworking-plugins conntrack socat"
 MISSING=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || MISSING="$MISSING $p"

@@ -1,0 +1,3 @@
+module podtwin.local/pause
+
+go 1.22

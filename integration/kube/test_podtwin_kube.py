@@ -1,0 +1,194 @@
+"""`podtwin container run --target deploy/NAME IMAGE` against the real cluster.
+
+An unchanged static app image (busybox + a static Go UDP client) runs locally in Docker and must
+see what the target pod sees: its env (literal, ConfigMap, Secret), its DNS (short, namespaced and
+full Service names), ClusterIPs and pod IPs over TCP and UDP. Nothing may be left in the cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client, utils
+
+from kubeutil import wait_until
+
+APP = "podtwin-test/busybox:latest"
+BACKEND = """
+import http.server, socket, threading
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = f"k8s backend {self.path}\\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 9000))
+    while True:
+        d, a = s.recvfrom(2048); s.sendto(b"echo:" + d, a)
+threading.Thread(target=udp, daemon=True).start()
+http.server.ThreadingHTTPServer(("0.0.0.0", 80), H).serve_forever()
+"""
+
+
+def sleeper(name: str, env: list[dict], labels: dict) -> dict:
+    return {"name": name, "image": "podtwin:dev", "imagePullPolicy": "IfNotPresent",
+            "command": ["sleep", "infinity"], "env": env}
+
+
+def manifests(ns: str) -> list[dict]:
+    env = [{"name": "APP_MODE", "value": "staging"},
+           {"name": "LOG_LEVEL", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "LOG_LEVEL"}}},
+           {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "API_TOKEN"}}}]
+    labels = {"app": "api"}
+    pod_spec = {"containers": [sleeper("api", env, labels)], "terminationGracePeriodSeconds": 1}
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config"}, "data": {"LOG_LEVEL": "debug"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-secret"},
+         "stringData": {"API_TOKEN": "s3cr3t-token"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "backend-code"}, "data": {"backend.py": BACKEND}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api"},
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                  "template": {"metadata": {"labels": labels}, "spec": pod_spec}}},
+        {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+         "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                  "template": {"metadata": {"labels": {"app": "db"}},
+                               "spec": {"containers": [sleeper("db", [{"name": "WHO", "value": "statefulset"}], {})],
+                                        "terminationGracePeriodSeconds": 1}}}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "worker"},
+         "spec": {"template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                                        "containers": [sleeper("worker", [{"name": "WHO", "value": "job"}], {})]}}}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "two", "labels": {"app": "two"}},
+         "spec": {"terminationGracePeriodSeconds": 1,
+                  "containers": [sleeper("main", [{"name": "WHO", "value": "main"}], {}),
+                                 sleeper("side", [{"name": "WHO", "value": "side"}], {})]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
+         "spec": {"selector": labels, "ports": [{"port": 8080}]}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "backend"},
+         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "backend"}},
+                  "template": {"metadata": {"labels": {"app": "backend"}}, "spec": {
+                      "terminationGracePeriodSeconds": 1,
+                      "containers": [{"name": "backend", "image": "podtwin:dev", "imagePullPolicy": "IfNotPresent",
+                                      "command": ["python3", "/code/backend.py"],
+                                      "volumeMounts": [{"name": "code", "mountPath": "/code"}]}],
+                      "volumes": [{"name": "code", "configMap": {"name": "backend-code"}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
+         "spec": {"selector": {"app": "backend"}, "ports": [
+             {"name": "http", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 9000, "protocol": "UDP"}]}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def staging(cluster, namespace):
+    cluster.load_image("podtwin:dev")
+    for manifest in manifests(namespace):
+        utils.create_from_dict(cluster.api, manifest, namespace=namespace)
+    core = client.CoreV1Api(cluster.api)
+
+    def all_ready():
+        pods = core.list_namespaced_pod(namespace).items
+        apps = {p.metadata.labels.get("app") or p.metadata.labels.get("job-name") for p in pods}
+        return {"api", "db", "two", "backend", "worker"} <= apps and all(
+            p.status.phase == "Running" and all(c.ready for c in p.status.container_statuses or [])
+            for p in pods)
+    wait_until(all_ready, 180, "the staging workloads to run")
+    return namespace
+
+
+def podtwin(cluster, *args, kubeconfig=None, timeout=180):
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig or cluster.kubeconfig)}
+    env["PODTWIN_STATE_DIR"] = os.environ.get("PODTWIN_TEST_STATE", tempfile.gettempdir() + "/podtwin-kube-tests")
+    return subprocess.run([sys.executable, "-m", "podtwin.runner", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def agent_pods(cluster) -> list:
+    return client.CoreV1Api(cluster.api).list_pod_for_all_namespaces(label_selector="podtwin.session").items
+
+
+def no_agent_left(cluster, within: float) -> None:
+    wait_until(lambda: not agent_pods(cluster), within, "the agent pods to go")
+
+
+def test_deployment_target_env_dns_tcp_udp(cluster, staging):
+    backend_ip = next(p.status.pod_ip for p in client.CoreV1Api(cluster.api).list_namespaced_pod(
+        staging, label_selector="app=backend").items)
+    script = ("echo APP_MODE=$APP_MODE; echo LOG_LEVEL=$LOG_LEVEL; echo API_TOKEN=$API_TOKEN; "
+              "wget -qO- http://backend/short; wget -qO- http://backend." + staging + "/ns; "
+              "wget -qO- http://backend." + staging + ".svc.cluster.local/full; "
+              f"wget -qO- http://{backend_ip}/pod-ip; udpsend backend:9000 over-udp; exit 7")
+    result = podtwin(cluster, "container", "run", "-n", staging, "--target", "deploy/api", APP, "sh", "-c", script)
+    assert result.returncode == 7, result.stdout + result.stderr
+    out = result.stdout
+    for expected in ("APP_MODE=staging", "LOG_LEVEL=debug", "API_TOKEN=s3cr3t-token", "k8s backend /short",
+                     "k8s backend /ns", "k8s backend /full", "k8s backend /pod-ip", "echo:over-udp"):
+        assert expected in out, (expected, out, result.stderr)
+    no_agent_left(cluster, 10)
+
+
+@pytest.mark.parametrize("target,who", [("sts/db", "statefulset"), ("job/worker", "job"),
+                                        ("pod/two/container/side", "side"), ("pod/two", "main")])
+def test_other_target_kinds(cluster, staging, target, who):
+    result = podtwin(cluster, "container", "run", "-q", "-n", staging, "--target", target, APP,
+                     "sh", "-c", "echo WHO=$WHO; wget -qO- http://backend/" + who)
+    assert result.returncode == 0, result.stderr
+    assert f"WHO={who}" in result.stdout and f"k8s backend /{who}" in result.stdout
+
+
+def test_service_target(cluster, staging):
+    result = podtwin(cluster, "container", "run", "-q", "-n", staging, "--target", "svc/api", APP,
+                     "sh", "-c", "echo APP_MODE=$APP_MODE")
+    assert "APP_MODE=staging" in result.stdout, result.stderr
+
+
+def test_unknown_target_says_what_exists(cluster, staging):
+    result = podtwin(cluster, "container", "run", "-n", staging, "--target", "deploy/apu", APP, "true")
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert "deployment/apu not found" in line and "deployment/api" in line
+    assert not agent_pods(cluster)
+
+
+def test_sigkill_of_the_runner_removes_the_agent(cluster, staging, tmp_path):
+    core = client.CoreV1Api(cluster.api)
+    target = core.list_namespaced_pod(staging, label_selector="app=api").items[0]
+    restarts = target.status.container_statuses[0].restart_count
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PODTWIN_STATE_DIR": str(tmp_path)}
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "podtwin.runner", "container", "run", "-n", staging,
+                                 "--target", "deploy/api", APP, "sleep", "300"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        wait_until(lambda: "starting the app" in (tmp_path / "err").read_text(), 120, "the session to start")
+        assert agent_pods(cluster)
+        proc.kill()
+        proc.wait(timeout=10)
+        start = time.monotonic()
+        no_agent_left(cluster, 30)
+        assert time.monotonic() - start < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after = core.read_namespaced_pod(target.metadata.name, staging)
+    assert after.status.container_statuses[0].restart_count == restarts   # the target was never touched
+    # and it still serves: the session's leftovers (the app container) go with the guard
+    wait_until(lambda: not subprocess.run(["docker", "ps", "-aq", "--filter", "label=podtwin.session"],
+                                          capture_output=True, text=True).stdout.strip(), 20,
+               "the local containers to go")
+
+
+def test_rbac_limited_user_gets_a_clear_error(cluster, staging, limited_kubeconfig):
+    result = podtwin(cluster, "container", "run", "-n", staging, "--target", "deploy/api", APP, "true",
+                     kubeconfig=limited_kubeconfig)
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("podtwin: ") and "not allowed" in line, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not agent_pods(cluster)
