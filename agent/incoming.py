@@ -19,6 +19,7 @@ import asyncssh
 from .httpfilter import HttpFilter
 from .httprelay import relay_filtered
 from .rules import SessionRules, liveness_name
+from .streams import splice
 
 log = logging.getLogger("podtwin.agent.incoming")
 INCOMING_HOST = "podtwin-incoming"
@@ -62,17 +63,6 @@ class PortListener(asyncssh.SSHListener):
 def _original_dst(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-
-
-async def _pump(reader, writer) -> None:
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError, asyncssh.Error):
-        writer.close()
 
 
 @dataclass
@@ -196,11 +186,7 @@ class IncomingServer:
             log.info("port %d: the client did not take the connection: %s", port, exc)
             writer.close()
             return
-        try:
-            await asyncio.gather(_pump(reader, r_writer), _pump(r_reader, writer))
-        finally:
-            r_writer.close()
-            writer.close()
+        await splice(reader, writer, r_reader, r_writer)
 
     # -- mirror ------------------------------------------------------------------------------
     async def _mirror_ports(self) -> None:

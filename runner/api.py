@@ -21,7 +21,7 @@ from typing import Callable
 
 from .config import PodtwinConfig, load_config
 from .envfilter import apply_env
-from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, SessionError, TargetError
+from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, SessionError
 from .link import Link, LinkKeys
 from .netfilter import OutgoingFilter
 from .session import Session
@@ -204,7 +204,7 @@ def run(opts: RunOptions) -> int:
     session = Session.create(str(target))
     teardown = Teardown()
     teardown.add("session directory", session.remove_dir)
-    app_id: list[str] = []
+    app = App(engine, progress)
     try:
         from .guard import spawn as spawn_guard
         spawn_guard(session.id, session.runner_pid, session.dir)
@@ -237,57 +237,61 @@ def run(opts: RunOptions) -> int:
             raise AgentError("the agent announced a host key that is not this session's",
                              "make sure nothing else writes to the session directory")
 
-        def link_lost() -> None:
-            progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped); stopping the app")
-            if app_id:
-                engine.stop(app_id[0], timeout=2)
-        fatal: list[str] = []
-
-        def on_notice(level: str, message: str) -> None:
-            if level == "fatal":  # e.g. a port another session already steals: end the session
-                fatal.append(message)
-                if app_id:
-                    engine.stop(app_id[0], timeout=2)
-            elif level in ("error", "warning"):
-                progress.warn(f"podtwin: {message}")
-            else:
-                progress(message)
-        owner = OwnerLink(session, link_lost, on_notice=on_notice)
+        owner = OwnerLink(session, app.link_lost, on_notice=app.on_notice)
         teardown.add("link", owner.close)
         remote = owner.connect(" ".join(host_key), cfg.agent.startup_timeout)
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
         engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         progress("network bridged; starting the app")
 
-        env = apply_env(remote["env"], cfg.feature.env, opts.env)
-        app = engine.create_app(
-            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
-            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
-        app_id.append(app)
-        teardown.add("app container", lambda: engine.remove(app))
-        code = attach(engine, app, opts.interactive)
-        if fatal:
-            raise SessionError(fatal[0], "stop the other session (`podtwin sessions`), or use "
-                               "feature.network.incoming.port_mapping/ignore_ports")
-        return code
+        return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
     finally:
         failures = teardown.run()
         if failures:
             progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
 
 
-def _notice_handler(progress: Progress, engine, app_id: list[str], fatal: list[str]):
-    def on_notice(level: str, message: str) -> None:
+class App:
+    """The app container's part of a session, the same for every kind of target: reacting to the
+    agent (a lost link, a fatal notice such as a refused port) by stopping the app, and running it."""
+
+    def __init__(self, engine, progress: Progress) -> None:
+        self.engine, self.progress = engine, progress
+        self.id: str | None = None
+        self.fatal: list[str] = []
+
+    def stop(self) -> None:
+        if self.id:
+            self.engine.stop(self.id, timeout=2)
+
+    def link_lost(self) -> None:
+        self.progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped);"
+                           " stopping the app")
+        self.stop()
+
+    def on_notice(self, level: str, message: str) -> None:
         if level == "fatal":  # e.g. a port another session already steals: end the session
-            fatal.append(message)
-            if app_id:
-                engine.stop(app_id[0], timeout=2)
+            self.fatal.append(message)
+            self.stop()
         elif level in ("error", "warning"):
-            progress.warn(f"podtwin: {message}")
+            self.progress.warn(f"podtwin: {message}")
         else:
-            progress(message)
-    return on_notice
+            self.progress(message)
+
+    def run(self, session: Session, opts: RunOptions, cfg: PodtwinConfig, remote_env: dict,
+            sidecar_id: str, teardown: Teardown) -> int:
+        env = apply_env(remote_env, cfg.feature.env, opts.env)
+        app_id = self.engine.create_app(
+            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
+            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
+        self.id = app_id
+        teardown.add("app container", lambda: self.engine.remove(app_id))
+        code = attach(self.engine, app_id, opts.interactive)
+        if self.fatal:
+            raise SessionError(self.fatal[0], "stop the other session (`podtwin sessions`), or use "
+                               "feature.network.incoming.port_mapping/ignore_ports")
+        return code
 
 
 def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress: Progress, engine) -> int:
@@ -309,8 +313,7 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
     session = Session.create(str(target))
     teardown = Teardown()
     teardown.add("session directory", session.remove_dir)
-    app_id: list[str] = []
-    fatal: list[str] = []
+    app = App(engine, progress)
     try:
         from .guard import spawn as spawn_guard
         write_kube_marker(session, opts.kubeconfig, context)
@@ -328,11 +331,7 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         transport = PortForwardTransport(kube, ns, agent_pod)
         teardown.add("port-forwards", transport.close)
 
-        def link_lost() -> None:
-            progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped); stopping the app")
-            if app_id:
-                engine.stop(app_id[0], timeout=2)
-        owner = OwnerLink(session, link_lost, on_notice=_notice_handler(progress, engine, app_id, fatal))
+        owner = OwnerLink(session, app.link_lost, on_notice=app.on_notice)
         teardown.add("link", owner.close)
         # The session's unix socket, served here over port-forwards: the owner link and the
         # sidecar connect to it exactly as they do to a Docker agent's own socket.
@@ -347,18 +346,7 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         progress("network bridged; starting the app")
 
-        env = apply_env(remote["env"], cfg.feature.env, opts.env)
-        app = engine.create_app(
-            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
-            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
-        app_id.append(app)
-        teardown.add("app container", lambda: engine.remove(app))
-        code = attach(engine, app, opts.interactive)
-        if fatal:
-            raise SessionError(fatal[0], "stop the other session (`podtwin sessions`), or use "
-                               "feature.network.incoming.port_mapping/ignore_ports")
-        return code
+        return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
     finally:
         failures = teardown.run()
         if failures:

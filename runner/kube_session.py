@@ -13,20 +13,11 @@ import json
 import logging
 import socket
 
+from podtwin.agent.streams import splice
+
 from .session import Session
 
 log = logging.getLogger("podtwin.kube")
-
-
-async def _pump(reader, writer) -> None:
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.close()
 
 
 class PortForwardTransport:
@@ -52,11 +43,7 @@ class PortForwardTransport:
                 writer.close()
                 return
             f_reader, f_writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
-            try:
-                await asyncio.gather(_pump(reader, f_writer), _pump(f_reader, writer))
-            finally:
-                f_writer.close()
-                writer.close()
+            await splice(reader, writer, f_reader, f_writer)
         self.server = await asyncio.start_unix_server(relay, path)
 
     def close(self) -> None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from podtwin.agent.incoming import INCOMING_HOST
-
-from .tcp_proxy import pump
+from podtwin.agent.streams import splice
 
 log = logging.getLogger("podtwin.sidecar.incoming")
 POLL_SECONDS = 0.5
@@ -114,11 +113,7 @@ class IncomingPorts:
                 log.info("app port %d: %s", local, exc)
                 writer.close()
                 return
-            try:
-                await asyncio.gather(pump(reader, app_writer), pump(app_reader, writer))
-            finally:
-                app_writer.close()
-                writer.close()
+            await splice(reader, writer, app_reader, app_writer)
         return deliver
 
     def close(self) -> None:

@@ -5,7 +5,6 @@ against these names when the app connects to an address, since a connection carr
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections import OrderedDict
 
 import dns.exception

@@ -46,8 +46,8 @@ def _select(rules, proto: str):
 
 def _exemptions(proto: str, s: RuleSettings, target: str) -> list[str]:
     lines = [
-        f"-d 127.0.0.0/8 -j RETURN",
-        f"-m addrtype --dst-type LOCAL -j RETURN",
+        "-d 127.0.0.0/8 -j RETURN",
+        "-m addrtype --dst-type LOCAL -j RETURN",
         f"-m mark --mark {BYPASS_MARK:#x} -j RETURN",
     ]
     for cidr, port in _select(s.local_cidrs, proto):

@@ -6,6 +6,8 @@ import logging
 import socket
 import struct
 
+from podtwin.agent.streams import splice
+
 from .rules import BYPASS_MARK
 
 log = logging.getLogger("podtwin.sidecar.tcp")
@@ -28,20 +30,6 @@ def reset(writer: asyncio.StreamWriter) -> None:
         except OSError:
             pass
     writer.close()
-
-
-async def pump(reader, writer) -> None:
-    try:
-        while True:
-            data = await reader.read(256 * 1024)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError, asyncio.IncompleteReadError):
-        writer.close()
 
 
 async def open_local(host: str, port: int):
@@ -96,11 +84,9 @@ class TcpProxy:
             return
         self.active += 1
         try:
-            await asyncio.gather(pump(reader, r_writer), pump(r_reader, writer))
+            await splice(reader, writer, r_reader, r_writer)
         finally:
             self.active -= 1
-            r_writer.close()
-            writer.close()
 
     def close(self) -> None:
         if self.server is not None:
