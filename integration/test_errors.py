@@ -66,3 +66,13 @@ def test_unsupported_mirrord_key_is_reported(podtwin, staging, tmp_path):
     result = podtwin.run("container", "run", "-f", str(cfg), APP_IMAGE, "true")
     assert result.returncode == 0, result.stderr
     assert "feature.hostname is not supported yet" in result.stderr
+
+
+def test_doctor_on_a_working_and_a_broken_setup(podtwin, tmp_path):
+    good = podtwin.run("doctor", env={"KUBECONFIG": str(tmp_path / "none")})
+    assert good.returncode == 0, good.stdout
+    assert "ok    Docker engine answers" in good.stdout and "ok    image podtwin:dev present" in good.stdout
+    bad = podtwin.run("doctor", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock",
+                                     "KUBECONFIG": str(tmp_path / "none")})
+    assert bad.returncode == 1
+    assert "FAIL  the Docker engine does not answer" in bad.stdout and "make setup" in bad.stdout

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import asyncssh
+
 from .config import PodtwinConfig, load_config
 from .envfilter import apply_env
 from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, SessionError
@@ -119,7 +121,11 @@ class OwnerLink:
             self.link.control.on_notice = self.on_notice
             self.loop.create_task(self._watch(), name="runner:link-watch")
             return await self.link.control.info()
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+        try:
+            return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+        except (asyncssh.Error, OSError, ConnectionError, TimeoutError) as exc:
+            raise AgentError(f"could not open the link to the agent ({type(exc).__name__}: {exc})",
+                             "run `podtwin doctor`, or rerun with --log-level debug") from exc
 
     def run(self, coro, timeout: float = 30):
         """Run a coroutine on the link's event loop (e.g. serving the session's socket)."""
@@ -336,7 +342,14 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         # The session's unix socket, served here over port-forwards: the owner link and the
         # sidecar connect to it exactly as they do to a Docker agent's own socket.
         owner.run(transport.serve(str(session.agent_socket)))
-        remote = owner.connect(host_key, cfg.agent.startup_timeout)
+        try:
+            remote = owner.connect(host_key, cfg.agent.startup_timeout)
+        except AgentError as exc:
+            if isinstance(transport.last_error, PodtwinError):  # e.g. port-forward forbidden
+                raise AgentError(f"port-forward to the agent failed: {transport.last_error.message}",
+                                 "you need get and create on pods/portforward "
+                                 "(docs/kubernetes-role.yaml); `podtwin doctor -n NS` checks") from exc
+            raise
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
 
         settings = {**sidecar_settings(cfg), "connect_timeout": cfg.agent.startup_timeout, "incoming": incoming}

@@ -121,6 +121,20 @@ def images_build(force: bool) -> None:
     build_images(echo=lambda line: click.echo(line, err=True), force=force)
 
 
+@main.command("doctor")
+@click.option("-n", "--namespace", help="Kubernetes namespace to check permissions in.")
+@click.option("--context", help="kubeconfig context to check.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file to check.")
+def doctor(namespace, context, kubeconfig) -> None:
+    """Check the Docker engine, the podtwin image, the cluster and your permissions."""
+    from . import doctor as checks
+    results = checks.run(kubeconfig, context, namespace)
+    for check in results:
+        click.echo(check.line())
+    if not all(c.ok for c in results):
+        sys.exit(1)
+
+
 @main.command("sessions")
 def sessions() -> None:
     """List podtwin sessions and whether their runner is still alive."""

@@ -26,6 +26,7 @@ class PortForwardTransport:
     def __init__(self, kube, namespace: str, pod: str) -> None:
         self.kube, self.namespace, self.pod = kube, namespace, pod
         self.forwards: list = []
+        self.last_error: Exception | None = None
         self.server: asyncio.base_events.Server | None = None
 
     def open_socket(self) -> socket.socket:
@@ -38,8 +39,9 @@ class PortForwardTransport:
         async def relay(reader, writer) -> None:
             try:
                 sock = await asyncio.to_thread(self.open_socket)
-            except Exception as exc:  # noqa: BLE001 - the sidecar sees the connection close
-                log.warning("port-forward for the sidecar failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the client sees the connection close
+                self.last_error = exc
+                log.info("port-forward to the agent failed: %s", exc)
                 writer.close()
                 return
             f_reader, f_writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)

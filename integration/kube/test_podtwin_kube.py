@@ -192,3 +192,79 @@ def test_rbac_limited_user_gets_a_clear_error(cluster, staging, limited_kubeconf
     assert line.startswith("podtwin: ") and "not allowed" in line, result.stderr
     assert "Traceback" not in result.stderr
     assert not agent_pods(cluster)
+
+
+def kubeconfig_for(cluster, namespace: str, sa: str, path: Path) -> Path:
+    """A kubeconfig for ServiceAccount ``sa`` (token from the TokenRequest API)."""
+    import base64
+
+    import yaml
+
+    token = client.CoreV1Api(cluster.api).create_namespaced_service_account_token(
+        sa, namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    ctx = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cl = next(c["cluster"] for c in admin["clusters"] if c["name"] == ctx["cluster"])
+    ca = cl.get("certificate-authority-data") or base64.b64encode(
+        Path(cl["certificate-authority"]).read_bytes()).decode()
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": cl["server"], "certificate-authority-data": ca}}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "c", "user": sa, "namespace": namespace}}],
+        "current-context": sa}))
+    path.chmod(0o600)
+    return path
+
+
+def test_the_documented_role_is_enough(cluster, staging, tmp_path):
+    """A user bound to exactly docs/kubernetes-role.yaml passes `podtwin doctor` and runs a session."""
+    import yaml
+
+    role = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "kubernetes-role.yaml").read_text())
+    utils.create_from_dict(cluster.api, role, namespace=staging)
+    client.CoreV1Api(cluster.api).create_namespaced_service_account(
+        staging, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="dev")))
+    client.RbacAuthorizationV1Api(cluster.api).create_namespaced_role_binding(staging, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name="dev"),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role["metadata"]["name"]),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name="dev", namespace=staging)]))
+    kubeconfig = kubeconfig_for(cluster, staging, "dev", tmp_path / "dev.kubeconfig")
+    doctor = podtwin(cluster, "doctor", kubeconfig=kubeconfig)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "FAIL" not in doctor.stdout and "may create jobs" in doctor.stdout
+    result = podtwin(cluster, "container", "run", "-q", "--target", "deploy/api", APP, "sh", "-c",
+                     "echo APP_MODE=$APP_MODE; wget -qO- http://backend/as-dev", kubeconfig=kubeconfig)
+    assert result.returncode == 0, result.stderr
+    assert "APP_MODE=staging" in result.stdout and "k8s backend /as-dev" in result.stdout
+    no_agent_left(cluster, 10)
+
+
+def test_doctor_names_what_a_limited_user_lacks(cluster, staging, limited_kubeconfig):
+    doctor = podtwin(cluster, "doctor", kubeconfig=limited_kubeconfig)
+    assert doctor.returncode == 1
+    assert "FAIL  may create jobs" in doctor.stdout and "docs/kubernetes.md" in doctor.stdout
+    assert "ok    may list pods" in doctor.stdout
+
+
+def test_missing_portforward_permission_is_one_clear_line(cluster, staging, tmp_path):
+    import yaml
+
+    role = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "kubernetes-role.yaml").read_text())
+    role["metadata"]["name"] = "no-portforward"
+    role["rules"] = [r for r in role["rules"] if "pods/portforward" not in r["resources"]]
+    utils.create_from_dict(cluster.api, role, namespace=staging)
+    client.CoreV1Api(cluster.api).create_namespaced_service_account(
+        staging, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="nopf")))
+    client.RbacAuthorizationV1Api(cluster.api).create_namespaced_role_binding(staging, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name="nopf"),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="no-portforward"),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name="nopf", namespace=staging)]))
+    kubeconfig = kubeconfig_for(cluster, staging, "nopf", tmp_path / "nopf.kubeconfig")
+    result = podtwin(cluster, "container", "run", "--target", "deploy/api", APP, "true", kubeconfig=kubeconfig)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("podtwin: port-forward to the agent failed") and "pods/portforward" in line, line
+    no_agent_left(cluster, 15)

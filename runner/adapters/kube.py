@@ -298,6 +298,25 @@ class KubeEngine:
         return [(j.metadata.namespace, j.metadata.name, dict(j.metadata.labels or {})) for j in jobs]
 
 
+# What a session does, as (verb, group, resource, subresource); docs/kubernetes.md has the Role.
+SESSION_PERMISSIONS = [
+    ("get", "apps", "deployments", ""), ("list", "", "pods", ""), ("get", "", "services", ""),
+    ("create", "batch", "jobs", ""), ("delete", "batch", "jobs", ""), ("delete", "", "pods", ""),
+    ("get", "", "pods", "log"), ("get", "", "pods", "portforward"), ("list", "", "events", ""),
+]
+
+
+def can_i(engine: "KubeEngine", verb: str, group: str, resource: str, subresource: str, ns: str) -> bool:
+    review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+        resource_attributes=client.V1ResourceAttributes(
+            verb=verb, group=group, resource=resource, subresource=subresource or None, namespace=ns)))
+    try:
+        result = client.AuthorizationV1Api(engine.api).create_self_subject_access_review(review)
+    except ApiException as exc:
+        raise engine._error(exc, "ask the cluster what we may do") from exc
+    return bool(result.status.allowed)
+
+
 def _ready(pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 

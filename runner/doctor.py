@@ -1,0 +1,76 @@
+"""`podtwin doctor`: is everything a session needs in place? One line per check, with the fix.
+
+Docker engine, the docker CLI, the podtwin image; and, when a kubeconfig is usable, the cluster
+and each permission a Kubernetes session needs in the namespace (SelfSubjectAccessReview).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PodtwinError
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    what: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.what}" + ("" if self.ok else f" — {self.fix}")
+
+
+def docker_checks() -> list[Check]:
+    from .adapters.docker_engine import DockerEngine
+    from .adapters.images import podtwin_image_name
+
+    checks = [Check(shutil.which("docker") is not None, "docker CLI on PATH",
+                    "install the Docker CLI (podtwin attaches to the app with it)")]
+    try:
+        engine = DockerEngine()
+    except PodtwinError as exc:
+        return checks + [Check(False, exc.message, exc.hint)]
+    checks.append(Check(True, "Docker engine answers"))
+    image = podtwin_image_name()
+    try:
+        engine.require_image(image, "")
+        checks.append(Check(True, f"image {image} present"))
+    except PodtwinError:
+        checks.append(Check(False, f"image {image} missing", "build it with `podtwin images build`"))
+    return checks
+
+
+def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | None) -> list[Check]:
+    from .adapters.kube import SESSION_PERMISSIONS, KubeEngine, can_i
+
+    try:
+        kube = KubeEngine(kubeconfig, context)
+    except PodtwinError as exc:
+        return [Check(False, f"Kubernetes: {exc.message}", exc.hint)]
+    ns = namespace or kube.default_namespace
+    checks = [Check(True, f"Kubernetes cluster answers (namespace {ns})")]
+    for verb, group, resource, sub in SESSION_PERMISSIONS:
+        name = f"{resource}/{sub}" if sub else resource
+        allowed = can_i(kube, verb, group, resource, sub, ns)
+        checks.append(Check(allowed, f"may {verb} {name} in {ns}",
+                            "apply the Role in docs/kubernetes.md to your user"))
+    return checks
+
+
+def kubeconfig_present(kubeconfig: str | None) -> bool:
+    if kubeconfig:
+        return True
+    paths = os.environ.get("KUBECONFIG", "").split(os.pathsep) + [str(Path("~/.kube/config").expanduser())]
+    return any(p and Path(p).is_file() for p in paths)
+
+
+def run(kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None) -> list[Check]:
+    checks = docker_checks()
+    if kubeconfig_present(kubeconfig):
+        checks += kube_checks(kubeconfig, context, namespace)
+    else:
+        checks.append(Check(True, "no kubeconfig: Kubernetes checks skipped (Docker targets only)"))
+    return checks
