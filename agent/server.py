@@ -205,10 +205,7 @@ def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
 
 
 async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], None]) -> None:
-    await _accept_loop(agent, listener, cleanup)
-
-
-async def _accept_loop(agent: Agent, listener: socket.socket, cleanup) -> None:
+    """Announce readiness, accept clients until the agent stops, then close everything."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
     print("PODTWIN_AGENT_READY " + wire.json.dumps({

@@ -114,9 +114,9 @@ class EnvConfig(_Model):
 
 class HttpFilterRule(_Model):
     header: str | None = Field(
-        None, description="Regex matched against `Name: value` header lines, case-insensitive.")
+        None, description="Regex searched in each `name: value` header line (name lowercased, value as sent).")
     path: str | None = Field(
-        None, description="Regex matched against the request path, case-insensitive.")
+        None, description="Regex searched in the request path with its query string.")
     method: str | None = Field(None, description="HTTP method to match, case-insensitive.")
 
     @model_validator(mode="before")
@@ -132,17 +132,17 @@ class HttpFilterRule(_Model):
 
 class HttpFilterConfig(_Model):
     header_filter: str | None = Field(
-        None, description="Only requests with a header line matching this regex are mirrored/stolen.")
+        None, description="Steal requests with a `name: value` header line (name lowercased) matching this regex.")
     path_filter: str | None = Field(
-        None, description="Only requests whose path matches this regex are mirrored/stolen.")
+        None, description="Steal requests whose path (with query string) matches this regex.")
     method_filter: str | None = Field(
-        None, description="Only requests with this HTTP method are mirrored/stolen.")
+        None, description="Steal requests with this HTTP method (case-insensitive).")
     any_of: list[HttpFilterRule] | None = Field(
         None, description="Requests matching at least one of these rules are mirrored/stolen.")
     all_of: list[HttpFilterRule] | None = Field(
         None, description="Requests matching every one of these rules are mirrored/stolen.")
     ports: list[Port] | None = Field(
-        None, description="Apply the HTTP filter only on these ports; default: all ports.")
+        None, description="Apply the HTTP filter on these ports (others are stolen whole); default: 80 and 8080, as in mirrord.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> HttpFilterConfig:

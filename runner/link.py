@@ -209,11 +209,13 @@ class Link:
         return await self.conn.open_connection(host, port, orig_host=orig[0], orig_port=orig[1],
                                                encoding=None)
 
-    async def wait_closed(self) -> str:
-        done, _ = await asyncio.wait(
-            [asyncio.ensure_future(self.conn.wait_closed()), self.control.closed],
-            return_when=asyncio.FIRST_COMPLETED)
-        return "link closed"
+    async def wait_closed(self) -> None:
+        """Until the SSH connection or its control channel closes, whichever is first."""
+        conn_closed = asyncio.ensure_future(self.conn.wait_closed())
+        try:
+            await asyncio.wait([conn_closed, self.control.closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            conn_closed.cancel()
 
     def close(self) -> None:
         self.conn.close()

@@ -221,13 +221,6 @@ class DockerEngine:
             if "already in progress" not in str(exc):
                 raise SessionError(f"cannot remove container {container_id[:12]}: {_short(exc)}") from exc
 
-    def exists(self, container_id: str) -> bool:
-        try:
-            self.client.containers.get(container_id)
-            return True
-        except docker.errors.NotFound:
-            return False
-
     def is_running(self, container_id: str) -> bool:
         try:
             return self.client.containers.get(container_id).status == "running"

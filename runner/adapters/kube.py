@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.stream import portforward
 
 from ..errors import AgentError, ImageMissing, PodtwinError, SessionError, TargetError
-from ..session import LABEL_ROLE, LABEL_SESSION, Session
+from ..session import LABEL_SESSION, Session
 from ..targets import KubeTarget
 
 log = logging.getLogger("podtwin.kube")
@@ -320,5 +320,3 @@ def can_i(engine: "KubeEngine", verb: str, group: str, resource: str, subresourc
 def _ready(pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
-
-__all__ = ["KubeEngine", "PodTarget", "AGENT_PORT", "LABEL_ROLE"]

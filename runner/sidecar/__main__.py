@@ -60,8 +60,7 @@ class Decider:
         return self.dns.decide(name)
 
 
-def load_settings(path: Path) -> tuple[RuleSettings, bool]:
-    raw = json.loads(path.read_text())
+def load_settings(raw: dict) -> tuple[RuleSettings, bool]:
     rules = RuleSettings(
         tcp=bool(raw.get("tcp", True)),
         udp=bool(raw.get("udp", True)),
@@ -74,15 +73,14 @@ def load_settings(path: Path) -> tuple[RuleSettings, bool]:
 
 async def amain(args: argparse.Namespace) -> int:
     session = Path(args.session_dir)
-    rules, dns_enabled = load_settings(session / "sidecar.json")
+    raw = json.loads((session / "sidecar.json").read_text())
+    rules, dns_enabled = load_settings(raw)
     keys = LinkKeys(str(session / "client_key"), (session / "agent_host_key.pub").read_text().strip())
     # The sidecar starts alongside the agent: wait for the agent's socket.
     link = await Link.connect_unix(str(session / "agent.sock"), keys, role="sidecar",
-                                   wait=float(json.loads((session / "sidecar.json").read_text())
-                                              .get("connect_timeout", 60)))
+                                   wait=float(raw.get("connect_timeout", 60)))
     info = await link.control.info()
 
-    raw = json.loads((session / "sidecar.json").read_text())
     names = NameCache()
     decider = Decider(OutgoingFilter.from_config(OutgoingConfig.model_validate(raw.get("outgoing", {}))),
                       DnsFilter.from_config(DnsConfig.model_validate(raw.get("dns_config", {}))), names)
