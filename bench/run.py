@@ -44,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-PODTWIN_IMAGE = "podtwin:dev"
+PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
 APP_BASE_IMAGE = "podtwin-test/busybox:latest"
 LABEL = "podtwin-bench"
 RESULTS_START = "<!-- bench:results:start -->"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ASSETS = Path(__file__).parent / "assets"
-PODTWIN_IMAGE = "podtwin:dev"
+PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
 APP_IMAGE = "podtwin-test/busybox:latest"
 TEST_LABEL = "podtwin-test"
 

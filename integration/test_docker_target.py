@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APP_IMAGE, docker, kill, session_containers, wait_until, write_config
+from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, kill, session_containers, wait_until, write_config
 
 
 def app_run(podtwin, staging, script: str, *extra: str, input: str | None = None):
@@ -163,7 +163,7 @@ def test_target_stopping_ends_the_session(podtwin, staging):
     """The agent dies with the target's PID namespace; the runner notices and stops the app."""
     name = staging.target + "-short"
     docker("run", "-d", "--name", name, "--label", "podtwin-test", "--network", staging.network,
-           "podtwin:dev", "sleep", "infinity")
+           PODTWIN_IMAGE, "sleep", "infinity")
     try:
         proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sleep", "300")
         wait_until(lambda: docker("ps", "--filter", "label=podtwin.role=app", "-q").stdout.strip(), 60,

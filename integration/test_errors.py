@@ -1,7 +1,7 @@
 """Bad input: one clear line naming the problem and the fix, a non-zero exit, nothing left behind."""
 from __future__ import annotations
 
-from conftest import APP_IMAGE, docker, write_config
+from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, write_config
 
 
 def one_error_line(result) -> str:
@@ -71,7 +71,7 @@ def test_unsupported_mirrord_key_is_reported(podtwin, staging, tmp_path):
 def test_doctor_on_a_working_and_a_broken_setup(podtwin, tmp_path):
     good = podtwin.run("doctor", env={"KUBECONFIG": str(tmp_path / "none")})
     assert good.returncode == 0, good.stdout
-    assert "ok    Docker engine answers" in good.stdout and "ok    image podtwin:dev present" in good.stdout
+    assert "ok    Docker engine answers" in good.stdout and f"ok    image {PODTWIN_IMAGE} present" in good.stdout
     bad = podtwin.run("doctor", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock",
                                      "KUBECONFIG": str(tmp_path / "none")})
     assert bad.returncode == 1

@@ -20,6 +20,8 @@ from kubernetes import client, utils
 
 from kubeutil import wait_until
 
+PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+
 APP = "podtwin-test/busybox:latest"
 BACKEND = """
 import http.server, socket, threading
@@ -39,7 +41,7 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 80), H).serve_forever()
 
 
 def sleeper(name: str, env: list[dict], labels: dict) -> dict:
-    return {"name": name, "image": "podtwin:dev", "imagePullPolicy": "IfNotPresent",
+    return {"name": name, "image": PODTWIN_IMAGE, "imagePullPolicy": "IfNotPresent",
             "command": ["sleep", "infinity"], "env": env}
 
 
@@ -75,7 +77,7 @@ def manifests(ns: str) -> list[dict]:
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "backend"}},
                   "template": {"metadata": {"labels": {"app": "backend"}}, "spec": {
                       "terminationGracePeriodSeconds": 1,
-                      "containers": [{"name": "backend", "image": "podtwin:dev", "imagePullPolicy": "IfNotPresent",
+                      "containers": [{"name": "backend", "image": PODTWIN_IMAGE, "imagePullPolicy": "IfNotPresent",
                                       "command": ["python3", "/code/backend.py"],
                                       "volumeMounts": [{"name": "code", "mountPath": "/code"}]}],
                       "volumes": [{"name": "code", "configMap": {"name": "backend-code"}}]}}}},
@@ -87,7 +89,7 @@ def manifests(ns: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def staging(cluster, namespace):
-    cluster.load_image("podtwin:dev")
+    cluster.load_image(PODTWIN_IMAGE)
     for manifest in manifests(namespace):
         utils.create_from_dict(cluster.api, manifest, namespace=namespace)
     core = client.CoreV1Api(cluster.api)

@@ -30,7 +30,8 @@ from typing import Callable
 from podtwin.runner.errors import PodtwinError
 
 BASE_IMAGE = "podtwin/debian-base:bookworm"
-PODTWIN_IMAGE = "podtwin:dev"
+# PODTWIN_IMAGE names another tag (a registry copy, or a second work tree on one engine).
+PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
 BUSYBOX_IMAGE = "podtwin-test/busybox:latest"
 HASH_LABEL = "podtwin.source-hash"
 SUITE = "bookworm"
