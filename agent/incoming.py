@@ -4,10 +4,17 @@ A client (the sidecar) subscribes a port on its control channel, then asks for S
 forwarding of ``(INCOMING_HOST, port)``. The agent adds a REDIRECT for that port to its own
 listener; each connection arriving there is forwarded back to the subscriber as a
 ``forwarded-tcpip`` channel, whose other end is the app's port in the app's namespace.
+
+Several sessions may steal one port if each has an HTTP filter. The newest session's chain is
+entered first; what its filter does not match it passes to the next session's agent on the
+loopback, with a PROXY protocol (v1) line naming the real client and destination, and the last
+one passes it to the target's own process. A session that ends takes its rule away, and the
+others pass around it.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -18,7 +25,7 @@ import asyncssh
 
 from .httpfilter import HttpFilter
 from .httprelay import relay_filtered
-from .rules import SessionRules, liveness_name
+from .rules import NatState, Redirect, SessionRules, liveness_name
 from .streams import splice
 
 log = logging.getLogger("podtwin.agent.incoming")
@@ -26,6 +33,9 @@ INCOMING_HOST = "podtwin-incoming"
 SO_ORIGINAL_DST = 80
 STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
+PROXY_LINE_MAX = 107      # the PROXY protocol v1 limit, CRLF included
+PROXY_TIMEOUT = 3.0
+Address = tuple[str, int]
 
 
 @dataclass
@@ -65,6 +75,38 @@ def _original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
 
 
+def proxy_line(client: Address, original: Address) -> bytes:
+    """The PROXY protocol v1 header one agent sends another when passing a connection on."""
+    return f"PROXY TCP4 {client[0]} {original[0]} {client[1]} {original[1]}\r\n".encode()
+
+
+def parse_proxy_line(line: bytes) -> tuple[Address, Address]:
+    """(client, original destination) from a PROXY v1 line; ValueError if it is not one."""
+    parts = line.rstrip(b"\r\n").decode("ascii", "replace").split(" ")
+    if len(parts) != 6 or parts[0] != "PROXY" or parts[1] != "TCP4" or not line.endswith(b"\r\n"):
+        raise ValueError(f"not a PROXY v1 TCP4 line: {line[:PROXY_LINE_MAX]!r}")
+    ipaddress.IPv4Address(parts[2]), ipaddress.IPv4Address(parts[3])  # ValueError if not
+    client, original = (parts[2], int(parts[4])), (parts[3], int(parts[5]))
+    if not (0 < client[1] < 65536 and 0 < original[1] < 65536):
+        raise ValueError(f"bad port in PROXY line {line!r}")
+    return client, original
+
+
+def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | None:
+    """Why a steal of ``port`` cannot be shared with the sessions already on it (None if it can):
+    sessions share a port only when every one of them takes just the requests its filter matches."""
+    if not others:
+        return None
+    whole = [r.session for r in others if not r.filtered]
+    if whole:
+        return f"port {port} is already stolen by podtwin session {whole[0]}"
+    if not filtered:
+        names = ", ".join(sorted({r.session for r in others}))
+        return (f"port {port} is already stolen with an HTTP filter by podtwin session {names}; "
+                f"a whole-port steal would take its requests (give this session an http_filter too)")
+    return None
+
+
 @dataclass
 class IncomingServer:
     session_id: str
@@ -75,6 +117,7 @@ class IncomingServer:
     _liveness: socket.socket | None = None
     _tasks: set = field(default_factory=set)
     _mirror: Any = None
+    _next_hops: dict = field(default_factory=dict)   # port -> listener ports of later sessions
 
     async def start(self) -> None:
         """Listen (any port, all addresses) and announce liveness in this namespace."""
@@ -96,10 +139,18 @@ class IncomingServer:
     async def _hold_liveness(self) -> None:
         """Accept guards' connections and keep them open: they see EOF when the agent dies."""
         loop = asyncio.get_running_loop()
-        held = []
         while True:
             conn, _ = await loop.sock_accept(self._liveness)
-            held.append(conn)
+            self._spawn(self._hold(conn), "incoming:liveness-conn")
+
+    @staticmethod
+    async def _hold(conn: socket.socket) -> None:
+        """Keep one liveness connection until its other end goes (a guard, or a one-off probe)."""
+        try:
+            while await asyncio.get_running_loop().sock_recv(conn, 64):
+                pass
+        finally:
+            conn.close()
 
     # -- subscriptions (called from the control channel and the SSH server) ----------------
     async def subscribe(self, owner, port: int, mode: str, http_filter: dict | None) -> str | None:
@@ -111,10 +162,6 @@ class IncomingServer:
         current = self.subs.get(port)
         if current is not None and current.owner is not owner:
             return f"port {port} is already taken by another client of this session"
-        if mode in STEAL_MODES:  # mirroring takes nothing away, so any number of sessions may mirror
-            other = await asyncio.to_thread(self.rules.other_owner, port)
-            if other is not None:
-                return f"port {port} is already stolen by podtwin session {other}"
         sub = Subscription(port, mode, owner, http_filter)
         if http_filter:
             if mode != "steal":
@@ -123,6 +170,11 @@ class IncomingServer:
                 sub.filter = HttpFilter.from_dict(http_filter)
             except ValueError as exc:
                 return f"bad http_filter: {exc}"
+        if mode in STEAL_MODES:  # mirroring takes nothing away, so any number of sessions may mirror
+            others = await asyncio.to_thread(self.rules.others_on, port)
+            conflict = steal_conflict(port, self._filters(sub), others)
+            if conflict:
+                return conflict
         self.subs[port] = sub
         return None
 
@@ -136,11 +188,15 @@ class IncomingServer:
             self._spawn(self._mirror_ports(), f"mirror:{port}")
             self.notify("info", f"mirroring port {port}")
         else:
-            self.rules.add(port)
+            filtered = self._filters(sub)
+            self.rules.add(port, filtered)
             sub.active = True
-            filtered = sub.filter is not None and sub.filter.filters_port(port)
             self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
         return PortListener(lambda: self.unsubscribe(owner, port), port)
+
+    @staticmethod
+    def _filters(sub: Subscription) -> bool:
+        return sub.filter is not None and sub.filter.filters_port(sub.port)
 
     def unsubscribe(self, owner, port: int) -> None:
         sub = self.subs.get(port)
@@ -167,23 +223,72 @@ class IncomingServer:
 
     async def _handle(self, conn: socket.socket, peer) -> None:
         try:
-            _, port = _original_dst(conn)
+            original = _original_dst(conn)
         except OSError:
-            conn.close()  # dialled directly, not redirected: nobody's business
-            return
-        sub = self.subs.get(port)
+            original = None
         reader, writer = await asyncio.open_connection(sock=conn)
-        if sub is None or not sub.active:
-            writer.close()  # a rule without a live subscription (being removed): refuse
+        if original is None or original[1] == self.rules.listen_port:
+            # Dialled directly: only another session's agent passing a request on does that.
+            passed = await self._read_proxy_line(reader, peer)
+            if passed is None:
+                writer.close()
+                return
+            peer, original = passed
+        port = original[1]
+        sub = self.subs.get(port)
+        if sub is None or not sub.active:  # the rule is on its way out: pass the connection on
+            await self._pass_on(reader, writer, peer, original)
             return
-        if sub.filter is not None and sub.filter.filters_port(port):
-            await self._filtered(sub, reader, writer, _original_dst(conn), peer)
+        if self._filters(sub):
+            await self._filtered(sub, reader, writer, original, peer)
             return
         try:
             r_reader, r_writer = await sub.owner.conn.open_connection(
                 INCOMING_HOST, port, peer[0], peer[1], encoding=None)
         except (asyncssh.Error, OSError) as exc:
             log.info("port %d: the client did not take the connection: %s", port, exc)
+            writer.close()
+            return
+        await splice(reader, writer, r_reader, r_writer)
+
+    async def _read_proxy_line(self, reader, peer) -> tuple[Address, Address] | None:
+        if not peer or not str(peer[0]).startswith("127."):
+            return None  # a connection from outside to the listener itself: nobody's business
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), PROXY_TIMEOUT)
+            if len(line) > PROXY_LINE_MAX:
+                raise ValueError("PROXY line too long")
+            return parse_proxy_line(line)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, OSError) as exc:
+            log.info("direct connection from %s without a PROXY line: %s", peer, exc)
+            return None
+
+    async def open_next(self, peer: Address, original: Address):
+        """A connection to whoever comes after this session for ``original``: the next filtering
+        session's agent (told the real client and destination), else the target's own process.
+        Made from here (locally generated), so PREROUTING's REDIRECT does not catch it."""
+        port = original[1]
+        hops = self._next_hops.get(port)
+        if hops is None:
+            state = await asyncio.to_thread(NatState.read)
+            hops = [r.to_port for r in state.after(self.session_id, port)]
+            self._next_hops[port] = hops
+        for to_port in list(hops):
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", to_port)
+            except OSError:  # that session ended; its rule goes with it (or is swept)
+                hops.remove(to_port)
+                continue
+            w.write(proxy_line(peer, original))
+            return r, w
+        return await asyncio.open_connection(*original)
+
+    async def _pass_on(self, reader, writer, peer: Address, original: Address) -> None:
+        try:
+            r_reader, r_writer = await self.open_next(peer, original)
+        except OSError as exc:
+            log.info("port %d: cannot pass the connection on: %s", original[1], exc)
             writer.close()
             return
         await splice(reader, writer, r_reader, r_writer)
@@ -215,8 +320,7 @@ class IncomingServer:
     async def _filtered(self, sub: Subscription, reader, writer, original, peer) -> None:
         """Each HTTP request to the app or to the target's own process, by the filter."""
         async def open_target():
-            # Made from here (locally generated), so PREROUTING's REDIRECT does not catch it.
-            return await asyncio.open_connection(*original)
+            return await self.open_next(peer, original)
 
         async def open_local():
             return await sub.owner.conn.open_connection(INCOMING_HOST, sub.port, peer[0], peer[1],

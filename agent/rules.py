@@ -18,8 +18,11 @@ from dataclasses import dataclass
 log = logging.getLogger("podtwin.agent.rules")
 
 CHAIN_PREFIX = "PODTWIN_IN_"
+FILTERED = "podtwin-http-filter"   # the comment on a REDIRECT whose session takes only matching requests
 _CHAIN_RE = re.compile(rf"^:({CHAIN_PREFIX}([0-9a-f]+))\s")
 _RULE_RE = re.compile(rf"^-A ({CHAIN_PREFIX}([0-9a-f]+)) .*--dport (\d+)\b")
+_TO_PORTS_RE = re.compile(r"--to-ports (\d+)")
+_JUMP_RE = re.compile(rf"^-A PREROUTING .*-j {CHAIN_PREFIX}([0-9a-f]+)\b")
 
 
 def liveness_name(session_id: str) -> bytes:
@@ -46,24 +49,56 @@ def iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    session: str
+    port: int          # the target's port
+    to_port: int       # the session agent's listener
+    filtered: bool     # the session takes only the requests its HTTP filter matches
+
+
+@dataclass(frozen=True)
 class NatState:
     chains: dict[str, str]           # chain -> session id
     ports: dict[int, set[str]]       # port -> session ids redirecting it
+    order: tuple[str, ...] = ()      # sessions in the order PREROUTING enters their chains
+    redirects: tuple[Redirect, ...] = ()
 
     @classmethod
     def parse(cls, save: str) -> "NatState":
         """From `iptables-save -t nat` output (pure, unit-tested)."""
         chains: dict[str, str] = {}
         ports: dict[int, set[str]] = {}
+        order: list[str] = []
+        redirects: list[Redirect] = []
         for line in save.splitlines():
             m = _CHAIN_RE.match(line)
             if m:
                 chains[m.group(1)] = m.group(2)
                 continue
+            m = _JUMP_RE.match(line)
+            if m:
+                if m.group(1) not in order:
+                    order.append(m.group(1))
+                continue
             m = _RULE_RE.match(line)
             if m:
                 ports.setdefault(int(m.group(3)), set()).add(m.group(2))
-        return cls(chains, ports)
+                to = _TO_PORTS_RE.search(line)
+                if to:
+                    redirects.append(Redirect(m.group(2), int(m.group(3)), int(to.group(1)), FILTERED in line))
+        return cls(chains, ports, tuple(order), tuple(redirects))
+
+    def on_port(self, port: int) -> list[Redirect]:
+        """The sessions redirecting ``port``, in the order a new connection meets them."""
+        rank = {sid: i for i, sid in enumerate(self.order)}
+        found = [r for r in self.redirects if r.port == port and r.session in rank]
+        return sorted(found, key=lambda r: rank[r.session])
+
+    def after(self, session_id: str, port: int) -> list[Redirect]:
+        """The sessions a connection to ``port`` would meet after ``session_id`` lets it pass."""
+        chain = self.on_port(port)
+        mine = [i for i, r in enumerate(chain) if r.session == session_id]
+        return chain[mine[0] + 1:] if mine else chain
 
     @classmethod
     def read(cls) -> "NatState":
@@ -103,29 +138,32 @@ class SessionRules:
         self.session_id = session_id
         self.chain = CHAIN_PREFIX + session_id
         self.listen_port = listen_port
-        self.ports: set[int] = set()
+        self.ports: dict[int, bool] = {}   # port -> filtered
         self.created = False
 
-    def other_owner(self, port: int) -> str | None:
-        """Another live session already redirecting ``port``, if any (dead ones are swept)."""
+    def others_on(self, port: int) -> list[Redirect]:
+        """The other live sessions redirecting ``port`` (dead ones are swept first)."""
         sweep_dead_sessions(except_session=self.session_id)
-        owners = NatState.read().ports.get(port, set()) - {self.session_id}
-        return next(iter(sorted(owners)), None)
+        return [r for r in NatState.read().on_port(port) if r.session != self.session_id]
 
-    def add(self, port: int) -> None:
+    def add(self, port: int, filtered: bool = False) -> None:
+        """Redirect ``port`` to the agent. The session's chain is entered first (inserted at the
+        top of PREROUTING), so with several filtering sessions on one port the newest sees a
+        request first and passes what it does not match on to the next (see IncomingServer)."""
         if not self.created:
             iptables("-N", self.chain, check=False)
             iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain)
             self.created = True
-        iptables("-A", self.chain, "-p", "tcp", "--dport", str(port), "-j", "REDIRECT",
-                 "--to-ports", str(self.listen_port))
-        self.ports.add(port)
+        iptables("-A", self.chain, *self._rule(port, filtered))
+        self.ports[port] = filtered
+
+    def _rule(self, port: int, filtered: bool) -> list[str]:
+        comment = ["-m", "comment", "--comment", FILTERED] if filtered else []
+        return ["-p", "tcp", "--dport", str(port), *comment, "-j", "REDIRECT", "--to-ports", str(self.listen_port)]
 
     def remove(self, port: int) -> None:
         if port in self.ports:
-            iptables("-D", self.chain, "-p", "tcp", "--dport", str(port), "-j", "REDIRECT",
-                     "--to-ports", str(self.listen_port), check=False)
-            self.ports.discard(port)
+            iptables("-D", self.chain, *self._rule(port, self.ports.pop(port)), check=False)
 
     def remove_all(self) -> None:
         if self.created or self.ports:

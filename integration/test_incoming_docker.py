@@ -114,7 +114,12 @@ def test_no_dirty_rules_after_a_crash(podtwin, staging, client, tmp_path, fault)
     else:
         proc.kill()
     start = time.monotonic()
-    wait_until(lambda: not podtwin_rules(staging.backend), 10, "the session's rules to go")
+    try:
+        wait_until(lambda: not podtwin_rules(staging.backend), 10, "the session's rules to go")
+    except AssertionError as exc:
+        guards = session_containers("rules-guard")
+        logs = [docker("logs", g, check=False).stderr[-2000:] for g in guards]
+        raise AssertionError(f"{exc}; rules {podtwin_rules(staging.backend)}; guard logs {logs}") from exc
     wait_until(lambda: "hello from backend" in call(client), 10, "the target to serve again")
     assert time.monotonic() - start < 10
     proc.wait(timeout=30)
@@ -157,11 +162,12 @@ def keepalive(staging, requests: list) -> list:
     return [body for _, body in json.loads(out.stdout)["responses"]]
 
 
-def filtered_steal(podtwin, staging, tmp_path, http_filter: dict):
-    cfg = write_config(tmp_path / "filter.json", {"feature": {"network": {"incoming": {
+def filtered_steal(podtwin, staging, tmp_path, http_filter: dict, name: str = "local"):
+    cfg = write_config(tmp_path / f"filter-{name}.json", {"feature": {"network": {"incoming": {
         "mode": "steal", "http_filter": http_filter}}}})
     proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
-                         "-v", f"{ASSETS / 'keepalive_app.py'}:/app.py:ro", PODTWIN_IMAGE, "python3", "/app.py")
+                         "-v", f"{ASSETS / 'keepalive_app.py'}:/app.py:ro", PODTWIN_IMAGE, "python3", "/app.py",
+                         name)
     wait_until(lambda: "matching the HTTP filter" in proc.err_path.read_text() or proc.poll() is not None,
                60, "the filtered steal")
     assert proc.poll() is None, proc.err_path.read_text()
@@ -193,3 +199,33 @@ def test_http_filter_by_path_or_method(podtwin, staging, tmp_path):
     assert bodies[2] == "local:DELETE /home"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
+
+
+def test_two_sessions_with_different_filters_share_a_port(podtwin, staging, client, tmp_path):
+    alice_session = filtered_steal(podtwin, staging, tmp_path, {"header_filter": "^x-podtwin-user: alice$"}, "alice")
+    bob_session = filtered_steal(podtwin, staging, tmp_path, {"header_filter": "^x-podtwin-user: bob$"}, "bob")
+    alice, bob = {"x-podtwin-user": "alice"}, {"x-podtwin-user": "bob"}
+    bodies = keepalive(staging, [["GET", "/1", alice], ["GET", "/2", bob], ["GET", "/3", {}],
+                                 ["POST", "/4", bob], ["GET", "/5", alice]])
+    assert bodies[0] == "alice:GET /1" and bodies[4] == "alice:GET /5"
+    assert bodies[1] == "bob:GET /2" and bodies[3] == "bob:POST /4"
+    assert "hello from backend, you asked for /3" in bodies[2]      # nobody's: the target's own
+
+    # A whole-port steal would take both sessions' requests: refused, naming them.
+    whole = podtwin.start("container", "run", "-f", str(write_config(tmp_path / "whole.json", {
+        "feature": {"network": {"incoming": "steal"}}})), "--target", f"container/{staging.backend}",
+        APP_IMAGE, "sh", "-c", APP_HTTPD.format(body="whole", port=80))
+    assert whole.wait(timeout=60) != 0
+    assert "already stolen with an HTTP filter by podtwin session" in whole.err_path.read_text()
+
+    # The older session ends: the newer passes around it, and its requests go to the target.
+    alice_session.send_signal(signal.SIGINT)
+    assert alice_session.wait(timeout=30) == 130
+    bodies = keepalive(staging, [["GET", "/6", alice], ["GET", "/7", bob], ["GET", "/8", {}]])
+    assert "you asked for /6" in bodies[0]
+    assert bodies[1] == "bob:GET /7"
+    assert "you asked for /8" in bodies[2]
+    bob_session.send_signal(signal.SIGINT)
+    assert bob_session.wait(timeout=30) == 130
+    assert "you asked for /9" in keepalive(staging, [["GET", "/9", bob]])[0]
+    assert podtwin_rules(staging.backend) == []

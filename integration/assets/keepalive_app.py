@@ -1,5 +1,9 @@
-"""A local app for the filter tests: HTTP/1.1 with keep-alive, answers `local:<method> <path>`."""
+"""A local app for the filter tests: HTTP/1.1 with keep-alive, answers `<name>:<method> <path>`
+(name: the first argument, default `local`)."""
 import http.server
+import sys
+
+NAME = sys.argv[1] if len(sys.argv) > 1 else "local"
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -8,7 +12,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
-        body = f"local:{self.command} {self.path}".encode()
+        body = f"{NAME}:{self.command} {self.path}".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from podtwin.agent.incoming import parse_proxy_line, proxy_line, steal_conflict
 from podtwin.agent.rules import NatState
 from podtwin.runner.sidecar.incoming import IncomingSettings, listening_ports
 
@@ -47,3 +50,49 @@ def test_listening_ports_reads_both_families(tmp_path: Path):
     (tmp_path / "tcp6").write_text(header
         + "   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0 0 0\n")
     assert listening_ports(tmp_path) == {80, 8080}   # the ESTABLISHED one (st 01) is not a listener
+
+
+FILTERED_SAVE = """*nat
+:PREROUTING ACCEPT [0:0]
+:PODTWIN_IN_aaaa - [0:0]
+:PODTWIN_IN_bbbb - [0:0]
+:PODTWIN_IN_cccc - [0:0]
+-A PREROUTING -p tcp -j PODTWIN_IN_cccc
+-A PREROUTING -p tcp -j PODTWIN_IN_bbbb
+-A PREROUTING -p tcp -j PODTWIN_IN_aaaa
+-A PODTWIN_IN_aaaa -p tcp -m tcp --dport 80 -m comment --comment podtwin-http-filter -j REDIRECT --to-ports 40001
+-A PODTWIN_IN_bbbb -p tcp -m tcp --dport 9000 -j REDIRECT --to-ports 40002
+-A PODTWIN_IN_cccc -p tcp -m tcp --dport 80 -m comment --comment podtwin-http-filter -j REDIRECT --to-ports 40003
+COMMIT
+"""
+
+
+def test_nat_state_orders_sessions_as_prerouting_meets_them():
+    state = NatState.parse(FILTERED_SAVE)
+    assert state.order == ("cccc", "bbbb", "aaaa")
+    assert [(r.session, r.to_port, r.filtered) for r in state.on_port(80)] == [
+        ("cccc", 40003, True), ("aaaa", 40001, True)]
+    assert [r.to_port for r in state.after("cccc", 80)] == [40001]   # the newest passes to the older
+    assert state.after("aaaa", 80) == []                              # the oldest passes to the target
+    assert [r.filtered for r in state.on_port(9000)] == [False]
+    assert [r.session for r in state.after("zzzz", 80)] == ["cccc", "aaaa"]  # not on it: all of them
+
+
+def test_a_port_is_shared_only_between_filtering_sessions():
+    state = NatState.parse(FILTERED_SAVE)
+    assert steal_conflict(80, True, state.on_port(80)) is None
+    refused = steal_conflict(80, False, state.on_port(80))
+    assert "HTTP filter by podtwin session aaaa, cccc" in refused and "http_filter" in refused
+    assert steal_conflict(9000, True, state.on_port(9000)) == "port 9000 is already stolen by podtwin session bbbb"
+    assert steal_conflict(9000, False, state.on_port(9000)) == "port 9000 is already stolen by podtwin session bbbb"
+    assert steal_conflict(8080, False, state.on_port(8080)) is None
+
+
+def test_proxy_line_round_trip_and_refusals():
+    line = proxy_line(("10.1.2.3", 51000), ("10.1.2.9", 80))
+    assert line == b"PROXY TCP4 10.1.2.3 10.1.2.9 51000 80\r\n"
+    assert parse_proxy_line(line) == (("10.1.2.3", 51000), ("10.1.2.9", 80))
+    for bad in (b"GET / HTTP/1.1\r\n", b"PROXY TCP6 ::1 ::1 1 2\r\n", b"PROXY TCP4 10.1.2.3 10.1.2.9 51000 80\n",
+                b"PROXY TCP4 10.1.2.3 10.1.2.9 0 80\r\n", b"PROXY TCP4 nothost 10.1.2.9 5 80\r\n"):
+        with pytest.raises(ValueError):
+            parse_proxy_line(bad)
