@@ -191,8 +191,21 @@ class KubeEngine:
             resources=client.V1ResourceRequirements(
                 requests=(agent_cfg.resources.requests or None) if agent_cfg.resources else None,
                 limits=(agent_cfg.resources.limits or None) if agent_cfg.resources else None))
+        containers = [container]
+        if incoming == "steal":
+            # The rules guard: outlives a SIGKILLed agent process and removes the session's rules.
+            containers.append(client.V1Container(
+                name="rules-guard", image=image, image_pull_policy=agent_cfg.image_pull_policy,
+                command=["python", "-m", "podtwin.agent.guard", "--session", session.id,
+                         "--target-container-id", pod.container_id,
+                         "--startup-timeout", str(agent_cfg.startup_timeout)],
+                security_context=client.V1SecurityContext(
+                    run_as_user=0, capabilities=client.V1Capabilities(
+                        add=["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"], drop=["ALL"])),
+                resources=client.V1ResourceRequirements(
+                    requests={"cpu": "10m", "memory": "32Mi"}, limits={"memory": "64Mi"})))
         spec = client.V1PodSpec(
-            containers=[container], restart_policy="Never", host_pid=True, node_name=pod.node,
+            containers=containers, restart_policy="Never", host_pid=True, node_name=pod.node,
             tolerations=[client.V1Toleration(operator="Exists")]
             + [client.V1Toleration(**t) for t in agent_cfg.tolerations or []],
             node_selector=agent_cfg.node_selector or None,
@@ -238,7 +251,8 @@ class KubeEngine:
                     progress(f"agent pod: {waiting.reason}")
                 terminated = status.state.terminated
                 if terminated:
-                    raise AgentError(f"the agent exited during start-up: {self._logs(ns, pod.metadata.name)}")
+                    raise AgentError(f"the agent's {status.name} container exited during start-up: "
+                                     f"{self._logs(ns, pod.metadata.name, container=status.name)}")
             if phase == "Pending" and "Pending" not in said:
                 said.add("Pending")
                 progress("agent pod scheduled; starting")
@@ -261,9 +275,9 @@ class KubeEngine:
             if event.reason == "FailedCreate":
                 raise AgentError(f"the agent's pod cannot be created: {event.message[:300]}")
 
-    def _logs(self, ns: str, pod: str, tail: int | None = 5) -> str:
+    def _logs(self, ns: str, pod: str, tail: int | None = 5, container: str = "agent") -> str:
         try:
-            return self.core.read_namespaced_pod_log(pod, ns, container="agent", tail_lines=tail) or ""
+            return self.core.read_namespaced_pod_log(pod, ns, container=container, tail_lines=tail) or ""
         except ApiException:
             return ""
 
