@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from podtwin.runner.session import process_start
 
 ASSETS = Path(__file__).parent / "assets"
 PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
@@ -102,6 +105,15 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# Podtwin's objects carry their runner's PID and start time (labels): with both, a test finds
+# the objects of the runners IT started, and none of another test run's on the same engine.
+RUNNER_LABELS = ('{{.Label "podtwin.runner-pid"}}', '{{.Label "podtwin.runner-start"}}')
+
+
+def _runner_id(pid: int) -> tuple[str, str]:
+    return str(pid), process_start(pid)
+
+
 class Podtwin:
     """Runs the real `podtwin` CLI in a subprocess, with this test run's state directory."""
 
@@ -109,14 +121,24 @@ class Podtwin:
         self.state_dir = state_dir
         self.env = {**os.environ, "PODTWIN_STATE_DIR": str(state_dir)}
         self.started: list[subprocess.Popen] = []
+        self.runners: set[tuple[str, str]] = set()  # (pid, start) of every runner started here
 
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "podtwin.runner", *args]
 
     def run(self, *args: str, input: str | None = None, timeout: float = 120, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cmd(*args), input=input, capture_output=True, text=True,
-                              timeout=timeout, env={**self.env, **(env or {})}, cwd=cwd)
+        proc = subprocess.Popen(self.cmd(*args), stdin=None if input is None else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**self.env, **(env or {})}, cwd=cwd)
+        self.runners.add(_runner_id(proc.pid))
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen:
         """A runner in the background; its output goes to files (``proc.out_path``/``err_path``)
@@ -125,18 +147,40 @@ class Podtwin:
         with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
             proc = subprocess.Popen(self.cmd(*args), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                     env=self.env, cwd=cwd)
+        self.runners.add(_runner_id(proc.pid))
         proc.out_path, proc.err_path = logs / "out", logs / "err"
         self.started.append(proc)
         return proc
 
+    def objects(self) -> list[tuple[str, str]]:
+        """(kind, name) of the podtwin containers and networks of the runners started here."""
+        found = []
+        for kind, listing in (("container", ["ps", "-a"]), ("network", ["network", "ls"])):
+            out = docker(*listing, "--filter", "label=podtwin.session", "--format",
+                         "\t".join(("{{.Name}}" if kind == "network" else "{{.Names}}", *RUNNER_LABELS))).stdout
+            for line in out.splitlines():
+                name, *runner = line.split("\t")
+                if tuple(runner) in self.runners:
+                    found.append((kind, name))
+        return found
+
     def leftovers(self) -> list[str]:
-        """Every podtwin object still present: containers, networks, session directories."""
-        found = docker("ps", "-a", "--filter", "label=podtwin.session", "--format", "{{.Names}}").stdout.split()
-        found += docker("network", "ls", "--filter", "label=podtwin.session", "--format", "{{.Name}}").stdout.split()
+        """Every podtwin object of this test still present: containers, networks, session
+        directories. Other test runs' sessions on the same engine are none of its business."""
+        found = [name for _, name in self.objects()]
         sessions = self.state_dir / "sessions"
         if sessions.is_dir():
             found += [f"dir:{p.name}" for p in sessions.iterdir()]
         return found
+
+    def remove_leftovers(self) -> None:
+        """What `podtwin clean --all` would do, for this test's sessions only."""
+        for kind, name in self.objects():
+            docker(*(["rm", "-f"] if kind == "container" else ["network", "rm"]), name, check=False)
+        sessions = self.state_dir / "sessions"
+        if sessions.is_dir():
+            for path in sessions.iterdir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -157,14 +201,18 @@ def podtwin(state_dir: Path) -> Podtwin:
     except AssertionError:
         left = tool.leftovers()
     if left:
-        subprocess.run(tool.cmd("clean", "--all"), env=tool.env, capture_output=True)
+        tool.remove_leftovers()
         pytest.fail(f"left behind after the test: {left}")
 
 
-def session_containers(role: str | None = None) -> list[str]:
+def session_containers(role: str | None = None, runner: subprocess.Popen | None = None) -> list[str]:
+    """Podtwin's containers (of one role; of one runner: pass it, as other test runs may share
+    the engine)."""
     filters = ["--filter", "label=podtwin.session"]
     if role:
         filters += ["--filter", f"label=podtwin.role={role}"]
+    if runner is not None:
+        filters += ["--filter", f"label=podtwin.runner-pid={runner.pid}"]
     return docker("ps", "-a", *filters, "--format", "{{.Names}}").stdout.split()
 
 
@@ -173,6 +221,13 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def podtwin_rules(target: str) -> list[str]:
+    """podtwin's nat rules in the target's network namespace."""
+    save = docker("run", "--rm", "--network", f"container:{target}", "--cap-add", "NET_ADMIN",
+                  PODTWIN_IMAGE, "iptables-save", "-t", "nat").stdout
+    return [line for line in save.splitlines() if "PODTWIN" in line]
 
 
 def write_config(path: Path, data: dict) -> Path:

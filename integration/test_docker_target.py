@@ -114,8 +114,9 @@ def test_crashed_app_leaves_nothing(podtwin, staging):
 def start_session(podtwin, staging):
     proc = podtwin.start("container", "run", "-q", "--target", f"container/{staging.target}",
                          APP_IMAGE, "sleep", "300")
-    wait_until(lambda: any(n.endswith("-app") for n in session_containers("app"))
-               and docker("ps", "--filter", "label=podtwin.role=app", "-q").stdout.strip(), 60,
+    wait_until(lambda: any(n.endswith("-app") for n in session_containers("app", proc))
+               and docker("ps", "--filter", "label=podtwin.role=app", "--filter",
+                          f"label=podtwin.runner-pid={proc.pid}", "-q").stdout.strip(), 60,
                "the app container to run")
     return proc
 
@@ -140,7 +141,7 @@ def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging)
     `podtwin clean` then removes the app container the dead session left."""
     proc = start_session(podtwin, staging)
     sid = docker("inspect", "-f", '{{index .Config.Labels "podtwin.session"}}',
-                 session_containers("app")[0]).stdout.strip()
+                 session_containers("app", proc)[0]).stdout.strip()
     # only this session's guard (started by this test's runner), found by its session id
     guards = subprocess.run(["pgrep", "-f", f"podtwin.runner.guard --session {sid} "],
                             capture_output=True, text=True)
@@ -150,7 +151,7 @@ def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging)
     proc.kill()
     proc.wait(timeout=10)
     start = time.monotonic()
-    wait_until(lambda: not session_containers("agent") and not session_containers("sidecar"), 10,
+    wait_until(lambda: not session_containers("agent", proc) and not session_containers("sidecar", proc), 10,
                "agent and sidecar to exit")
     assert time.monotonic() - start < 10
     listing = podtwin.run("sessions")
@@ -166,7 +167,8 @@ def test_target_stopping_ends_the_session(podtwin, staging):
            PODTWIN_IMAGE, "sleep", "infinity")
     try:
         proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sleep", "300")
-        wait_until(lambda: docker("ps", "--filter", "label=podtwin.role=app", "-q").stdout.strip(), 60,
+        wait_until(lambda: docker("ps", "--filter", "label=podtwin.role=app", "--filter",
+                                  f"label=podtwin.runner-pid={proc.pid}", "-q").stdout.strip(), 60,
                    "the app container to run")
         docker("rm", "-f", name)
         assert proc.wait(timeout=20) != 0

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import APP_IMAGE, ASSETS, PODTWIN_IMAGE, docker, session_containers, wait_until, write_config
+from conftest import (APP_IMAGE, ASSETS, PODTWIN_IMAGE, docker, podtwin_rules, session_containers,
+                      wait_until, write_config)
 
 APP_HTTPD = "mkdir -p /w && echo {body} > /w/index.html && httpd -f -p {port} -h /w"
 
@@ -29,13 +30,6 @@ def call(client: str, path: str = "/") -> str:
     """What another service on the staging network gets from the target."""
     out = docker("exec", client, "timeout", "5", "wget", "-qO-", f"http://backend{path}", check=False)
     return out.stdout.strip() or f"(failed: {out.stderr.strip()})"
-
-
-def podtwin_rules(target: str) -> list[str]:
-    """podtwin's nat rules in the target's network namespace."""
-    save = docker("run", "--rm", "--network", f"container:{target}", "--cap-add", "NET_ADMIN",
-                  PODTWIN_IMAGE, "iptables-save", "-t", "nat").stdout
-    return [line for line in save.splitlines() if "PODTWIN" in line]
 
 
 def steal(podtwin, staging, tmp_path, body: str = "from-local-app", port: int = 80, extra: dict | None = None):
@@ -87,7 +81,7 @@ def test_the_port_follows_the_app(podtwin, staging, client, tmp_path):
 
 def test_second_whole_port_steal_is_refused(podtwin, staging, client, tmp_path):
     first = steal(podtwin, staging, tmp_path, body="first")
-    sid = json.loads(docker("inspect", session_containers("agent")[0]).stdout)[0]["Config"]["Labels"]["podtwin.session"]
+    sid = json.loads(docker("inspect", session_containers("agent", first)[0]).stdout)[0]["Config"]["Labels"]["podtwin.session"]
     cfg = write_config(tmp_path / "second.json", {"feature": {"network": {"incoming": "steal"}}})
     second = podtwin.run("container", "run", "-f", str(cfg), "--target", f"container/{staging.backend}",
                          APP_IMAGE, "sh", "-c", APP_HTTPD.format(body="second", port=80), timeout=60)
@@ -98,8 +92,8 @@ def test_second_whole_port_steal_is_refused(podtwin, staging, client, tmp_path):
     first.wait(timeout=30)
 
 
-def agent_container() -> str:
-    return session_containers("agent")[0]
+def agent_container(runner) -> str:
+    return session_containers("agent", runner)[0]
 
 
 @pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-container", "sigkill-runner"])
@@ -107,10 +101,10 @@ def test_no_dirty_rules_after_a_crash(podtwin, staging, client, tmp_path, fault)
     proc = steal(podtwin, staging, tmp_path, body=f"crash-{fault}")
     assert call(client) == f"crash-{fault}"
     if fault == "sigkill-agent":
-        pid = docker("inspect", "-f", "{{.State.Pid}}", agent_container()).stdout.strip()
+        pid = docker("inspect", "-f", "{{.State.Pid}}", agent_container(proc)).stdout.strip()
         docker("run", "--rm", "--pid", "host", "--cap-add", "KILL", APP_IMAGE, "kill", "-9", pid)
     elif fault == "delete-agent-container":
-        docker("rm", "-f", agent_container())
+        docker("rm", "-f", agent_container(proc))
     else:
         proc.kill()
     start = time.monotonic()

@@ -8,7 +8,8 @@ debootstrap from the machine's own apt mirror, and every other image is built on
 * ``podtwin:dev`` -- the agent and the sidecar (this repo installed in /opt/podtwin), rebuilt
   whenever the repo's sources change (a content hash is stored in a label);
 * ``podtwin-test/busybox:latest`` -- an unchanged static app image for the tests and the demo:
-  static busybox plus ``udpsend``, a static Go UDP client (no libc, nothing podtwin).
+  static busybox plus two static Go tools (no libc, nothing podtwin): ``udpsend``, a UDP
+  client, and ``h2probe``, an HTTP/1.1 + h2c + gRPC server and clients (images/h2probe).
 
 Run ``python -m podtwin.runner.adapters.images [--force]``.
 """
@@ -241,22 +242,32 @@ def _is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
 
 
-def _build_udpsend(out: Path, echo: Echo) -> None:
-    """The test app's UDP client: a static Go binary (stdlib only, so no module download)."""
+def _go() -> str:
     go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
                                      if Path(p).exists()), None)
     if go is None:
-        raise ImageBuildError("no Go toolchain to build the test app's UDP client",
+        raise ImageBuildError("no Go toolchain to build the test app's Go tools",
                               "install Go (`apt-get install golang-go`)")
-    echo("[images] compiling images/testapp/udpsend.go (static, CGO_ENABLED=0)...")
+    return go
+
+
+def _build_go(module: str, out: Path, echo: Echo) -> None:
+    """A static Go binary (CGO_ENABLED=0) from the module in ``module``; modules it needs come
+    from the Go module proxy (or the module cache), checked against its go.sum."""
+    echo(f"[images] compiling {module} (static, CGO_ENABLED=0)...")
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-    _stream([go, "build", "-C", str(REPO / "images/testapp"), "-trimpath", "-ldflags", "-s -w",
+    _stream([_go(), "build", "-C", str(REPO / module), "-trimpath", "-ldflags", "-s -w",
              "-o", str(out), "."], echo, env=env)
+
+
+# What podtwin-test/busybox is built from, so also what its content hash covers.
+TEST_APP_SOURCES = ("images/busybox/Dockerfile", "images/testapp/udpsend.go", "images/testapp/go.mod",
+                    "images/h2probe/main.go", "images/h2probe/go.mod", "images/h2probe/go.sum")
 
 
 def test_app_hash() -> str:
     digest = hashlib.sha256()
-    for rel in ("images/busybox/Dockerfile", "images/testapp/udpsend.go", "images/testapp/go.mod"):
+    for rel in TEST_APP_SOURCES:
         digest.update(rel.encode() + b"\0" + (REPO / rel).read_bytes())
     return digest.hexdigest()
 
@@ -266,13 +277,14 @@ def build_busybox(echo: Echo, force: bool) -> None:
     if not busybox.exists() or not _is_static_elf(busybox.resolve()):
         raise ImageBuildError(f"no static {busybox} on this machine",
                               "install Debian's busybox-static (`make setup` does)")
-    echo(f"[images] building {BUSYBOX_IMAGE} (FROM scratch, static busybox only)...")
+    echo(f"[images] building {BUSYBOX_IMAGE} (FROM scratch: static busybox, udpsend, h2probe)...")
     old = _image_id(BUSYBOX_IMAGE)
     with tempfile.TemporaryDirectory(prefix="podtwin-ctx-") as ctx_dir:
         ctx = Path(ctx_dir)
         shutil.copy2(REPO / "images/busybox/Dockerfile", ctx / "Dockerfile")
         shutil.copy2(busybox.resolve(), ctx / "busybox")
-        _build_udpsend(ctx / "udpsend", echo)
+        _build_go("images/testapp", ctx / "udpsend", echo)
+        _build_go("images/h2probe", ctx / "h2probe", echo)
         cmd = ["docker", "build", "-t", BUSYBOX_IMAGE, "--label", f"{HASH_LABEL}={test_app_hash()}",
                *(["--no-cache"] if force else []), str(ctx)]
         _stream(cmd, echo, env=_legacy_build_env())
