@@ -111,7 +111,7 @@ def test_no_dirty_rules_after_a_crash(podtwin, staging, client, tmp_path, fault)
     try:
         wait_until(lambda: not podtwin_rules(staging.backend), 10, "the session's rules to go")
     except AssertionError as exc:
-        guards = session_containers("rules-guard")
+        guards = session_containers("rules-guard", proc)
         logs = [docker("logs", g, check=False).stderr[-2000:] for g in guards]
         raise AssertionError(f"{exc}; rules {podtwin_rules(staging.backend)}; guard logs {logs}") from exc
     wait_until(lambda: "hello from backend" in call(client), 10, "the target to serve again")
