@@ -12,7 +12,7 @@ import asyncssh
 
 from .incoming import IncomingServer
 from .rules import sweep_dead_sessions
-from .nsenter import NamespaceError, enter_netns, main_pid
+from .nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
 from .server import Agent, make_listener, serve
 from .target import TargetProcess
 
@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--target-container-id",
                         help="the target container's ID (containerd://...): the agent finds its main "
                              "process (needs hostPID) and enters its network namespace (setns)")
+    target.add_argument("--target-in-pod",
+                        help="the target container's ID, for an agent that is an ephemeral container "
+                             "in the target's pod (targetContainerName): it shares the target's PID "
+                             "and network namespaces already, so it only finds the main process")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
@@ -47,12 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace):
     """Before any thread or event loop exists: the listener (in our own namespace), then, for a
-    node agent, find the target container's process and enter its network namespace."""
+    node agent, find the target container's process and enter its network namespace; for an
+    ephemeral container in the target's pod, only find the process (the namespaces are shared)."""
     listener, cleanup = make_listener(args.listen)
     pid = args.target_pid
     if args.target_container_id:
         pid = main_pid(args.target_container_id)
         enter_netns(pid)
+    elif args.target_in_pod:
+        pid = pod_main_pid(args.target_in_pod)
     return listener, cleanup, TargetProcess(pid)
 
 

@@ -181,7 +181,8 @@ class ControlSession(asyncssh.SSHServerSession):
 
 def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
     """``unix:/path`` (inside the per-session directory only the session can reach) or
-    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward reaches it).
+    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward or an exec'd relay
+    reaches it; PORT 0 lets the kernel choose a free one, announced in the READY line).
     Made before the agent enters the target's namespace, so it stays where the runner can reach it."""
     kind, _, where = spec.partition(":")
     if kind == "unix":
@@ -208,10 +209,10 @@ async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], Non
     """Announce readiness, accept clients until the agent stops, then close everything."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
-    print("PODTWIN_AGENT_READY " + wire.json.dumps({
-        "version": wire.PROTOCOL_VERSION,
-        "host_key": agent.host_key.export_public_key().decode().strip(),
-    }), flush=True)
+    ready = {"version": wire.PROTOCOL_VERSION, "host_key": agent.host_key.export_public_key().decode().strip()}
+    if listener.family in (socket.AF_INET, socket.AF_INET6):
+        ready["port"] = listener.getsockname()[1]  # what the kernel chose for tcp:127.0.0.1:0
+    print("PODTWIN_AGENT_READY " + wire.json.dumps(ready), flush=True)
 
     async def accept_forever() -> None:
         while True:
