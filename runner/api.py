@@ -348,7 +348,7 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         host_key = ready["host_key"]
         (session.dir / "agent_host_key.pub").write_text(host_key + "\n")
 
-        transport = transport_for(kube, cfg.agent.transport, ns, agent_pod, container, ready.get("port", AGENT_PORT))
+        transport = transport_for(kube, cfg.agent.transport, ns, agent_pod, container, ready, AGENT_PORT)
         teardown.add(f"{transport.what} streams", transport.close)
 
         owner = OwnerLink(session, app.link_lost, on_notice=app.on_notice)

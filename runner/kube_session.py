@@ -65,10 +65,15 @@ class StreamTransport:
                 pass
 
 
-def transport_for(kube, how: str, namespace: str, pod: str, container: str, port: int) -> StreamTransport:
-    """agent.transport: port-forward (default) or exec."""
+def transport_for(kube, how: str, namespace: str, pod: str, container: str, ready: dict,
+                  default_port: int) -> StreamTransport:
+    """agent.transport: port-forward (default) or exec. ``ready`` is the agent's READY line: its
+    loopback port, and a unix socket for exec'd relays when its loopback is not theirs (a node
+    agent in the target's network namespace)."""
+    port = ready.get("port", default_port)
     if how == "exec":
-        return StreamTransport(lambda: kube.exec_stdio(namespace, pod, container, port), "exec")
+        address = f"unix:{ready['exec_socket']}" if ready.get("exec_socket") else f"127.0.0.1:{port}"
+        return StreamTransport(lambda: kube.exec_stdio(namespace, pod, container, address), "exec")
     return StreamTransport(lambda: kube.port_forward(namespace, pod, port), "port-forward")
 
 

@@ -371,10 +371,11 @@ class KubeEngine:
         return "terminated" if status.state.terminated else "running" if status.state.running else "waiting"
 
     # -- the exec transport ------------------------------------------------------------------
-    def exec_stdio(self, ns: str, pod: str, container: str, port: int):
-        """A connected socket to ``port`` on the loopback of ``container``'s network namespace:
-        the stdin/stdout of ``python -m podtwin.agent.stdio_relay`` exec'd there (no TTY)."""
-        command = ["python", "-m", "podtwin.agent.stdio_relay", f"127.0.0.1:{port}"]
+    def exec_stdio(self, ns: str, pod: str, container: str, address: str):
+        """A connected socket to the agent at ``address`` (``127.0.0.1:PORT`` or ``unix:/PATH``
+        as seen in ``container``): the stdin/stdout of ``python -m podtwin.agent.stdio_relay``
+        exec'd there (no TTY)."""
+        command = ["python", "-m", "podtwin.agent.stdio_relay", address]
         try:
             ws = stream(self.core.connect_get_namespaced_pod_exec, pod, ns, container=container, command=command,
                         stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True)

@@ -154,9 +154,11 @@ def test_dns_is_forwarded_to_the_targets_nameserver(agent):
     run(scenario())
 
 
-def test_exec_stdio_relay_carries_the_link_to_a_tcp_agent(tmp_path, target):
+@pytest.mark.parametrize("door", ["tcp", "unix"])
+def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
     """The exec transport without Kubernetes: an agent on tcp:127.0.0.1:0 (it announces the port
-    the kernel chose), and the SSH link over the stdin/stdout of `podtwin.agent.stdio_relay`."""
+    the kernel chose) and on an exec socket, and the SSH link over the stdin/stdout of
+    `podtwin.agent.stdio_relay` connected to either."""
     import threading
 
     key = asyncssh.generate_private_key("ssh-ed25519")
@@ -165,13 +167,15 @@ def test_exec_stdio_relay_carries_the_link_to_a_tcp_agent(tmp_path, target):
     agent = subprocess.Popen(
         [sys.executable, "-m", "podtwin.agent", "--listen", "tcp:127.0.0.1:0",
          "--authorized-key", key.export_public_key().decode().strip(), "--target-pid", str(target.pid),
-         "--startup-timeout", "20"], stdout=subprocess.PIPE, text=True)
+         "--exec-socket", str(tmp_path / "exec.sock"), "--startup-timeout", "20"], stdout=subprocess.PIPE, text=True)
     relay = None
     try:
         line = agent.stdout.readline()
         ready = json.loads(line.split(" ", 1)[1])
         assert ready["port"] > 0
-        relay = subprocess.Popen([sys.executable, "-m", "podtwin.agent.stdio_relay", f"127.0.0.1:{ready['port']}"],
+        assert ready["exec_socket"] == str(tmp_path / "exec.sock")
+        address = f"127.0.0.1:{ready['port']}" if door == "tcp" else f"unix:{ready['exec_socket']}"
+        relay = subprocess.Popen([sys.executable, "-m", "podtwin.agent.stdio_relay", address],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         listener = socket.create_server(("127.0.0.1", 0))   # a connected pair asyncssh can name
         ours = socket.create_connection(listener.getsockname())
