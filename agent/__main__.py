@@ -12,9 +12,11 @@ import asyncssh
 
 from .incoming import IncomingServer
 from .rules import sweep_dead_sessions
-from .nsenter import NamespaceError, enter_netns, main_pid
+from .nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
 from .server import Agent, make_listener, serve
 from .target import TargetProcess
+
+EXEC_SOCKET = "/tmp/podtwin-agent.sock"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--target-container-id",
                         help="the target container's ID (containerd://...): the agent finds its main "
                              "process (needs hostPID) and enters its network namespace (setns)")
+    target.add_argument("--target-in-pod",
+                        help="the target container's ID, for an agent that is an ephemeral container "
+                             "in the target's pod (targetContainerName): it shares the target's PID "
+                             "and network namespaces already, so it only finds the main process")
+    p.add_argument("--exec-socket",
+                   help="also listen on this unix socket, for relays exec'd in the agent's container "
+                        "(the exec transport); default with --target-container-id: " + EXEC_SOCKET +
+                        " (exec'd processes join the network namespace the agent moved to, where its "
+                        "loopback listener is not; a unix socket's path does not depend on it)")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
@@ -47,16 +58,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace):
     """Before any thread or event loop exists: the listener (in our own namespace), then, for a
-    node agent, find the target container's process and enter its network namespace."""
+    node agent, find the target container's process and enter its network namespace; for an
+    ephemeral container in the target's pod, only find the process (the namespaces are shared)."""
     listener, cleanup = make_listener(args.listen)
+    exec_path = args.exec_socket or (EXEC_SOCKET if args.target_container_id else None)
+    exec_socket = (exec_path, *make_listener(f"unix:{exec_path}")) if exec_path else None
     pid = args.target_pid
     if args.target_container_id:
         pid = main_pid(args.target_container_id)
         enter_netns(pid)
-    return listener, cleanup, TargetProcess(pid)
+    elif args.target_in_pod:
+        pid = pod_main_pid(args.target_in_pod)
+    return listener, cleanup, exec_socket, TargetProcess(pid)
 
 
-async def amain(args: argparse.Namespace, listener, cleanup, target: TargetProcess) -> int:
+async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, target: TargetProcess) -> int:
     if not target.exists():
         print(f"podtwin-agent: target process {target.pid} not found", file=sys.stderr)
         return 3
@@ -83,7 +99,7 @@ async def amain(args: argparse.Namespace, listener, cleanup, target: TargetProce
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")
-    await serve(agent, listener, cleanup)
+    await serve(agent, listener, cleanup, exec_socket)
     return 0
 
 
@@ -93,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s agent %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     try:
-        listener, cleanup, target = prepare(args)
+        listener, cleanup, exec_socket, target = prepare(args)
     except (NamespaceError, ValueError, OSError) as exc:
         print(f"podtwin-agent: {exc}", file=sys.stderr)
         return 3
-    return asyncio.run(amain(args, listener, cleanup, target))
+    return asyncio.run(amain(args, listener, cleanup, exec_socket, target))
 
 
 if __name__ == "__main__":

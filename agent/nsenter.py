@@ -69,6 +69,27 @@ def main_pid(container_id: str, proc: Path = Path("/proc")) -> int:
     return min(roots or pids)
 
 
+def pod_main_pid(container_id: str, proc: Path = Path("/proc")) -> int:
+    """For an ephemeral container that targets the container (``targetContainerName``): it shares
+    that container's PID namespace, so the container's processes are visible without hostPID.
+    Found by the cgroup as on a node; when the cgroup paths do not show container IDs (a private
+    cgroup namespace), the PID namespace's init is the target's main process -- unless the pod
+    shares one PID namespace between its containers, where init is the pod's pause process."""
+    try:
+        return main_pid(container_id, proc)
+    except NamespaceError:
+        pass
+    try:
+        comm = (proc / "1" / "comm").read_text().strip()
+    except OSError as exc:
+        raise NamespaceError(f"no process of container {strip_runtime(container_id)[:12]} is visible"
+                             " (is the ephemeral container's targetContainerName the target?)") from exc
+    if comm == "pause":
+        raise NamespaceError(f"no process of container {strip_runtime(container_id)[:12]} found among "
+                             "the pod's shared processes (its cgroup paths hide container IDs)")
+    return 1
+
+
 def enter_netns(pid: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)

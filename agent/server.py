@@ -181,7 +181,8 @@ class ControlSession(asyncssh.SSHServerSession):
 
 def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
     """``unix:/path`` (inside the per-session directory only the session can reach) or
-    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward reaches it).
+    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward or an exec'd relay
+    reaches it; PORT 0 lets the kernel choose a free one, announced in the READY line).
     Made before the agent enters the target's namespace, so it stays where the runner can reach it."""
     kind, _, where = spec.partition(":")
     if kind == "unix":
@@ -204,33 +205,43 @@ def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
     return listener, cleanup
 
 
-async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], None]) -> None:
-    """Announce readiness, accept clients until the agent stops, then close everything."""
+async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], None],
+                exec_socket: tuple[str, socket.socket, Callable[[], None]] | None = None) -> None:
+    """Announce readiness, accept clients until the agent stops, then close everything.
+
+    ``exec_socket`` (path, listener, cleanup): a second, unix listener for relays exec'd in the
+    agent's container (the exec transport), announced in the READY line as ``exec_socket``."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
-    print("PODTWIN_AGENT_READY " + wire.json.dumps({
-        "version": wire.PROTOCOL_VERSION,
-        "host_key": agent.host_key.export_public_key().decode().strip(),
-    }), flush=True)
+    ready = {"version": wire.PROTOCOL_VERSION, "host_key": agent.host_key.export_public_key().decode().strip()}
+    if listener.family in (socket.AF_INET, socket.AF_INET6):
+        ready["port"] = listener.getsockname()[1]  # what the kernel chose for tcp:127.0.0.1:0
+    listeners = [(listener, cleanup)]
+    if exec_socket is not None:
+        ready["exec_socket"] = exec_socket[0]
+        listeners.append(exec_socket[1:])
+    print("PODTWIN_AGENT_READY " + wire.json.dumps(ready), flush=True)
 
-    async def accept_forever() -> None:
+    async def accept_forever(sock_listener: socket.socket) -> None:
         while True:
-            sock, _ = await loop.sock_accept(listener)
+            sock, _ = await loop.sock_accept(sock_listener)
             task = loop.create_task(agent.handle(sock), name="agent:handshake")
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    acceptor = loop.create_task(accept_forever(), name="agent:accept")
+    acceptors = [loop.create_task(accept_forever(sock), name="agent:accept") for sock, _ in listeners]
     watcher = loop.create_task(agent.watch(), name="agent:watch")
     try:
         await agent.shutdown.wait()
     finally:
-        acceptor.cancel()
+        for acceptor in acceptors:
+            acceptor.cancel()
         watcher.cancel()
         if agent.incoming is not None:
             agent.incoming.close()  # removes this session's rules before anything else
-        listener.close()
-        cleanup()
+        for sock, remove in listeners:
+            sock.close()
+            remove()
         for conn in list(agent.connections):
             if conn.conn is not None:
                 conn.conn.close()

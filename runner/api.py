@@ -301,10 +301,11 @@ class App:
 
 
 def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress: Progress, engine) -> int:
-    """A session whose agent is a Job next to the target pod (see kube_session)."""
+    """A session whose agent is a Job next to the target pod, or an ephemeral container in it
+    (see kube_session)."""
     from .adapters.images import podtwin_image_name
-    from .adapters.kube import KubeEngine
-    from .kube_session import PortForwardTransport, write_kube_marker
+    from .adapters.kube import AGENT_PORT, KubeEngine
+    from .kube_session import TRANSPORT_HINTS, transport_for, write_kube_marker
 
     sidecar_image = podtwin_image_name()
     engine.require_image(sidecar_image, "build it with `podtwin images build`")
@@ -326,29 +327,41 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         spawn_guard(session.id, session.runner_pid, session.dir)
         session.write_keys()
         public_key = (session.dir / "client_key.pub").read_text().strip()
-        progress(f"session {session.id}: creating the agent Job on node {pod.node}")
-        ns, job = kube.start_agent(session, pod, cfg.agent.image or sidecar_image, cfg.agent, public_key,
-                                   incoming["mode"] if incoming else None)
-        teardown.add("agent job", lambda: kube.delete_job(ns, job))
-        agent_pod, ready = kube.wait_agent(ns, job, cfg.agent.startup_timeout, progress)
-        host_key = json.loads(ready)["host_key"]
+        image = cfg.agent.image or sidecar_image
+        if cfg.agent.ephemeral:
+            # Kubernetes cannot remove an ephemeral container: this one exits when the link
+            # closes (or if nobody connects within agent.startup_timeout) and stays in the pod's
+            # spec as a terminated container.
+            progress(f"session {session.id}: adding the agent to pod {pod.pod} as an ephemeral container")
+            ns, agent_pod = pod.namespace, pod.pod
+            container = kube.start_ephemeral_agent(session, pod, image, cfg.agent, public_key,
+                                                   incoming["mode"] if incoming else None)
+            ready = json.loads(kube.wait_ephemeral_agent(ns, agent_pod, container, cfg.agent.startup_timeout,
+                                                         progress))
+        else:
+            progress(f"session {session.id}: creating the agent Job on node {pod.node}")
+            ns, job = kube.start_agent(session, pod, image, cfg.agent, public_key,
+                                       incoming["mode"] if incoming else None)
+            teardown.add("agent job", lambda: kube.delete_job(ns, job))
+            agent_pod, line = kube.wait_agent(ns, job, cfg.agent.startup_timeout, progress)
+            ready, container = json.loads(line), "agent"
+        host_key = ready["host_key"]
         (session.dir / "agent_host_key.pub").write_text(host_key + "\n")
 
-        transport = PortForwardTransport(kube, ns, agent_pod)
-        teardown.add("port-forwards", transport.close)
+        transport = transport_for(kube, cfg.agent.transport, ns, agent_pod, container, ready, AGENT_PORT)
+        teardown.add(f"{transport.what} streams", transport.close)
 
         owner = OwnerLink(session, app.link_lost, on_notice=app.on_notice)
         teardown.add("link", owner.close)
-        # The session's unix socket, served here over port-forwards: the owner link and the
+        # The session's unix socket, served here over API server streams: the owner link and the
         # sidecar connect to it exactly as they do to a Docker agent's own socket.
         owner.run(transport.serve(str(session.agent_socket)))
         try:
             remote = owner.connect(host_key, cfg.agent.startup_timeout)
         except AgentError as exc:
             if isinstance(transport.last_error, PodtwinError):  # e.g. port-forward forbidden
-                raise AgentError(f"port-forward to the agent failed: {transport.last_error.message}",
-                                 "you need get and create on pods/portforward "
-                                 "(docs/kubernetes-role.yaml); `podtwin doctor -n NS` checks") from exc
+                raise AgentError(f"{transport.what} to the agent failed: {transport.last_error.message}",
+                                 TRANSPORT_HINTS[transport.what]) from exc
             raise
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
 

@@ -131,7 +131,7 @@ def doctor(namespace, context, kubeconfig) -> None:
     results = checks.run(kubeconfig, context, namespace)
     for check in results:
         click.echo(check.line())
-    if not all(c.ok for c in results):
+    if not all(c.passed for c in results):
         sys.exit(1)
 
 

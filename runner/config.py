@@ -320,6 +320,8 @@ class AgentConfig(_Model):
         None, description="Namespace for the agent Job; default: the target's namespace.")
     ephemeral: bool = Field(
         False, description="Run the agent as an ephemeral container in the target pod instead of a Job.")
+    transport: Literal["port-forward", "exec"] = Field(
+        "port-forward", description="How podtwin reaches the agent through the API server: port-forward, or exec (a relay's stdin/stdout).")
     privileged: bool = Field(
         False, description="Run the agent container privileged (needed on some hardened nodes).")
     labels: StrMap = Field(

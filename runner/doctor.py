@@ -18,9 +18,15 @@ class Check:
     ok: bool
     what: str
     fix: str = ""
+    optional: bool = False   # needed only by an optional setting: reported, never a failure
+
+    @property
+    def passed(self) -> bool:
+        return self.ok or self.optional
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.what}" + ("" if self.ok else f" — {self.fix}")
+        mark = "ok  " if self.ok else "no  " if self.optional else "FAIL"
+        return f"{mark}  {self.what}" + ("" if self.ok else f" — {self.fix}")
 
 
 def docker_checks() -> list[Check]:
@@ -44,7 +50,8 @@ def docker_checks() -> list[Check]:
 
 
 def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | None) -> list[Check]:
-    from .adapters.kube import SESSION_PERMISSIONS, KubeEngine, can_i
+    from .adapters.kube import (EPHEMERAL_PERMISSIONS, EXEC_PERMISSIONS, SESSION_PERMISSIONS, KubeEngine,
+                                can_i)
 
     try:
         kube = KubeEngine(kubeconfig, context)
@@ -52,11 +59,19 @@ def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | No
         return [Check(False, f"Kubernetes: {exc.message}", exc.hint)]
     ns = namespace or kube.default_namespace
     checks = [Check(True, f"Kubernetes cluster answers (namespace {ns})")]
-    for verb, group, resource, sub in SESSION_PERMISSIONS:
-        name = f"{resource}/{sub}" if sub else resource
-        allowed = can_i(kube, verb, group, resource, sub, ns)
-        checks.append(Check(allowed, f"may {verb} {name} in {ns}",
-                            "apply the Role in docs/kubernetes.md to your user"))
+    groups = [(SESSION_PERMISSIONS, ""),   # a default session: agent Job, port-forward
+              (EPHEMERAL_PERMISSIONS, "agent.ephemeral: true"), (EXEC_PERMISSIONS, "agent.transport: exec")]
+    seen = set()
+    for permissions, setting in groups:
+        for verb, group, resource, sub in permissions:
+            if (verb, group, resource, sub) in seen:
+                continue
+            seen.add((verb, group, resource, sub))
+            name = f"{resource}/{sub}" if sub else resource
+            allowed = can_i(kube, verb, group, resource, sub, ns)
+            checks.append(Check(allowed, f"may {verb} {name} in {ns}" + (f" (for {setting})" if setting else ""),
+                                "apply the Role in docs/kubernetes.md to your user"
+                                + (f", or do without {setting}" if setting else ""), optional=bool(setting)))
     return checks
 
 

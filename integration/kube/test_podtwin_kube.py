@@ -135,6 +135,19 @@ def test_deployment_target_env_dns_tcp_udp(cluster, staging):
     no_agent_left(cluster, 10)
 
 
+def test_exec_transport(cluster, staging, tmp_path):
+    """agent.transport: exec -- the link over the stdin/stdout of a relay exec'd in the agent's pod."""
+    cfg = tmp_path / "exec.json"
+    cfg.write_text(json.dumps({"agent": {"transport": "exec"}}))
+    result = podtwin(cluster, "container", "run", "-q", "-f", str(cfg), "-n", staging, "--target", "deploy/api",
+                     APP, "sh", "-c", "echo API_TOKEN=$API_TOKEN; wget -qO- http://backend/over-exec; "
+                                      "udpsend backend:9000 exec-udp")
+    assert result.returncode == 0, result.stderr
+    for expected in ("API_TOKEN=s3cr3t-token", "k8s backend /over-exec", "echo:exec-udp"):
+        assert expected in result.stdout, (expected, result.stdout, result.stderr)
+    no_agent_left(cluster, 10)
+
+
 @pytest.mark.parametrize("target,who", [("sts/db", "statefulset"), ("job/worker", "job"),
                                         ("pod/two/container/side", "side"), ("pod/two", "main")])
 def test_other_target_kinds(cluster, staging, target, who):

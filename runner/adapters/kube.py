@@ -1,20 +1,28 @@
 """Everything podtwin asks of a Kubernetes cluster. The only module that imports ``kubernetes``.
 
 Resolves a target to one running, ready pod and container; runs the agent as a Job pinned to that
-pod's node (hostPID, named capabilities only); reports scheduling and image problems as they
-happen; opens port-forward streams to the agent. API errors become PodtwinErrors with a hint.
+pod's node (hostPID, named capabilities only) or as an ephemeral container in the target pod;
+reports scheduling, image and Pod Security problems as they happen; opens port-forward or exec
+streams to the agent. API errors become PodtwinErrors with a hint.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import logging
+import re
+import select
+import socket
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-from kubernetes.stream import portforward
+from kubernetes.stream import portforward, stream
+from websocket import ABNF, WebSocketException
 
 from ..errors import AgentError, ImageMissing, PodtwinError, SessionError, TargetError
 from ..session import LABEL_SESSION, Session
@@ -41,6 +49,7 @@ class PodTarget:
     container_id: str
     node: str
     pod_ip: str
+    run_as: dict | None = None   # the target container's runAsUser/runAsGroup, when its spec names them
 
 
 def _label(value: str) -> str:
@@ -76,14 +85,14 @@ class KubeEngine:
         except ValueError:
             pass
         message = body.get("message") or exc.reason or str(exc)
+        if exc.status == 0 and "Handshake status 403" in message:  # a refused WebSocket upgrade
+            exc.status, message = 403, _handshake_message(message)
         if exc.status == 401:
             return ClusterUnavailable(f"the cluster refused our credentials while trying to {doing}",
                                       "log in again (your token or certificate may have expired)")
         if exc.status == 403:
-            if "PodSecurity" in message or "violates PodSecurity" in message:
-                return AgentError(f"Pod Security refuses the agent: {message[:300]}",
-                                  "set agent.ephemeral: true, or agent.namespace to a namespace that "
-                                  "allows privileged-level pods")
+            if "PodSecurity" in message:
+                return pod_security_error(message, ephemeral="ephemeral" in doing)
             details = body.get("details") or {}
             return Forbidden(f"not allowed to {doing}: {message[:300]}"
                              + (f" (resource {details.get('kind')})" if details.get("kind") else ""))
@@ -151,8 +160,11 @@ class KubeEngine:
         status = statuses[container]
         if not status.container_id or not status.ready:
             raise TargetError(f"container {container} of pod {pod.metadata.name} is not running and ready")
+        spec = next(c for c in pod.spec.containers if c.name == container)
+        sc = spec.security_context
+        run_as = {"runAsUser": sc.run_as_user, "runAsGroup": sc.run_as_group} if sc is not None else None
         return PodTarget(pod.metadata.namespace, pod.metadata.name, container, status.container_id,
-                         pod.spec.node_name, pod.status.pod_ip or "")
+                         pod.spec.node_name, pod.status.pod_ip or "", run_as)
 
     def _close_names(self, target: KubeTarget, ns: str) -> str:
         listers = {"pod": lambda: self.core.list_namespaced_pod(ns).items,
@@ -266,12 +278,13 @@ class KubeEngine:
 
     def _job_failure(self, ns: str, job: str) -> None:
         """Admission (Pod Security, quotas) refuses the Job's pod: the Job says so in its events."""
-        events = self.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={job}").items
+        try:
+            events = self.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={job}").items
+        except ApiException as exc:
+            raise self._error(exc, f"list the agent Job's events in {ns}") from exc
         for event in events:
             if event.reason == "FailedCreate" and "PodSecurity" in (event.message or ""):
-                raise AgentError(f"Pod Security refuses the agent: {event.message[:300]}",
-                                 "set agent.ephemeral: true, or agent.namespace to a namespace that allows "
-                                 "privileged-level pods")
+                raise pod_security_error(event.message, ephemeral=False, namespace=ns)
             if event.reason == "FailedCreate":
                 raise AgentError(f"the agent's pod cannot be created: {event.message[:300]}")
 
@@ -290,6 +303,100 @@ class KubeEngine:
         sock = pf.socket(port)
         sock.setblocking(True)
         return pf, sock
+
+    # -- the agent as an ephemeral container -------------------------------------------------
+    def start_ephemeral_agent(self, session: Session, pod: PodTarget, image: str, agent_cfg, public_key: str,
+                              incoming: str | None) -> str:
+        """Add the agent to the target pod as an ephemeral container that targets the target
+        container (so it sees its processes) and shares the pod's network namespace: no hostPID,
+        no setns, and no capability added unless incoming traffic asks for one. It listens on a
+        loopback port the kernel chooses (announced in its READY line), so sessions never collide
+        with each other or with the app. Returns the container's name."""
+        name = session.name("agent")
+        # Mirror's capture uses NET_RAW from the runtime's default set (containerd and Docker have
+        # it; adding it explicitly would fail Pod Security baseline); steal's rules need NET_ADMIN.
+        caps = ["NET_ADMIN"] if incoming == "steal" else []
+        command = ["python", "-m", "podtwin.agent", "--listen", "tcp:127.0.0.1:0",
+                   "--authorized-key", public_key, "--target-in-pod", pod.container_id,
+                   "--startup-timeout", str(agent_cfg.startup_timeout),
+                   "--communication-timeout", str(agent_cfg.communication_timeout),
+                   *(["--incoming", incoming, "--session", session.id] if incoming else [])]
+        # As the target's user (when its spec names one), the agent may read the target's
+        # /proc/PID/environ and root with no CAP_SYS_PTRACE; otherwise the image's user (root).
+        security: dict = {k: v for k, v in (pod.run_as or {}).items() if v is not None}
+        if caps:
+            security["capabilities"] = {"add": caps}
+        if agent_cfg.privileged:
+            security["privileged"] = True
+        container = {"name": name, "image": image, "imagePullPolicy": agent_cfg.image_pull_policy,
+                     "command": command, "targetContainerName": pod.container, "stdin": False, "tty": False,
+                     **({"securityContext": security} if security else {})}
+        try:
+            self.core.patch_namespaced_pod_ephemeralcontainers(
+                pod.pod, pod.namespace, {"spec": {"ephemeralContainers": [container]}},
+                _content_type="application/strategic-merge-patch+json")
+        except ApiException as exc:
+            if exc.status == 404 and "ephemeralcontainers" in (exc.body or ""):
+                raise AgentError("this cluster has no ephemeral containers (Kubernetes 1.25+ has them)",
+                                 "set agent.ephemeral: false") from exc
+            raise self._error(exc, f"add the agent as an ephemeral container to pod {pod.pod} in "
+                                   f"{pod.namespace}") from exc
+        return name
+
+    def wait_ephemeral_agent(self, ns: str, pod: str, name: str, timeout: float, progress) -> str:
+        """Wait for the ephemeral agent to print its READY line; returns the line's JSON."""
+        deadline = time.monotonic() + timeout
+        said = set()
+        while time.monotonic() < deadline:
+            try:
+                obj = self.core.read_namespaced_pod(pod, ns)
+            except ApiException as exc:
+                raise self._error(exc, f"read pod {pod} in {ns}") from exc
+            status = next((s for s in obj.status.ephemeral_container_statuses or [] if s.name == name), None)
+            state = status.state if status is not None else None
+            waiting = state.waiting if state is not None else None
+            if waiting and waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+                raise ImageMissing(f"the agent image {status.image} cannot be pulled on node "
+                                   f"{obj.spec.node_name} ({waiting.reason})",
+                                   "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
+            if waiting and waiting.reason and waiting.reason not in said:
+                said.add(waiting.reason)
+                progress(f"agent container: {waiting.reason}")
+            if state is not None and state.terminated:
+                raise AgentError("the agent exited during start-up: "
+                                 + self._logs(ns, pod, container=name).strip().replace("\n", " | "))
+            if state is not None and state.running:
+                for line in self._logs(ns, pod, tail=None, container=name).splitlines():
+                    if line.startswith("PODTWIN_AGENT_READY "):
+                        return line.split(" ", 1)[1]
+            time.sleep(0.2)
+        raise AgentError(f"the agent was not ready within {timeout:.0f}s",
+                         f"raise agent.startup_timeout, or look at `kubectl -n {ns} describe pod {pod}`")
+
+    def ephemeral_agent_state(self, ns: str, pod: str, name: str) -> str:
+        """'waiting', 'running', 'terminated' or 'gone' (the pod is gone)."""
+        try:
+            obj = self.core.read_namespaced_pod(pod, ns)
+        except ApiException:
+            return "gone"
+        status = next((s for s in obj.status.ephemeral_container_statuses or [] if s.name == name), None)
+        if status is None or status.state is None:
+            return "waiting"
+        return "terminated" if status.state.terminated else "running" if status.state.running else "waiting"
+
+    # -- the exec transport ------------------------------------------------------------------
+    def exec_stdio(self, ns: str, pod: str, container: str, address: str):
+        """A connected socket to the agent at ``address`` (``127.0.0.1:PORT`` or ``unix:/PATH``
+        as seen in ``container``): the stdin/stdout of ``python -m podtwin.agent.stdio_relay``
+        exec'd there (no TTY)."""
+        command = ["python", "-m", "podtwin.agent.stdio_relay", address]
+        try:
+            ws = stream(self.core.connect_get_namespaced_pod_exec, pod, ns, container=container, command=command,
+                        stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True)
+        except ApiException as exc:
+            raise self._error(exc, f"exec in pod {pod}") from exc
+        relay = ExecStream(ws)
+        return relay, relay.socket
 
     def delete_job(self, ns: str, job: str) -> None:
         try:
@@ -312,12 +419,146 @@ class KubeEngine:
         return [(j.metadata.namespace, j.metadata.name, dict(j.metadata.labels or {})) for j in jobs]
 
 
+def pod_security_error(message: str, ephemeral: bool, namespace: str = "") -> AgentError:
+    """One line for a Pod Security refusal: the level, what it refuses, and what to do instead."""
+    m = re.search(r'violates PodSecurity "([a-z]+):([^"]+)": (.*)', message)
+    level, why = (m.group(1), m.group(3).strip()) if m else ("?", message)
+    where = f" of namespace {namespace}" if namespace else ""
+    if ephemeral:
+        return AgentError(f"Pod Security level {level!r}{where} refuses the agent's ephemeral container: {why[:300]}",
+                          "incoming steal needs NET_ADMIN, which level baseline does not allow: set "
+                          "feature.network.incoming.mode to mirror or off, or use a namespace at level privileged")
+    return AgentError(f"Pod Security level {level!r}{where} refuses the agent Job's pod: {why[:300]}",
+                      "set agent.ephemeral: true (an ephemeral container in the target pod: no added "
+                      "privileges for env and outgoing traffic, passes baseline), or agent.namespace to a "
+                      "namespace at level privileged")
+
+
+def _handshake_message(reason: str) -> str:
+    """websocket-client's "Handshake status 403 Forbidden -+-+- {headers} -+-+- b'{json}'" -> the
+    API server's message."""
+    body = reason.rsplit(" -+-+- ", 1)[-1]
+    try:
+        status = json.loads(ast.literal_eval(body)) if body.startswith(("b'", 'b"')) else json.loads(body)
+        return str(status.get("message") or "forbidden")
+    except (ValueError, SyntaxError, AttributeError):
+        return "forbidden"
+
+
+class ExecStream:
+    """An exec'd process's stdin and stdout as one end of a socket pair.
+
+    One thread moves the bytes, select()ing on the WebSocket and on its end of the pair (as the
+    kubernetes client's port-forward does: no concurrent reads and writes on one TLS socket).
+    Channel 0 is the process's stdin, 1 its stdout, 2 its stderr (kept for errors), 3 the exit
+    status. With the v5 protocol (Kubernetes 1.30+), the end of our data closes its stdin.
+    """
+
+    LIMIT = 4 * 1024 * 1024  # buffered bytes per direction before we stop reading that side
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.socket, self._ours = socket.socketpair()
+        self.stderr = b""
+        self.status = ""
+        self._thread = threading.Thread(target=self._run, name="podtwin-exec", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        web = self.ws.sock            # websocket.WebSocket
+        local = self._ours
+        v5 = self.ws.subprotocol == "v5.channel.k8s.io"
+        to_ws, to_local = b"", b""
+        local_eof = ws_closed = False
+        try:
+            while True:
+                if ws_closed and not to_local:
+                    break
+                rlist, wlist = [], []
+                if not ws_closed:
+                    if len(to_local) < self.LIMIT:
+                        rlist.append(web.sock)
+                    if to_ws:
+                        wlist.append(web.sock)
+                    if not local_eof and len(to_ws) < self.LIMIT:
+                        rlist.append(local)
+                if to_local:
+                    wlist.append(local)
+                if local_eof and not to_ws and not v5:
+                    break  # v4 cannot half-close stdin: closing the stream ends the relay
+                ready_r, ready_w, _ = select.select(rlist, wlist, [])
+                if web.sock in ready_r:
+                    while True:
+                        opcode, frame = web.recv_data_frame(True)
+                        if opcode == ABNF.OPCODE_CLOSE:
+                            ws_closed = True
+                            break
+                        if opcode in (ABNF.OPCODE_BINARY, ABNF.OPCODE_TEXT) and frame.data:
+                            channel, data = frame.data[0], frame.data[1:]
+                            if channel == 1:
+                                to_local += data
+                            elif channel == 2:
+                                self.stderr = (self.stderr + data)[-4096:]
+                            elif channel == 3:
+                                self.status += data.decode(errors="replace")
+                        if not (isinstance(web.sock, ssl.SSLSocket) and web.sock.pending()):
+                            break
+                if local in ready_r:
+                    data = local.recv(256 * 1024)
+                    if data:
+                        to_ws += ABNF.create_frame(b"\x00" + data, ABNF.OPCODE_BINARY).format()
+                    else:
+                        local_eof = True
+                        if v5:  # close the process's stdin: the relay half-closes to the agent
+                            to_ws += ABNF.create_frame(bytes([255, 0]), ABNF.OPCODE_BINARY).format()
+                if web.sock in ready_w and to_ws:
+                    to_ws = to_ws[web.sock.send(to_ws):]
+                if local in ready_w and to_local:
+                    to_local = to_local[local.send(to_local):]
+        except (OSError, WebSocketException, ValueError) as exc:
+            log.debug("exec stream ended: %s", exc)
+        finally:
+            for sock in (local,):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            try:
+                self.ws.close()
+            except Exception:  # noqa: BLE001 - already closed
+                pass
+
+    def close(self) -> None:
+        try:
+            self._ours.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+
 # What a session does, as (verb, group, resource, subresource); docs/kubernetes.md has the Role.
-SESSION_PERMISSIONS = [
+# Every session needs the common ones; each kind of agent and transport adds its own.
+COMMON_PERMISSIONS = [
     ("get", "apps", "deployments", ""), ("list", "", "pods", ""), ("get", "", "services", ""),
-    ("create", "batch", "jobs", ""), ("delete", "batch", "jobs", ""), ("delete", "", "pods", ""),
-    ("get", "", "pods", "log"), ("get", "", "pods", "portforward"), ("list", "", "events", ""),
+    ("get", "", "pods", "log"),
 ]
+JOB_PERMISSIONS = [
+    ("create", "batch", "jobs", ""), ("delete", "batch", "jobs", ""), ("delete", "", "pods", ""),
+    ("list", "", "events", ""),
+]
+EPHEMERAL_PERMISSIONS = [("get", "", "pods", ""), ("patch", "", "pods", "ephemeralcontainers")]
+PORT_FORWARD_PERMISSIONS = [("get", "", "pods", "portforward")]
+EXEC_PERMISSIONS = [("get", "", "pods", "exec")]
+SESSION_PERMISSIONS = COMMON_PERMISSIONS + JOB_PERMISSIONS + PORT_FORWARD_PERMISSIONS
+
+
+def session_permissions(ephemeral: bool = False, transport: str = "port-forward") -> list[tuple[str, str, str, str]]:
+    """What a session with these agent settings needs."""
+    return (COMMON_PERMISSIONS + (EPHEMERAL_PERMISSIONS if ephemeral else JOB_PERMISSIONS)
+            + (EXEC_PERMISSIONS if transport == "exec" else PORT_FORWARD_PERMISSIONS))
 
 
 def can_i(engine: "KubeEngine", verb: str, group: str, resource: str, subresource: str, ns: str) -> bool:

@@ -152,3 +152,74 @@ def test_dns_is_forwarded_to_the_targets_nameserver(agent):
         assert answer == b"" or answer[:2] == b"\x12\x34"
         link.close()
     run(scenario())
+
+
+@pytest.mark.parametrize("door", ["tcp", "unix"])
+def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
+    """The exec transport without Kubernetes: an agent on tcp:127.0.0.1:0 (it announces the port
+    the kernel chose) and on an exec socket, and the SSH link over the stdin/stdout of
+    `podtwin.agent.stdio_relay` connected to either."""
+    import threading
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "client_key").write_bytes(key.export_private_key())
+    (tmp_path / "client_key").chmod(0o600)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "podtwin.agent", "--listen", "tcp:127.0.0.1:0",
+         "--authorized-key", key.export_public_key().decode().strip(), "--target-pid", str(target.pid),
+         "--exec-socket", str(tmp_path / "exec.sock"), "--startup-timeout", "20"], stdout=subprocess.PIPE, text=True)
+    relay = None
+    try:
+        line = agent.stdout.readline()
+        ready = json.loads(line.split(" ", 1)[1])
+        assert ready["port"] > 0
+        assert ready["exec_socket"] == str(tmp_path / "exec.sock")
+        address = f"127.0.0.1:{ready['port']}" if door == "tcp" else f"unix:{ready['exec_socket']}"
+        relay = subprocess.Popen([sys.executable, "-m", "podtwin.agent.stdio_relay", address],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        listener = socket.create_server(("127.0.0.1", 0))   # a connected pair asyncssh can name
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+        listener.close()
+
+        def up():
+            try:
+                while data := theirs.recv(65536):
+                    relay.stdin.write(data)
+            except OSError:
+                pass
+            relay.stdin.close()
+
+        def down():
+            try:
+                while data := os.read(relay.stdout.fileno(), 65536):
+                    theirs.sendall(data)
+                theirs.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        for pump in (up, down):
+            threading.Thread(target=pump, daemon=True).start()
+
+        async def scenario():
+            server = await asyncio.start_server(
+                lambda r, w: (w.write(b"x" * 1_000_000), w.close()), "127.0.0.1", 0)
+            link = await Link.connect(ours, LinkKeys(str(tmp_path / "client_key"), ready["host_key"]), role="runner")
+            info = await link.control.info()
+            assert info["env"]["GREETING"] == "hello from target"
+            reader, writer = await link.open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
+            assert len(await reader.read()) == 1_000_000   # bulk data, binary-clean, through the relay
+            writer.close()
+            link.close()
+            server.close()
+        run(scenario())
+        assert agent.wait(timeout=10) == 0     # the owner link went: the agent exits
+        assert relay.wait(timeout=10) == 0     # and so does the relay
+        ours.close()
+        theirs.close()
+        relay.stdout.close()
+    finally:
+        for proc in (agent, relay):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        agent.stdout.close()

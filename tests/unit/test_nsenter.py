@@ -47,3 +47,21 @@ def test_systemd_cgroup_paths_and_missing_containers(tmp_path):
     assert main_pid(CID, proc) == 50
     with pytest.raises(NamespaceError, match="no process of container"):
         main_pid("d" * 64, proc)
+
+
+def test_pod_main_pid_for_an_ephemeral_container(tmp_path):
+    from podtwin.agent.nsenter import pod_main_pid
+
+    # cgroup paths name the container: found as on a node
+    (tmp_path / "a").mkdir()
+    proc = fake_proc(tmp_path / "a", {1: (0, f"0::/kubepods/pod1/{CID}\n"), 7: (0, "0::/kubepods/pod1/" + "e" * 64)})
+    assert pod_main_pid(CID, proc) == 1
+    # a private cgroup namespace hides the IDs: the PID namespace's init is the target's process
+    (tmp_path / "b").mkdir()
+    proc = fake_proc(tmp_path / "b", {1: (0, "0::/\n"), 9: (0, "0::/\n")})
+    (proc / "1" / "comm").write_text("sleep\n")
+    assert pod_main_pid(CID, proc) == 1
+    # ... unless the pod shares one PID namespace (shareProcessNamespace): then init is pause
+    (proc / "1" / "comm").write_text("pause\n")
+    with pytest.raises(NamespaceError, match="shared processes"):
+        pod_main_pid(CID, proc)
