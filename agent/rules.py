@@ -170,3 +170,22 @@ class SessionRules:
             remove_session_chain(self.session_id)
         self.ports.clear()
         self.created = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m podtwin.agent.rules sweep``: remove dead sessions' chains in this namespace
+    (what `podtwin clean` runs in a target's namespace), printing one line per session removed."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="podtwin-rules")
+    p.add_argument("action", choices=["sweep"])
+    p.parse_args(argv)
+    for session_id in sweep_dead_sessions():
+        print(f"removed the incoming rules of dead session {session_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -223,3 +223,26 @@ def test_two_sessions_with_different_filters_share_a_port(podtwin, staging, clie
     assert bob_session.wait(timeout=30) == 130
     assert "you asked for /9" in keepalive(staging, [["GET", "/9", bob]])[0]
     assert podtwin_rules(staging.backend) == []
+
+
+def test_clean_removes_stale_rules_but_not_a_live_sessions(podtwin, staging, client, tmp_path):
+    """Rules whose agent and guard are both gone (here: made by hand, as a crash of the whole
+    engine could leave them) go with `podtwin clean --target`; a live session's stay."""
+    proc = steal(podtwin, staging, tmp_path, body="still-mine")
+    stale = ["-p", "tcp", "--dport", "9999", "-j", "REDIRECT", "--to-ports", "1"]
+    docker("run", "--rm", "--network", f"container:{staging.backend}", "--cap-add", "NET_ADMIN", PODTWIN_IMAGE,
+           "sh", "-c", "iptables -t nat -N PODTWIN_IN_deadbeef && iptables -t nat -A PODTWIN_IN_deadbeef "
+           + " ".join(stale) + " && iptables -t nat -I PREROUTING -p tcp -j PODTWIN_IN_deadbeef")
+    assert any("deadbeef" in rule for rule in podtwin_rules(staging.backend))
+    result = podtwin.run("clean", "--target", f"container/{staging.backend}")
+    assert result.returncode == 0, result.stderr
+    assert f"removed the incoming rules of dead session deadbeef (in {staging.backend})" in result.stdout
+    rules = podtwin_rules(staging.backend)
+    assert not any("deadbeef" in rule for rule in rules)
+    assert rules and call(client) == "still-mine"                 # the live session is untouched
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert podtwin_rules(staging.backend) == []
+
+    bad = podtwin.run("clean", "--target", "deploy/api")
+    assert bad.returncode != 0 and "container/NAME targets only" in bad.stderr.strip().splitlines()[-1]

@@ -417,32 +417,75 @@ def _die_with_parent() -> None:
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
-def list_sessions() -> list[dict]:
+def kube_for_listing(kubeconfig: str | None = None, context: str | None = None):
+    """(the cluster, None) when a kubeconfig is usable and its cluster answers within seconds,
+    else (None, why): `sessions` and `clean` then cover the Docker engine only, and say so."""
+    from .adapters.kube import KubeEngine
+
+    try:
+        return KubeEngine(kubeconfig, context, probe_timeout=3), None
+    except PodtwinError as exc:
+        return None, exc.message
+
+
+def list_sessions(kube=None) -> list[dict]:
+    """Sessions by their labelled objects: Docker containers and networks, and (given a cluster)
+    agent Jobs in every namespace we may list."""
     from .adapters.docker_engine import DockerEngine
     from .session import LABEL_ROLE, LABEL_SESSION, LABEL_TARGET, runner_alive
 
     sessions: dict[str, dict] = {}
+
+    def entry(labels: dict) -> dict:
+        sid = labels.get(LABEL_SESSION, "?")
+        return sessions.setdefault(sid, {"session": sid, "target": labels.get(LABEL_TARGET, ""),
+                                         "alive": runner_alive(labels), "objects": [], "jobs": []})
+
     for obj in DockerEngine().session_objects():
-        sid = obj.labels.get(LABEL_SESSION, "?")
-        entry = sessions.setdefault(sid, {"session": sid, "target": obj.labels.get(LABEL_TARGET, ""),
-                                          "alive": runner_alive(obj.labels), "objects": []})
-        entry["objects"].append(f"{obj.labels.get(LABEL_ROLE, obj.kind)}:{obj.name}")
+        entry(obj.labels)["objects"].append(f"{obj.labels.get(LABEL_ROLE, obj.kind)}:{obj.name}")
+    if kube is not None:
+        for ns, name, labels in kube.session_jobs():
+            found = entry(labels)
+            found["objects"].append(f"agent-job:{ns}/{name}")
+            found["jobs"].append((ns, name))
+            if found["target"].count("_") and "/" not in found["target"]:  # label values hold no '/'
+                found["target"] = found["target"].replace("_", "/")
     return sorted(sessions.values(), key=lambda s: s["session"])
 
 
-def clean(all_sessions: bool = False) -> list[str]:
-    """Remove the objects of sessions whose runner is gone (or of every session with all=True)."""
+def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) -> list[str]:
+    """Remove what sessions whose runner is gone left behind (every session's with all=True):
+    containers, networks and session directories; agent Jobs given a cluster; and dead sessions'
+    incoming rules in the namespaces of their Docker targets (and of ``targets``)."""
     from .adapters.docker_engine import DockerEngine
+    from .adapters.images import podtwin_image_name
     from .session import dir_owner_alive, sessions_dir
+    from .targets import DockerTarget, parse_target
 
     engine = DockerEngine()
     removed: list[str] = []
     live = set()
-    for entry in list_sessions():
+    sweep = {t.name for t in map(parse_target, targets) if isinstance(t, DockerTarget)}
+    if sweep:
+        engine.require_image(podtwin_image_name(), "build it with `podtwin images build`")
+    if len(sweep) != len(set(targets)):
+        raise SessionError("clean --target takes container/NAME targets only",
+                           "a Kubernetes target's rules go with its agent pod (its rules guard)")
+    for entry in list_sessions(kube):
         if entry["alive"] and not all_sessions:
             live.add(entry["session"])
             continue
+        if entry["target"].startswith("container/"):
+            sweep.add(entry["target"].split("/", 1)[1])
         removed += engine.clean_session(entry["session"])
+        for ns, name in entry["jobs"]:
+            kube.delete_job(ns, name)
+            removed.append(f"agent Job {ns}/{name}")
+    for name in sorted(sweep):
+        if engine.is_running(name):
+            removed += engine.sweep_rules(name, podtwin_image_name())
+        elif any(t.endswith("/" + name) for t in targets):
+            raise SessionError(f"container {name!r} is not running", "its rules went with its network namespace")
     root = sessions_dir()
     if root.is_dir():
         for path in root.iterdir():

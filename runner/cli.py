@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from importlib.metadata import version
@@ -135,10 +136,22 @@ def doctor(namespace, context, kubeconfig) -> None:
         sys.exit(1)
 
 
+def _cluster(kubeconfig: str | None, context: str | None):
+    """The cluster for `sessions`/`clean`, if one is configured and answers (else a note why not)."""
+    kube, why = api.kube_for_listing(kubeconfig, context)
+    configured = kubeconfig or context or os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists()
+    if kube is None and configured:
+        click.echo(f"podtwin: agent Jobs not checked: {why}", err=True)
+    return kube
+
+
 @main.command("sessions")
-def sessions() -> None:
-    """List podtwin sessions and whether their runner is still alive."""
-    rows = api.list_sessions()
+@click.option("--context", help="kubeconfig context whose agent Jobs to list too.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG).")
+def sessions(context, kubeconfig) -> None:
+    """List podtwin sessions (local containers, and agent Jobs in the cluster) and whether their
+    runner is still alive."""
+    rows = api.list_sessions(_cluster(kubeconfig, context))
     if not rows:
         click.echo("no podtwin sessions")
         return
@@ -149,9 +162,14 @@ def sessions() -> None:
 
 @main.command("clean")
 @click.option("--all", "all_sessions", is_flag=True, help="Also remove sessions whose runner is alive.")
-def clean(all_sessions: bool) -> None:
-    """Remove what dead sessions left behind (containers, networks, session directories)."""
-    removed = api.clean(all_sessions)
+@click.option("--target", "targets", multiple=True, metavar="container/NAME",
+              help="Also remove dead sessions' incoming rules in this container's network namespace.")
+@click.option("--context", help="kubeconfig context whose agent Jobs to clean too.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG).")
+def clean(all_sessions: bool, targets, context, kubeconfig) -> None:
+    """Remove what dead sessions left behind: containers, networks, session directories, agent
+    Jobs, and incoming rules in their Docker targets."""
+    removed = api.clean(all_sessions, _cluster(kubeconfig, context), tuple(targets))
     click.echo("\n".join(f"removed {r}" for r in removed) if removed else "nothing to clean")
 
 

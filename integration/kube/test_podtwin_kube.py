@@ -171,6 +171,34 @@ def test_unknown_target_says_what_exists(cluster, staging):
     assert not agent_pods(cluster)
 
 
+def test_sessions_and_clean_cover_agent_jobs(cluster, staging):
+    """An agent Job whose runner is gone (made by hand: the runner's own guard normally deletes
+    it) is listed as dead by `podtwin sessions` and deleted by `podtwin clean`."""
+    import socket
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                   # a runner PID that no longer runs
+    labels = {"podtwin.session": "0badc0de", "podtwin.role": "agent", "podtwin.target": "deployment_api",
+              "podtwin.runner-pid": str(gone.pid), "podtwin.runner-start": "0",
+              "podtwin.host": socket.gethostname()}
+    name = "podtwin-0badc0de-agent"
+    client.BatchV1Api(cluster.api).create_namespaced_job(staging, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels},
+        "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "agent", "image": PODTWIN_IMAGE, "imagePullPolicy": "IfNotPresent",
+                            "command": ["sleep", "infinity"]}]}}}})
+    listed = podtwin(cluster, "sessions")
+    assert listed.returncode == 0, listed.stderr
+    line = next(ln for ln in listed.stdout.splitlines() if ln.startswith("0badc0de"))
+    assert "dead" in line and "deployment/api" in line and f"agent-job:{staging}/{name}" in line
+    cleaned = podtwin(cluster, "clean")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"removed agent Job {staging}/{name}" in cleaned.stdout
+    wait_until(lambda: not client.BatchV1Api(cluster.api).list_namespaced_job(
+        staging, label_selector="podtwin.session=0badc0de").items, 30, "the Job to go")
+    wait_until(lambda: not agent_pods(cluster), 30, "its pod to go")
+
+
 def test_sigkill_of_the_runner_removes_the_agent(cluster, staging, tmp_path):
     core = client.CoreV1Api(cluster.api)
     target = core.list_namespaced_pod(staging, label_selector="app=api").items[0]

@@ -114,6 +114,23 @@ class DockerEngine:
         )
         return container.id
 
+    def sweep_rules(self, target: str, image: str) -> list[str]:
+        """Remove dead sessions' incoming rules in a running container's network namespace (a
+        one-off container there, as the rules guard runs); what it removed, one line each."""
+        try:
+            out = self.client.containers.run(
+                image, ["python", "-m", "podtwin.agent.rules", "sweep"], remove=True,
+                network_mode=f"container:{target}", cap_add=["NET_ADMIN"], cap_drop=["ALL"],
+                labels={"podtwin.role": "rules-sweep"})
+        except docker.errors.NotFound as exc:
+            raise TargetError(f"container {target!r} not found",
+                              "check the name with `docker ps`") from exc
+        except docker.errors.APIError as exc:
+            raise SessionError(f"cannot sweep the rules of {target}: {_short(exc)}") from exc
+        except docker.errors.ContainerError as exc:
+            raise SessionError(f"the rules sweep in {target} failed: {_short(exc)}") from exc
+        return [f"{line} (in {target})" for line in out.decode().splitlines() if line.strip()]
+
     def remove_when_exited(self, container_id: str, timeout: float) -> None:
         """Let a container finish its own clean-up, then remove it whatever its state."""
         deadline = time.monotonic() + timeout

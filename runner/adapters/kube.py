@@ -57,7 +57,8 @@ def _label(value: str) -> str:
 
 
 class KubeEngine:
-    def __init__(self, kubeconfig: str | None = None, context: str | None = None) -> None:
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None,
+                 probe_timeout: float = 10) -> None:
         try:
             config.load_kube_config(config_file=kubeconfig, context=context)
         except config.ConfigException as exc:
@@ -71,7 +72,7 @@ class KubeEngine:
         _, active = config.list_kube_config_contexts(config_file=kubeconfig)
         self.default_namespace = (active.get("context") or {}).get("namespace") or "default"
         try:
-            client.VersionApi(self.api).get_code(_request_timeout=10)
+            client.VersionApi(self.api).get_code(_request_timeout=probe_timeout)
         except ApiException as exc:
             raise self._error(exc, "reach the cluster") from exc
         except Exception as exc:  # urllib3 connection errors, TLS errors
@@ -414,8 +415,13 @@ class KubeEngine:
         selector = LABEL_SESSION if session_id is None else f"{LABEL_SESSION}={session_id}"
         try:
             jobs = self.batch.list_job_for_all_namespaces(label_selector=selector).items
-        except ApiException:
-            return []
+        except ApiException as exc:
+            if exc.status != 403:
+                return []
+            try:  # not allowed cluster-wide: the namespaces we may list, i.e. our own
+                jobs = self.batch.list_namespaced_job(self.default_namespace, label_selector=selector).items
+            except ApiException:
+                return []
         return [(j.metadata.namespace, j.metadata.name, dict(j.metadata.labels or {})) for j in jobs]
 
 
