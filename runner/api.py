@@ -316,6 +316,12 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
     pod = kube.resolve(target, opts.namespace or cfg.target.namespace)
     progress(f"target: pod {pod.namespace}/{pod.pod}, container {pod.container}, node {pod.node}")
     incoming = incoming_settings(cfg, progress)
+    if pod.mesh:
+        progress.warn(f"podtwin: the target pod runs a service-mesh proxy ({pod.mesh}): outgoing traffic "
+                      "goes through it as the pod's own does" + (
+                          "; incoming traffic from meshed clients is mTLS, which podtwin cannot read "
+                          "(steal and mirror serve plaintext clients only; see docs/kubernetes.md)"
+                          if incoming else ""))
 
     session = Session.create(str(target))
     teardown = Teardown()

@@ -54,6 +54,10 @@ def manifests() -> list[dict]:
                       "containers": [{"name": "web", "command": ["python3", "/code/web.py"], **python}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
          "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "protocol": "TCP"}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "meshed"},   # a mesh proxy's name only
+         "spec": {"terminationGracePeriodSeconds": 1, "volumes": [code], "containers": [
+             {"name": "istio-proxy", "command": ["sleep", "infinity"], **python},
+             {"name": "app", "command": ["sleep", "infinity"], **python}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "caller"},
          "spec": {"terminationGracePeriodSeconds": 1, "volumes": [code],
                   "containers": [{"name": "caller", "command": ["sleep", "infinity"], **python}]}},
@@ -69,9 +73,9 @@ def staging(cluster, namespace):
 
     def ready():
         pods = core.list_namespaced_pod(namespace).items
-        return len(pods) == 2 and all(p.status.phase == "Running" and all(
+        return len(pods) == 3 and all(p.status.phase == "Running" and all(
             c.ready for c in p.status.container_statuses or []) for p in pods)
-    wait_until(ready, 180, "the web pod and the caller to run")
+    wait_until(ready, 180, "the web, meshed and caller pods to run")
     wait_until(lambda: "target:GET /up" in " ".join(calls(cluster, namespace, [["GET", "/up", {}]])),
                60, "the web Service to answer")
     return namespace
@@ -224,3 +228,15 @@ def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, faul
     assert time.monotonic() - start < 10
     session.proc.wait(timeout=60)
     assert web_pod(cluster, staging).status.container_statuses[0].restart_count == restarts
+
+
+def test_a_mesh_sidecar_is_named_and_skipped(cluster, staging, tmp_path):
+    cfg = tmp_path / "steal.json"
+    cfg.write_text(json.dumps({"feature": {"network": {"incoming": "steal"}}}))
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PODTWIN_STATE_DIR": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, "-m", "podtwin.runner", "container", "run", "-n", staging, "-f", str(cfg),
+                             "--target", "pod/meshed", APP, "true"], capture_output=True, text=True, env=env,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "container app," in result.stderr                      # not the proxy
+    assert "service-mesh proxy (istio-proxy)" in result.stderr and "mTLS" in result.stderr

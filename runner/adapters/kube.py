@@ -31,6 +31,7 @@ from ..targets import KubeTarget
 log = logging.getLogger("podtwin.kube")
 AGENT_PORT = 44128
 MESH_SIDECARS = {"istio-proxy", "linkerd-proxy", "istio-init", "linkerd-init", "envoy", "vault-agent"}
+MESH_PROXIES = {"istio-proxy", "linkerd-proxy", "envoy"}   # those that take the pod's traffic
 
 
 class ClusterUnavailable(PodtwinError):
@@ -50,6 +51,7 @@ class PodTarget:
     node: str
     pod_ip: str
     run_as: dict | None = None   # the target container's runAsUser/runAsGroup, when its spec names them
+    mesh: str | None = None      # the service-mesh proxy container in the pod, if any
 
 
 def _label(value: str) -> str:
@@ -164,8 +166,10 @@ class KubeEngine:
         spec = next(c for c in pod.spec.containers if c.name == container)
         sc = spec.security_context
         run_as = {"runAsUser": sc.run_as_user, "runAsGroup": sc.run_as_group} if sc is not None else None
+        mesh = next((n for n in names + [c.name for c in pod.spec.init_containers or []]
+                     if n in MESH_PROXIES), None)   # native sidecars are init containers
         return PodTarget(pod.metadata.namespace, pod.metadata.name, container, status.container_id,
-                         pod.spec.node_name, pod.status.pod_ip or "", run_as)
+                         pod.spec.node_name, pod.status.pod_ip or "", run_as, mesh)
 
     def _close_names(self, target: KubeTarget, ns: str) -> str:
         listers = {"pod": lambda: self.core.list_namespaced_pod(ns).items,
