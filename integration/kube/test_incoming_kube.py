@@ -120,9 +120,9 @@ def agent_pods(cluster) -> list:
 class Session:
     """A podtwin session in the background, its stderr in a file."""
 
-    def __init__(self, cluster, ns: str, tmp_path: Path, name: str, incoming, *app: str) -> None:
+    def __init__(self, cluster, ns: str, tmp_path: Path, name: str, incoming, *app: str, agent: dict | None = None) -> None:
         cfg = tmp_path / f"{name}.json"
-        cfg.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+        cfg.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}, "agent": agent or {}}))
         self.err_path = tmp_path / f"{name}.err"
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PODTWIN_STATE_DIR": str(tmp_path / "state")}
         with open(self.err_path, "w") as err:
@@ -206,14 +206,22 @@ def test_mirror_copies_while_the_target_answers(cluster, staging, sessions, tmp_
     assert session.stop() == 130
 
 
-@pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-pod", "sigkill-runner"])
+@pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-pod", "sigkill-runner", "sigkill-ephemeral-agent"])
 def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, fault):
     restarts = web_pod(cluster, staging).status.container_statuses[0].restart_count
-    session = Session(cluster, staging, tmp_path, fault, "steal", APP, "sh", "-c", HTTPD.format(body=fault))
+    ephemeral = fault == "sigkill-ephemeral-agent"
+    session = Session(cluster, staging, tmp_path, fault, "steal", APP, "sh", "-c", HTTPD.format(body=fault),
+                      agent={"ephemeral": ephemeral})
     sessions.append(session)
     session.wait_for("stealing port 80")
     assert calls(cluster, staging, [["GET", "/", {}]]) == [fault]
-    agent = agent_pods(cluster)[0]
+    if ephemeral:                       # the agent in the target pod; its guard beside it
+        agent_status = next(c for c in web_pod(cluster, staging).status.ephemeral_container_statuses
+                            if c.name.endswith("-agent") and c.state.running)
+        os.kill(main_pid(agent_status.container_id), signal.SIGKILL)
+        agent = None
+    else:
+        agent = agent_pods(cluster)[0]
     if fault == "sigkill-agent":        # the agent process alone: its pod and the guard remain
         agent_status = next(c for c in agent.status.container_statuses if c.name == "agent")
         os.kill(main_pid(agent_status.container_id), signal.SIGKILL)

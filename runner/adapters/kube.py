@@ -336,9 +336,19 @@ class KubeEngine:
         container = {"name": name, "image": image, "imagePullPolicy": agent_cfg.image_pull_policy,
                      "command": command, "targetContainerName": pod.container, "stdin": False, "tty": False,
                      **({"securityContext": security} if security else {})}
+        containers = [container]
+        if incoming == "steal":
+            # The rules guard, as for the Job agent: it outlives a SIGKILLed agent in the pod's
+            # network namespace and removes the session's rules (it needs nothing but NET_ADMIN).
+            containers.append({
+                "name": session.name("rules-guard"), "image": image,
+                "imagePullPolicy": agent_cfg.image_pull_policy, "stdin": False, "tty": False,
+                "command": ["python", "-m", "podtwin.agent.guard", "--session", session.id,
+                            "--startup-timeout", str(agent_cfg.startup_timeout)],
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}, "runAsUser": 0}})
         try:
             self.core.patch_namespaced_pod_ephemeralcontainers(
-                pod.pod, pod.namespace, {"spec": {"ephemeralContainers": [container]}},
+                pod.pod, pod.namespace, {"spec": {"ephemeralContainers": containers}},
                 _content_type="application/strategic-merge-patch+json")
         except ApiException as exc:
             if exc.status == 404 and "ephemeralcontainers" in (exc.body or ""):
