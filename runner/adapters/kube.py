@@ -270,6 +270,11 @@ class KubeEngine:
                 if terminated:
                     raise AgentError(f"the agent's {status.name} container exited during start-up: "
                                      f"{self._logs(ns, pod.metadata.name, container=status.name)}")
+            if phase == "Failed" and not pod.status.container_statuses:
+                # The kubelet refused it before starting anything (OutOfcpu, NodeAffinity, ...).
+                raise AgentError(f"node {pod.spec.node_name} refused the agent pod: "
+                                 f"{pod.status.reason or 'Failed'}: {(pod.status.message or '').strip()[:300]}",
+                                 "lower agent.resources, or check `kubectl describe node` for it")
             if phase == "Pending" and "Pending" not in said:
                 said.add("Pending")
                 progress("agent pod scheduled; starting")
