@@ -1,7 +1,7 @@
 """The asyncio driver for one stolen client connection with an HTTP filter.
 
 All socket I/O for filtered incoming traffic happens here; the decisions are made by the sans-IO
-routers in ``httpfilter``. One reader task per open stream (client, local, target) turns bytes
+routers in ``httprouter``, ``http1`` and ``http2``. One reader task per open stream (client, local, target) turns bytes
 and end of file into events on one bounded queue; a single loop feeds them to the router and
 executes the commands it returns, in order. The bounded queue is the backpressure: when the loop
 is waiting for a slow writer to drain, the readers stop reading.
@@ -18,8 +18,9 @@ import contextlib
 import logging
 from typing import Awaitable, Callable
 
-from .httpfilter import (CLIENT, LOCAL, TARGET, Close, Command, Connect, ConnectionRouter,
-                         HttpFilter, Passthrough, Send, Shutdown)
+from .httpfilter import (CLIENT, LOCAL, TARGET, Close, Command, Connect, HttpFilter, Passthrough,
+                         Send, Shutdown)
+from .httprouter import ConnectionRouter
 
 log = logging.getLogger("podtwin.agent.httprelay")
 

@@ -1,4 +1,5 @@
-"""The HTTP filter (agent/httpfilter.py): matcher semantics and router playbooks.
+"""The HTTP filter (agent/httpfilter.py, http1.py, http2.py, httprouter.py): matcher semantics and
+router playbooks.
 
 Playbooks feed bytes to a router and assert the commands it returns; no sockets. HTTP/2 peers
 (the client and the two upstream servers) are in-memory h2 connections.
@@ -11,9 +12,11 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
-from podtwin.agent.httpfilter import (CLIENT, LOCAL, TARGET, Close, Connect, ConnectionRouter,
-                                      Http1Router, Http2Router, HttpFilter, Passthrough,
-                                      RawRouter, Send, Shutdown, detect)
+from podtwin.agent.http1 import Http1Router
+from podtwin.agent.http2 import Http2Router
+from podtwin.agent.httpfilter import (CLIENT, LOCAL, TARGET, Close, Connect, HttpFilter, Passthrough,
+                                      RawRouter, Send, Shutdown)
+from podtwin.agent.httprouter import ConnectionRouter, detect
 
 ALICE = {"header_filter": "^x-podtwin-user: alice$"}
 
