@@ -35,6 +35,7 @@ STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
 PROXY_LINE_MAX = 107      # the PROXY protocol v1 limit, CRLF included
 PROXY_TIMEOUT = 3.0
+HOPS_TTL = 1.0            # seconds a port's next hops are trusted before the nat table is read again
 Address = tuple[str, int]
 
 
@@ -92,6 +93,16 @@ def parse_proxy_line(line: bytes) -> tuple[Address, Address]:
     return client, original
 
 
+def _is_local(address: str) -> bool:
+    """Whether ``address`` belongs to this network namespace (it can be bound here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+            return True
+        except OSError:
+            return False
+
+
 def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | None:
     """Why a steal of ``port`` cannot be shared with the sessions already on it (None if it can):
     sessions share a port only when every one of them takes just the requests its filter matches."""
@@ -117,7 +128,8 @@ class IncomingServer:
     _liveness: socket.socket | None = None
     _tasks: set = field(default_factory=set)
     _mirror: Any = None
-    _next_hops: dict = field(default_factory=dict)   # port -> listener ports of later sessions
+    _next_hops: dict = field(default_factory=dict)   # port -> (read at, listener ports of later sessions)
+    _stolen_ever: set = field(default_factory=set)   # ports this session has redirected
 
     async def start(self) -> None:
         """Listen (any port, all addresses) and announce liveness in this namespace."""
@@ -190,6 +202,8 @@ class IncomingServer:
         else:
             filtered = self._filters(sub)
             self.rules.add(port, filtered)
+            self._stolen_ever.add(port)
+            self._next_hops.clear()
             sub.active = True
             self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
         return PortListener(lambda: self.unsubscribe(owner, port), port)
@@ -206,6 +220,7 @@ class IncomingServer:
                 self._spawn(self._mirror_ports(), f"mirror-release:{port}")
             else:
                 self.rules.remove(port)
+                self._next_hops.clear()
             if sub.active:
                 self.notify("info", f"port {port} released")
 
@@ -227,6 +242,13 @@ class IncomingServer:
         except OSError:
             original = None
         reader, writer = await asyncio.open_connection(sock=conn)
+        try:
+            await self._route(reader, writer, peer, original)
+        except Exception:  # one connection's trouble (iptables-save failing...) must not leak it
+            log.exception("incoming connection from %s", peer)
+            writer.close()
+
+    async def _route(self, reader, writer, peer, original) -> None:
         if original is None or original[1] == self.rules.listen_port:
             # Dialled directly: only another session's agent passing a request on does that.
             passed = await self._read_proxy_line(reader, peer)
@@ -258,7 +280,12 @@ class IncomingServer:
             line = await asyncio.wait_for(reader.readuntil(b"\n"), PROXY_TIMEOUT)
             if len(line) > PROXY_LINE_MAX:
                 raise ValueError("PROXY line too long")
-            return parse_proxy_line(line)
+            client, original = parse_proxy_line(line)
+            # Only what a session before us could have taken: a port we redirect(ed), on an
+            # address of this namespace. Anything else would make us a relay to anywhere.
+            if original[1] not in self._stolen_ever or not _is_local(original[0]):
+                raise ValueError(f"{original[0]}:{original[1]} is not a port this session steals")
+            return client, original
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError, OSError) as exc:
             log.info("direct connection from %s without a PROXY line: %s", peer, exc)
@@ -269,11 +296,12 @@ class IncomingServer:
         session's agent (told the real client and destination), else the target's own process.
         Made from here (locally generated), so PREROUTING's REDIRECT does not catch it."""
         port = original[1]
-        hops = self._next_hops.get(port)
-        if hops is None:
+        now = asyncio.get_running_loop().time()
+        read_at, hops = self._next_hops.get(port, (None, None))
+        if hops is None or now - read_at > HOPS_TTL:
             state = await asyncio.to_thread(NatState.read)
             hops = [r.to_port for r in state.after(self.session_id, port)]
-            self._next_hops[port] = hops
+            self._next_hops[port] = (now, hops)
         for to_port in list(hops):
             try:
                 r, w = await asyncio.open_connection("127.0.0.1", to_port)

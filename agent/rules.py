@@ -95,10 +95,13 @@ class NatState:
         return sorted(found, key=lambda r: rank[r.session])
 
     def after(self, session_id: str, port: int) -> list[Redirect]:
-        """The sessions a connection to ``port`` would meet after ``session_id`` lets it pass."""
-        chain = self.on_port(port)
-        mine = [i for i, r in enumerate(chain) if r.session == session_id]
-        return chain[mine[0] + 1:] if mine else chain
+        """The sessions redirecting ``port`` that a connection meets after ``session_id``'s chain,
+        by the order of the jumps in PREROUTING -- whether or not ``session_id`` itself redirects
+        the port now (its app may be restarting). Never one before it, so passing on never loops."""
+        rank = {sid: i for i, sid in enumerate(self.order)}
+        if session_id not in rank:
+            return []
+        return [r for r in self.on_port(port) if rank[r.session] > rank[session_id]]
 
     @classmethod
     def read(cls) -> "NatState":

@@ -342,8 +342,9 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
             ns, agent_pod = pod.namespace, pod.pod
             container = kube.start_ephemeral_agent(session, pod, image, cfg.agent, public_key,
                                                    incoming["mode"] if incoming else None)
+            guard = session.name("rules-guard") if incoming and incoming["mode"] == "steal" else None
             ready = json.loads(kube.wait_ephemeral_agent(ns, agent_pod, container, cfg.agent.startup_timeout,
-                                                         progress))
+                                                         progress, guard=guard))
         else:
             progress(f"session {session.id}: creating the agent Job on node {pod.node}")
             ns, job = kube.start_agent(session, pod, image, cfg.agent, public_key,
@@ -367,6 +368,10 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         except AgentError as exc:
             if isinstance(transport.last_error, PodtwinError):  # e.g. port-forward forbidden
                 raise AgentError(f"{transport.what} to the agent failed: {transport.last_error.message}",
+                                 TRANSPORT_HINTS[transport.what]) from exc
+            failure = transport.failure()   # e.g. the exec'd relay could not reach the agent
+            if failure:
+                raise AgentError(f"{transport.what} to the agent failed: {failure}",
                                  TRANSPORT_HINTS[transport.what]) from exc
             raise
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
@@ -453,51 +458,71 @@ def list_sessions(kube=None) -> list[dict]:
         for ns, name, labels in kube.session_jobs():
             found = entry(labels)
             found["objects"].append(f"agent-job:{ns}/{name}")
-            found["jobs"].append((ns, name))
+            found["jobs"].append((ns, name, labels))
             if found["target"].count("_") and "/" not in found["target"]:  # label values hold no '/'
                 found["target"] = found["target"].replace("_", "/")
     return sorted(sessions.values(), key=lambda s: s["session"])
 
 
 def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) -> list[str]:
-    """Remove what sessions whose runner is gone left behind (every session's with all=True):
-    containers, networks and session directories; agent Jobs given a cluster; and dead sessions'
-    incoming rules in the namespaces of their Docker targets (and of ``targets``)."""
+    """Remove what sessions whose runner is gone left behind (with all=True, every session of this
+    machine's): containers, networks and session directories; agent Jobs given a cluster; and
+    dead sessions' incoming rules in the namespaces of their Docker targets (and of ``targets``).
+    Every step is tried; what failed is raised together at the end."""
+    import socket
+
     from .adapters.docker_engine import DockerEngine
     from .adapters.images import podtwin_image_name
-    from .session import dir_owner_alive, sessions_dir
+    from .session import LABEL_HOST, dir_owner_alive, sessions_dir
     from .targets import DockerTarget, parse_target
 
     engine = DockerEngine()
     removed: list[str] = []
+    errors: list[str] = []
     live = set()
     sweep = {t.name for t in map(parse_target, targets) if isinstance(t, DockerTarget)}
-    if sweep:
-        engine.require_image(podtwin_image_name(), "build it with `podtwin images build`")
     if len(sweep) != len(set(targets)):
         raise SessionError("clean --target takes container/NAME targets only",
                            "a Kubernetes target's rules go with its agent pod (its rules guard)")
+    if sweep:
+        engine.require_image(podtwin_image_name(), "build it with `podtwin images build`")
+
+    def attempt(what: str, step: Callable[[], list[str] | None]) -> None:
+        try:
+            removed.extend(step() or [])
+        except Exception as exc:  # noqa: BLE001 - one failure must not keep the rest
+            errors.append(f"{what}: {getattr(exc, 'message', None) or exc}")
+
+    def delete_job(ns: str, name: str) -> list[str]:
+        kube.delete_job(ns, name)
+        return [f"agent Job {ns}/{name}"]
+
+    host = socket.gethostname()
     for entry in list_sessions(kube):
         if entry["alive"] and not all_sessions:
             live.add(entry["session"])
             continue
         if entry["target"].startswith("container/"):
             sweep.add(entry["target"].split("/", 1)[1])
-        removed += engine.clean_session(entry["session"])
-        for ns, name in entry["jobs"]:
-            kube.delete_job(ns, name)
-            removed.append(f"agent Job {ns}/{name}")
+        attempt(f"session {entry['session']}", lambda sid=entry["session"]: engine.clean_session(sid))
+        for ns, name, labels in entry["jobs"]:
+            if labels.get(LABEL_HOST) != host:   # another machine's session: never ours to end
+                continue
+            attempt(f"agent Job {ns}/{name}", lambda ns=ns, name=name: delete_job(ns, name))
     for name in sorted(sweep):
         if engine.is_running(name):
-            removed += engine.sweep_rules(name, podtwin_image_name())
+            attempt(f"rules in {name}", lambda name=name: engine.sweep_rules(name, podtwin_image_name()))
         elif any(t.endswith("/" + name) for t in targets):
-            raise SessionError(f"container {name!r} is not running", "its rules went with its network namespace")
+            errors.append(f"container {name!r} is not running (its rules went with its network namespace)")
     root = sessions_dir()
     if root.is_dir():
         for path in root.iterdir():
             if path.name not in live and (all_sessions or not dir_owner_alive(path)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(f"session directory {path.name}")
+    if errors:
+        raise SessionError("clean-up was incomplete: " + "; ".join(errors) + (
+            " (removed: " + ", ".join(removed) + ")" if removed else ""), "fix the cause and run `podtwin clean` again")
     return removed
 
 

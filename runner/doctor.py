@@ -50,8 +50,8 @@ def docker_checks() -> list[Check]:
 
 
 def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | None) -> list[Check]:
-    from .adapters.kube import (EPHEMERAL_PERMISSIONS, EXEC_PERMISSIONS, SESSION_PERMISSIONS, KubeEngine,
-                                can_i)
+    from .adapters.kube import (COMMON_PERMISSIONS, EPHEMERAL_PERMISSIONS, EXEC_PERMISSIONS, JOB_PERMISSIONS,
+                                PORT_FORWARD_PERMISSIONS, KubeEngine, can_i)
 
     try:
         kube = KubeEngine(kubeconfig, context)
@@ -59,19 +59,33 @@ def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | No
         return [Check(False, f"Kubernetes: {exc.message}", exc.hint)]
     ns = namespace or kube.default_namespace
     checks = [Check(True, f"Kubernetes cluster answers (namespace {ns})")]
-    groups = [(SESSION_PERMISSIONS, ""),   # a default session: agent Job, port-forward
-              (EPHEMERAL_PERMISSIONS, "agent.ephemeral: true"), (EXEC_PERMISSIONS, "agent.transport: exec")]
+    allowed: dict[tuple, bool] = {}
+    for permission in COMMON_PERMISSIONS + JOB_PERMISSIONS + EPHEMERAL_PERMISSIONS + PORT_FORWARD_PERMISSIONS \
+            + EXEC_PERMISSIONS:
+        if permission not in allowed:
+            allowed[permission] = can_i(kube, *permission, ns)
+
+    def all_allowed(group) -> bool:
+        return all(allowed[p] for p in group)
+
+    # A session needs the common permissions, one kind of agent and one transport. The default
+    # (Job agent, port-forward) is required unless the user can do with the alternative.
+    groups = [(COMMON_PERMISSIONS, "", False),
+              (JOB_PERMISSIONS, "the Job agent (the default)", all_allowed(EPHEMERAL_PERMISSIONS)),
+              (EPHEMERAL_PERMISSIONS, "agent.ephemeral: true", True),
+              (PORT_FORWARD_PERMISSIONS, "port-forward (the default)", all_allowed(EXEC_PERMISSIONS)),
+              (EXEC_PERMISSIONS, "agent.transport: exec", True)]
     seen = set()
-    for permissions, setting in groups:
+    for permissions, setting, optional in groups:
         for verb, group, resource, sub in permissions:
             if (verb, group, resource, sub) in seen:
                 continue
             seen.add((verb, group, resource, sub))
             name = f"{resource}/{sub}" if sub else resource
-            allowed = can_i(kube, verb, group, resource, sub, ns)
-            checks.append(Check(allowed, f"may {verb} {name} in {ns}" + (f" (for {setting})" if setting else ""),
+            checks.append(Check(allowed[(verb, group, resource, sub)],
+                                f"may {verb} {name} in {ns}" + (f" (for {setting})" if setting else ""),
                                 "apply the Role in docs/kubernetes.md to your user"
-                                + (f", or do without {setting}" if setting else ""), optional=bool(setting)))
+                                + (f", or do without {setting}" if optional else ""), optional=optional))
     return checks
 
 

@@ -55,6 +55,14 @@ class StreamTransport:
             await splice(reader, writer, f_reader, f_writer)
         self.server = await asyncio.start_unix_server(relay, path)
 
+    def failure(self) -> str | None:
+        """Why a stream ended, when its far end says (an exec'd relay's exit status and stderr)."""
+        for handle in reversed(self.streams):
+            why = getattr(handle, "failure", lambda: None)()
+            if why:
+                return why
+        return None
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()

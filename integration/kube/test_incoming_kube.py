@@ -113,6 +113,19 @@ def target_rules(cluster, ns: str) -> list[str]:
     return rules_in(web_pod(cluster, ns).status.container_statuses[0].container_id)
 
 
+def guard_logs(cluster, ns: str, agent) -> str:
+    """The rules guard's output (in the agent's Job pod, or beside an ephemeral agent)."""
+    core = client.CoreV1Api(cluster.api)
+    try:
+        if agent is not None:
+            return core.read_namespaced_pod_log(agent.metadata.name, agent.metadata.namespace, container="rules-guard")
+        pod = web_pod(cluster, ns)
+        guards = [c.name for c in pod.spec.ephemeral_containers or [] if c.name.endswith("-rules-guard")]
+        return core.read_namespaced_pod_log(pod.metadata.name, ns, container=guards[-1])
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return f"(no guard log: {exc})"
+
+
 def agent_pods(cluster) -> list:
     return client.CoreV1Api(cluster.api).list_pod_for_all_namespaces(label_selector="podtwin.session").items
 
@@ -227,14 +240,19 @@ def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, faul
         os.kill(main_pid(agent_status.container_id), signal.SIGKILL)
     elif fault == "delete-agent-pod":
         client.CoreV1Api(cluster.api).delete_namespaced_pod(agent.metadata.name, agent.metadata.namespace)
-    else:
+    elif fault == "sigkill-runner":
         session.proc.kill()
     start = time.monotonic()
-    wait_until(lambda: not target_rules(cluster, staging), 10, "the session's rules to go", interval=0.2)
+    try:
+        wait_until(lambda: not target_rules(cluster, staging), 10, "the session's rules to go", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {target_rules(cluster, staging)}; guard: {guard_logs(cluster, staging, agent)}") from exc
     wait_until(lambda: calls(cluster, staging, [["GET", "/x", {}]]) == ["target:GET /x"], 10,
                "the target to serve again")
     assert time.monotonic() - start < 10
-    session.proc.wait(timeout=60)
+    code = session.proc.wait(timeout=60)
+    if fault != "sigkill-runner":       # the runner saw its agent go, said so and ended the app
+        assert code != 0 and "the link to the agent was lost" in session.err(), session.err()
     assert web_pod(cluster, staging).status.container_statuses[0].restart_count == restarts
 
 

@@ -86,10 +86,13 @@ def _label(image: str, label: str) -> str | None:
 
 
 def _drop_if_replaced(image: str, old: str | None) -> None:
-    # Drop the image the tag pointed to before, so repeated builds don't fill the disk.
+    # Drop the image the tag pointed to before, so repeated builds don't fill the disk -- only
+    # if no other tag names it now (`image rm ID` would untag another work tree's copy too).
     # Fails (ignored) while a container still uses it.
     if old and old != _image_id(image):
-        _docker("image", "rm", old)
+        tags = _docker("image", "inspect", "-f", "{{len .RepoTags}}", old)
+        if tags.returncode == 0 and tags.stdout.strip() == "0":
+            _docker("image", "rm", old)
 
 
 def _legacy_build_env() -> dict[str, str]:

@@ -164,8 +164,10 @@ class KubeEngine:
         if not status.container_id or not status.ready:
             raise TargetError(f"container {container} of pod {pod.metadata.name} is not running and ready")
         spec = next(c for c in pod.spec.containers if c.name == container)
-        sc = spec.security_context
-        run_as = {"runAsUser": sc.run_as_user, "runAsGroup": sc.run_as_group} if sc is not None else None
+        sc, psc = spec.security_context, pod.spec.security_context   # the container's wins
+        run_as = {key: next((getattr(c, attr) for c in (sc, psc) if c is not None and getattr(c, attr) is not None), None)
+                  for key, attr in (("runAsUser", "run_as_user"), ("runAsGroup", "run_as_group"))}
+        run_as = run_as if any(v is not None for v in run_as.values()) else None
         mesh = next((n for n in names + [c.name for c in pod.spec.init_containers or []]
                      if n in MESH_PROXIES), None)   # native sidecars are init containers
         return PodTarget(pod.metadata.namespace, pod.metadata.name, container, status.container_id,
@@ -258,14 +260,7 @@ class KubeEngine:
             pod = pods[0]
             phase = pod.status.phase
             for status in pod.status.container_statuses or []:
-                waiting = status.state.waiting
-                if waiting and waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-                    raise ImageMissing(f"the agent image {status.image} cannot be pulled on node "
-                                       f"{pod.spec.node_name} ({waiting.reason})",
-                                       "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
-                if waiting and waiting.reason and waiting.reason not in said:
-                    said.add(waiting.reason)
-                    progress(f"agent pod: {waiting.reason}")
+                _report_waiting(status, pod.spec.node_name, said, progress, "agent pod")
                 terminated = status.state.terminated
                 if terminated:
                     raise AgentError(f"the agent's {status.name} container exited during start-up: "
@@ -322,6 +317,13 @@ class KubeEngine:
         no setns, and no capability added unless incoming traffic asks for one. It listens on a
         loopback port the kernel chooses (announced in its READY line), so sessions never collide
         with each other or with the app. Returns the container's name."""
+        uid = (pod.run_as or {}).get("runAsUser")
+        if incoming and uid:
+            # As the target's user it may read the target's environ without SYS_PTRACE, but a
+            # non-root process gets no effective NET_ADMIN/NET_RAW (no ambient capabilities).
+            raise AgentError(f"the target container runs as uid {uid}: an ephemeral agent reads its "
+                             f"environment only as that user, and then cannot {incoming} incoming traffic",
+                             "set feature.network.incoming: off, or use the Job agent (agent.ephemeral: false)")
         name = session.name("agent")
         # Mirror's capture uses NET_RAW from the runtime's default set (containerd and Docker have
         # it; adding it explicitly would fail Pod Security baseline); steal's rules need NET_ADMIN.
@@ -363,8 +365,10 @@ class KubeEngine:
                                    f"{pod.namespace}") from exc
         return name
 
-    def wait_ephemeral_agent(self, ns: str, pod: str, name: str, timeout: float, progress) -> str:
-        """Wait for the ephemeral agent to print its READY line; returns the line's JSON."""
+    def wait_ephemeral_agent(self, ns: str, pod: str, name: str, timeout: float, progress,
+                             guard: str | None = None) -> str:
+        """Wait for the ephemeral agent to print its READY line; returns the line's JSON. A rules
+        guard (``guard``: its container's name) that ends meanwhile fails the start too."""
         deadline = time.monotonic() + timeout
         said = set()
         while time.monotonic() < deadline:
@@ -372,19 +376,17 @@ class KubeEngine:
                 obj = self.core.read_namespaced_pod(pod, ns)
             except ApiException as exc:
                 raise self._error(exc, f"read pod {pod} in {ns}") from exc
-            status = next((s for s in obj.status.ephemeral_container_statuses or [] if s.name == name), None)
-            state = status.state if status is not None else None
-            waiting = state.waiting if state is not None else None
-            if waiting and waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-                raise ImageMissing(f"the agent image {status.image} cannot be pulled on node "
-                                   f"{obj.spec.node_name} ({waiting.reason})",
-                                   "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
-            if waiting and waiting.reason and waiting.reason not in said:
-                said.add(waiting.reason)
-                progress(f"agent container: {waiting.reason}")
-            if state is not None and state.terminated:
-                raise AgentError("the agent exited during start-up: "
-                                 + self._logs(ns, pod, container=name).strip().replace("\n", " | "))
+            statuses = {s.name: s for s in obj.status.ephemeral_container_statuses or []}
+            for cname in (name, guard):   # the agent, and its rules guard when it has one
+                status = statuses.get(cname) if cname else None
+                if status is None or status.state is None:
+                    continue
+                _report_waiting(status, obj.spec.node_name, said, progress, "agent container")
+                if status.state.terminated:
+                    what = "agent" if cname == name else "agent's rules guard"
+                    raise AgentError(f"the {what} exited during start-up: "
+                                     + self._logs(ns, pod, container=cname).strip().replace("\n", " | "))
+            state = statuses[name].state if name in statuses else None
             if state is not None and state.running:
                 for line in self._logs(ns, pod, tail=None, container=name).splitlines():
                     if line.startswith("PODTWIN_AGENT_READY "):
@@ -392,17 +394,6 @@ class KubeEngine:
             time.sleep(0.2)
         raise AgentError(f"the agent was not ready within {timeout:.0f}s",
                          f"raise agent.startup_timeout, or look at `kubectl -n {ns} describe pod {pod}`")
-
-    def ephemeral_agent_state(self, ns: str, pod: str, name: str) -> str:
-        """'waiting', 'running', 'terminated' or 'gone' (the pod is gone)."""
-        try:
-            obj = self.core.read_namespaced_pod(pod, ns)
-        except ApiException:
-            return "gone"
-        status = next((s for s in obj.status.ephemeral_container_statuses or [] if s.name == name), None)
-        if status is None or status.state is None:
-            return "waiting"
-        return "terminated" if status.state.terminated else "running" if status.state.running else "waiting"
 
     # -- the exec transport ------------------------------------------------------------------
     def exec_stdio(self, ns: str, pod: str, container: str, address: str):
@@ -553,6 +544,17 @@ class ExecStream:
             except Exception:  # noqa: BLE001 - already closed
                 pass
 
+    def failure(self) -> str | None:
+        """Why the exec'd relay ended, if it failed: its exit status and last stderr line."""
+        if self._thread.is_alive():
+            return None
+        status = self.status.strip()
+        failed = status and '"Success"' not in status
+        last = (self.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+        if not failed and not last:
+            return None
+        return last or f"the relay exited: {status[:200]}"
+
     def close(self) -> None:
         try:
             self._ours.shutdown(socket.SHUT_RDWR)
@@ -575,16 +577,10 @@ JOB_PERMISSIONS = [
     ("list", "", "events", ""),
 ]
 EPHEMERAL_PERMISSIONS = [("get", "", "pods", ""), ("patch", "", "pods", "ephemeralcontainers")]
-PORT_FORWARD_PERMISSIONS = [("get", "", "pods", "portforward")]
-EXEC_PERMISSIONS = [("get", "", "pods", "exec")]
-SESSION_PERMISSIONS = COMMON_PERMISSIONS + JOB_PERMISSIONS + PORT_FORWARD_PERMISSIONS
-
-
-def session_permissions(ephemeral: bool = False, transport: str = "port-forward") -> list[tuple[str, str, str, str]]:
-    """What a session with these agent settings needs."""
-    return (COMMON_PERMISSIONS + (EPHEMERAL_PERMISSIONS if ephemeral else JOB_PERMISSIONS)
-            + (EXEC_PERMISSIONS if transport == "exec" else PORT_FORWARD_PERMISSIONS))
-
+# get: the WebSocket upgrade; create: SPDY, and WebSockets too from Kubernetes 1.35
+# (AuthorizePodWebsocketUpgradeCreatePermission).
+PORT_FORWARD_PERMISSIONS = [("get", "", "pods", "portforward"), ("create", "", "pods", "portforward")]
+EXEC_PERMISSIONS = [("get", "", "pods", "exec"), ("create", "", "pods", "exec")]
 
 def can_i(engine: "KubeEngine", verb: str, group: str, resource: str, subresource: str, ns: str) -> bool:
     review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
@@ -595,6 +591,24 @@ def can_i(engine: "KubeEngine", verb: str, group: str, resource: str, subresourc
     except ApiException as exc:
         raise engine._error(exc, "ask the cluster what we may do") from exc
     return bool(result.status.allowed)
+
+
+def _report_waiting(status, node: str, said: set, progress, what: str) -> None:
+    """A container's waiting reason: an image that cannot be pulled fails at once; any other
+    reason is said once, as progress."""
+    waiting = status.state.waiting if status.state is not None else None
+    if not waiting or not waiting.reason:
+        return
+    if waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+        raise ImageMissing(f"the agent image {status.image} cannot be pulled on node {node} ({waiting.reason})",
+                           "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
+    if waiting.reason in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
+        raise AgentError(f"the {status.name} container cannot start on node {node}: {waiting.reason}: "
+                         f"{(waiting.message or '').strip()[:300]}",
+                         "the pod's securityContext (runAsNonRoot?) or agent.* settings may forbid it")
+    if waiting.reason not in said:
+        said.add(waiting.reason)
+        progress(f"{what}: {waiting.reason}")
 
 
 def _ready(pod) -> bool:

@@ -75,7 +75,8 @@ def test_nat_state_orders_sessions_as_prerouting_meets_them():
     assert [r.to_port for r in state.after("cccc", 80)] == [40001]   # the newest passes to the older
     assert state.after("aaaa", 80) == []                              # the oldest passes to the target
     assert [r.filtered for r in state.on_port(9000)] == [False]
-    assert [r.session for r in state.after("zzzz", 80)] == ["cccc", "aaaa"]  # not on it: all of them
+    assert state.after("bbbb", 80) == state.on_port(80)[1:]            # no rule for 80: still its place
+    assert state.after("zzzz", 80) == []                               # no chain at all: the target
 
 
 def test_a_port_is_shared_only_between_filtering_sessions():

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 
-from podtwin.runner.adapters.kube import (EPHEMERAL_PERMISSIONS, EXEC_PERMISSIONS, JOB_PERMISSIONS,
-                                          _handshake_message, pod_security_error, session_permissions)
+from podtwin.runner.adapters.kube import _handshake_message, pod_security_error
 
 JOB_EVENT = ('Error creating: pods "podtwin-1-agent-x" is forbidden: violates PodSecurity "baseline:latest": '
              'non-default capabilities (container "agent" must not include "SYS_ADMIN", "SYS_PTRACE" in '
@@ -32,11 +31,3 @@ def test_refused_websocket_upgrade_gives_the_api_servers_message():
     body = json.dumps(status).encode()   # websocket-client puts the body's repr in its message
     reason = f"Handshake status 403 Forbidden -+-+- {{'content-type': 'application/json'}} -+-+- {body!r}"
     assert _handshake_message(reason) == 'pods "a" is forbidden: User "u" cannot get resource "pods/exec"'
-
-
-def test_permissions_follow_the_agent_settings():
-    ephemeral_exec = session_permissions(ephemeral=True, transport="exec")
-    assert all(p in ephemeral_exec for p in EPHEMERAL_PERMISSIONS + EXEC_PERMISSIONS)
-    assert not any(p in ephemeral_exec for p in JOB_PERMISSIONS)
-    assert ("patch", "", "pods", "ephemeralcontainers") in ephemeral_exec
-    assert ("get", "", "pods", "portforward") in session_permissions()
