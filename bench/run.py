@@ -503,7 +503,7 @@ def machine_facts() -> dict[str, str]:
         "docker": sh("docker", "version", "--format", "{{.Server.Version}}"),
         "go": sh("go", "version").replace("go version ", ""),
         "podtwin commit": commit + (" (runner/ or agent/ modified in the working tree)" if dirty else ""),
-        "podtwin:dev": f"{image_id[7:19]} (up to date with the working tree: {fresh})",
+        PODTWIN_IMAGE: f"{image_id[7:19]} (up to date with the working tree: {fresh})",
         "agent/sidecar runtime": (f"python {image_py[0]}, asyncssh {image_py[1]}, cryptography {image_py[2]}"
                                   if len(image_py) == 3 else "?"),
         "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
@@ -682,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default: off)")
     args = p.parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if os.environ.get("PODTWIN_IMAGE"):
+        command = f"PODTWIN_IMAGE={shlex.quote(PODTWIN_IMAGE)} {command}"
     if os.environ.get("MAKELEVEL"):
         command = "make bench   # = " + command
 
