@@ -695,38 +695,57 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     bench = Bench(args)
     blocks: list[tuple[str, str, str]] = []   # (block, start marker, end marker)
+    failed: list[str] = []
+
+    def outgoing() -> None:
+        direct = bench.run_suite("direct")
+        pod = bench.run_suite("podtwin")
+        variant = {}
+        if args.cipher_variant:
+            config = bench.build_variant(args.cipher_variant)
+            if config is not None:
+                variant = bench.run_suite("variant", config)
+        start = bench.startup() if args.startup_runs > 0 else {"direct": [], "podtwin": []}
+        blocks.append((report(bench, facts, direct, pod, variant, start, command, started,
+                              time.monotonic() - t0), RESULTS_START, RESULTS_END))
+
+    def incoming() -> None:
+        from incoming import Incoming
+        t1, at = time.monotonic(), dt.datetime.now().astimezone()
+        inc = Incoming(bench)
+        inc.run()
+        blocks.append((section_head(command, at, time.monotonic() - t1) + inc.report(),
+                       INCOMING_START, INCOMING_END))
+
+    def kubernetes() -> None:
+        from kube_session import KubeSection
+        t1, at = time.monotonic(), dt.datetime.now().astimezone()
+        kube = KubeSection(bench)
+        try:
+            table = kube.run()
+        finally:
+            kube.cleanup()  # before the next section; bench.cleanup() calls it again, harmlessly
+        if table is None:
+            log(f"kubernetes section skipped: {kube.skipped}")
+        else:
+            blocks.append((section_head(command, at, time.monotonic() - t1, kube.note()) + table,
+                           KUBE_START, KUBE_END))
+
     try:
         facts = machine_facts()
         bench.build_image()
         bench.staging()
-        if not args.no_outgoing:
-            direct = bench.run_suite("direct")
-            pod = bench.run_suite("podtwin")
-            variant = {}
-            if args.cipher_variant:
-                config = bench.build_variant(args.cipher_variant)
-                if config is not None:
-                    variant = bench.run_suite("variant", config)
-            start = bench.startup() if args.startup_runs > 0 else {"direct": [], "podtwin": []}
-            blocks.append((report(bench, facts, direct, pod, variant, start, command, started,
-                                  time.monotonic() - t0), RESULTS_START, RESULTS_END))
-        if not args.no_incoming:
-            from incoming import Incoming
-            t1, at = time.monotonic(), dt.datetime.now().astimezone()
-            inc = Incoming(bench)
-            inc.run()
-            blocks.append((section_head(command, at, time.monotonic() - t1) + inc.report(),
-                           INCOMING_START, INCOMING_END))
-        if not args.no_kube:
-            from kube_session import KubeSection
-            t1, at = time.monotonic(), dt.datetime.now().astimezone()
-            kube = KubeSection(bench)
-            table = kube.run()
-            if table is None:
-                log(f"kubernetes section skipped: {kube.skipped}")
-            else:
-                blocks.append((section_head(command, at, time.monotonic() - t1, kube.note()) + table,
-                               KUBE_START, KUBE_END))
+        # a section that fails is reported and left out; the others still run and are written
+        for name, skip, section in (("outgoing", args.no_outgoing, outgoing),
+                                    ("incoming", args.no_incoming, incoming),
+                                    ("kubernetes", args.no_kube, kubernetes)):
+            if skip:
+                continue
+            try:
+                section()
+            except Exception as exc:  # noqa: BLE001 - e.g. a session that failed, the kubernetes client's errors
+                log(f"{name} section failed: {type(exc).__name__}: {exc}")
+                failed.append(name)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -741,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
             write_doc(args.output, block, start_marker, end_marker)
     if blocks and not args.no_write:
         log(f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")
+    if failed:
+        log(f"failed sections (their results in the doc were left as they were): {', '.join(failed)}")
+        return 1
     return 0
 
 
