@@ -16,6 +16,12 @@ and a new TCP connection per request), DNS lookup latency, session start-up time
 output line), and the RSS/CPU of the agent, sidecar and runner during the transfers. The results
 table goes to stdout and into docs/performance.md (between the ``bench:results`` markers).
 
+Two more sections run in the same command, each skippable: **incoming** (``bench/incoming.py``:
+stolen, filtered and mirrored requests against direct ones, on the same staging; ``--no-incoming``)
+and **kubernetes** (``bench/kube_session.py``: a ``deploy/`` target on the test cluster, podtwin
+against the same client exec'd in the target pod; ``--no-kube``, skipped with a message when no
+cluster answers). Their tables go between the ``bench:incoming`` and ``bench:kube`` markers.
+
 Everything the run creates carries the label ``podtwin-bench=<tag>`` (podtwin's own session
 objects carry ``podtwin.target=container/<this run's target>``) and is removed at the end, also
 on an error, Ctrl-C or SIGTERM. Every loop and every child process has a time bound.
@@ -42,6 +48,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# the sections (bench/incoming.py, bench/kube_session.py) import their helpers from here
+sys.modules.setdefault("run", sys.modules[__name__])
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
@@ -49,6 +58,8 @@ APP_BASE_IMAGE = "podtwin-test/busybox:latest"
 LABEL = "podtwin-bench"
 RESULTS_START = "<!-- bench:results:start -->"
 RESULTS_END = "<!-- bench:results:end -->"
+INCOMING_START, INCOMING_END = "<!-- bench:incoming:start -->", "<!-- bench:incoming:end -->"
+KUBE_START, KUBE_END = "<!-- bench:kube:start -->", "<!-- bench:kube:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
 
@@ -162,6 +173,8 @@ class Bench:
         self.variant_built = False
         self.podtwin = [str(Path(sys.executable).parent / "podtwin")]
         self.env = {**os.environ, "PODTWIN_STATE_DIR": str(self.state_dir)}
+        self.kube_sessions: list[str] = []   # session ids seen by the kubernetes section
+        self.kube_cleanup = None             # set by the kubernetes section
 
     # -- set-up ------------------------------------------------------------------------------
     def build_image(self) -> None:
@@ -197,10 +210,10 @@ class Bench:
         raise RuntimeError("the bench server did not answer within 30s")
 
     # -- the two arms --------------------------------------------------------------------------
-    def client_args(self) -> list[str]:
+    def client_args(self, mb: float | None = None) -> list[str]:
         a = self.args
         return ["ptbench", "client", "-name", "backend", "-port", "8080",
-                "-bytes", str(int(a.mb * MB)), "-repeat", str(a.repeat),
+                "-bytes", str(int((mb or a.mb) * MB)), "-repeat", str(a.repeat),
                 "-upload=" + ("false" if a.no_upload else "true"),
                 "-keepalive", str(a.keepalive), "-newconn", str(a.newconn), "-dns", str(a.dns),
                 "-max-phase", f"{a.max_phase}s", "-settle", "1s"]
@@ -240,11 +253,11 @@ class Bench:
         config.write_text(json.dumps({"agent": {"image": self.variant_image}}))
         return config
 
-    def session_pids(self) -> dict[str, int]:
+    def session_pids(self, target: str | None = None) -> dict[str, int]:
         """PIDs (host view) of this run's podtwin agent and sidecar containers' main processes."""
         out = {}
         for role in ("agent", "sidecar"):
-            ids = docker("ps", "-q", "--filter", f"label=podtwin.target=container/{self.target}",
+            ids = docker("ps", "-q", "--filter", f"label=podtwin.target=container/{target or self.target}",
                          "--filter", f"label=podtwin.role={role}", check=False, timeout=20).stdout.split()
             if ids:
                 pid = docker("inspect", "-f", "{{.State.Pid}}", ids[0], check=False, timeout=20).stdout.strip()
@@ -252,11 +265,17 @@ class Bench:
                     out[role] = int(pid)
         return out
 
-    def run_suite(self, arm: str, config: Path | None = None) -> dict:
-        """Run the client through one arm; sample the session's processes while it runs."""
+    def run_suite(self, arm: str, config: Path | None = None, cmd: list[str] | None = None,
+                  find_pids=None) -> dict:
+        """Run the client through one arm; sample the session's processes while it runs.
+        ``cmd`` and ``find_pids`` (-> {role: host pid}) for other targets than this staging's;
+        arms named "direct" or "in-pod" are baselines (nothing of podtwin to sample)."""
         name = f"ptbench-client-{self.tag}"
-        cmd = self.direct_cmd(self.client_args(), name) if arm == "direct" else \
-            self.podtwin_cmd(self.client_args(), config)
+        baseline = arm in ("direct", "in-pod")
+        find_pids = find_pids or self.session_pids
+        if cmd is None:
+            cmd = self.direct_cmd(self.client_args(), name) if arm == "direct" else \
+                self.podtwin_cmd(self.client_args(), config)
         log(f"{arm}: {shlex.join(cmd)}")
         err = open(self.state_dir / f"{arm}.stderr", "w+")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -295,15 +314,15 @@ class Bench:
         done = False
         found: set[str] = set()
         last_poll = 0.0
-        if arm != "direct":
+        if not baseline:
             watched.append(Watched("runner", proc.pid))
         while True:
             # the session's agent and sidecar exist before the app starts; the client waits 1 s
             # after its first lookup, so they are found before the first phase begins
-            if arm != "direct" and len(found) < 2 and state["phase"] in ("setup", "idle") \
+            if not baseline and len(found) < 2 and state["phase"] in ("setup", "idle") \
                     and time.monotonic() - last_poll > 0.3:
                 last_poll = time.monotonic()
-                for role, pid in self.session_pids().items():
+                for role, pid in find_pids().items():
                     if role not in found:
                         found.add(role)
                         with lock:
@@ -335,7 +354,7 @@ class Bench:
         if code != 0 or not done:
             err.seek(0)
             raise RuntimeError(f"{arm}: exit code {code}: {err.read()[-1500:]}")
-        if arm != "direct" and len(found) < 2:
+        if not baseline and len(found) < 2:
             log(f"podtwin: warning: found only {sorted(found)} of the agent/sidecar processes to sample")
         results["_watched"] = watched
         return results
@@ -359,7 +378,8 @@ class Bench:
         self.children.append(proc)
         times: dict[str, float] = {}
         errors: list[str] = []
-        marks = {"starting the agent": "agent", "agent ready": "agent_ready", "network bridged": "bridged"}
+        marks = {"starting the agent": "agent", "creating the agent Job": "agent", "agent ready": "agent_ready",
+                 "network bridged": "bridged"}
 
         def read_out() -> None:
             assert proc.stdout is not None
@@ -405,18 +425,28 @@ class Bench:
         return runs
 
     # -- clean-up ------------------------------------------------------------------------------
+    def session_selectors(self) -> list[str]:
+        """Docker label filters for the podtwin sessions this run started (outgoing, incoming)."""
+        return [f"label=podtwin.target=container/{t}" for t in (self.target, f"ptbench-web-{self.tag}")] \
+            + [f"label=podtwin.session={s}" for s in self.kube_sessions]
+
     def cleanup(self) -> None:
         for proc in self.children:
             try:
                 self.stop(proc)
             except Exception as exc:  # noqa: BLE001 - keep cleaning
                 log(f"clean-up: stopping pid {proc.pid}: {exc}")
-        for selector in (f"label={self.label}", f"label=podtwin.target=container/{self.target}"):
+        if self.kube_cleanup is not None:
+            try:
+                self.kube_cleanup()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning
+                log(f"clean-up: kubernetes: {exc}")
+        for selector in (f"label={self.label}", *self.session_selectors()):
             ids = docker("ps", "-aq", "--filter", selector, check=False, timeout=30).stdout.split()
             if ids:
                 docker("rm", "-f", *ids, check=False, timeout=60)
         # the session's own networks, if any, then ours
-        for selector in (f"label=podtwin.target=container/{self.target}", f"label={self.label}"):
+        for selector in (*self.session_selectors(), f"label={self.label}"):
             nets = docker("network", "ls", "-q", "--filter", selector, check=False, timeout=30).stdout.split()
             if nets:
                 docker("network", "rm", *nets, check=False, timeout=60)
@@ -426,8 +456,8 @@ class Bench:
             docker("image", "rm", "-f", self.variant_image, check=False, timeout=60)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         left = docker("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split()
-        left += docker("ps", "-aq", "--filter", f"label=podtwin.target=container/{self.target}",
-                       check=False).stdout.split()
+        for selector in self.session_selectors():
+            left += docker("ps", "-aq", "--filter", selector, check=False).stdout.split()
         left += docker("network", "ls", "-q", "--filter", f"label={self.label}", check=False).stdout.split()
         if left:
             log(f"clean-up incomplete, still present: {left}")
@@ -473,7 +503,7 @@ def machine_facts() -> dict[str, str]:
         "docker": sh("docker", "version", "--format", "{{.Server.Version}}"),
         "go": sh("go", "version").replace("go version ", ""),
         "podtwin commit": commit + (" (runner/ or agent/ modified in the working tree)" if dirty else ""),
-        "podtwin:dev": f"{image_id[7:19]} (up to date with the working tree: {fresh})",
+        PODTWIN_IMAGE: f"{image_id[7:19]} (up to date with the working tree: {fresh})",
         "agent/sidecar runtime": (f"python {image_py[0]}, asyncssh {image_py[1]}, cryptography {image_py[2]}"
                                   if len(image_py) == 3 else "?"),
         "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
@@ -602,13 +632,19 @@ see the script's docstring for the method.
 """ + RESULTS_START + "\n" + RESULTS_END + "\n"
 
 
-def write_doc(path: Path, block: str) -> None:
+def write_doc(path: Path, block: str, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
     text = path.read_text() if path.exists() else DEFAULT_DOC
-    if RESULTS_START not in text or RESULTS_END not in text:
-        text = text.rstrip("\n") + "\n\n" + RESULTS_START + "\n" + RESULTS_END + "\n"
-    head, _, rest = text.partition(RESULTS_START)
-    _, _, tail = rest.partition(RESULTS_END)
-    path.write_text(head + RESULTS_START + "\n" + block + RESULTS_END + tail)
+    if start not in text or end not in text:
+        text = text.rstrip("\n") + "\n\n" + start + "\n" + end + "\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(head + start + "\n" + block + end + tail)
+
+
+def section_head(command: str, started: dt.datetime, elapsed: float, note: str = "") -> str:
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return (f"Run on {started.strftime('%Y-%m-%d %H:%M %Z').strip()}, this section {elapsed:.0f} s, with:\n\n"
+            f"```\n{command}\n```\n\n{note}Load average at the end of the section: {load}.\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,12 +661,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="markdown file to update (default docs/performance.md)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--keep-image", action="store_true", help="keep the bench image afterwards")
+    p.add_argument("--no-outgoing", action="store_true",
+                   help="skip the outgoing section (throughput, latency, DNS, start-up, memory)")
+    p.add_argument("--no-incoming", action="store_true", help="skip the incoming section (steal/filter/mirror)")
+    p.add_argument("--incoming-requests", type=int, default=2000,
+                   help="incoming: requests over one kept-alive connection per latency phase")
+    p.add_argument("--incoming-newconn", type=int, default=300,
+                   help="incoming: requests with a new connection each per latency phase (0 skips)")
+    p.add_argument("--rps-conc", type=int, default=8, help="incoming: connections of the RPS phases")
+    p.add_argument("--rps-seconds", type=float, default=8, help="incoming: duration of each RPS phase, s")
+    p.add_argument("--no-kube", action="store_true", help="skip the Kubernetes section")
+    p.add_argument("--kubeconfig", type=Path,
+                   default=Path(os.environ.get("KUBECONFIG") or "/var/lib/podtwin-cluster/admin.kubeconfig"),
+                   help="Kubernetes section: the cluster (default $KUBECONFIG or the test cluster's)")
+    p.add_argument("--kube-mb", type=float, default=100, help="Kubernetes section: MB per download/upload")
+    p.add_argument("--kube-startup-runs", type=int, default=3, help="Kubernetes section: start-up runs (0 skips)")
     p.add_argument("--cipher-variant", default="", metavar="CIPHER",
                    help="also run podtwin with the sidecar's link patched to use only CIPHER (an "
                         "experiment in a derived image, e.g. chacha20-poly1305@openssh.com; "
                         "default: off)")
     args = p.parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if os.environ.get("PODTWIN_IMAGE"):
+        command = f"PODTWIN_IMAGE={shlex.quote(PODTWIN_IMAGE)} {command}"
     if os.environ.get("MAKELEVEL"):
         command = "make bench   # = " + command
 
@@ -641,10 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().astimezone()
     t0 = time.monotonic()
     bench = Bench(args)
-    try:
-        facts = machine_facts()
-        bench.build_image()
-        bench.staging()
+    blocks: list[tuple[str, str, str]] = []   # (block, start marker, end marker)
+    failed: list[str] = []
+
+    def outgoing() -> None:
         direct = bench.run_suite("direct")
         pod = bench.run_suite("podtwin")
         variant = {}
@@ -653,7 +706,46 @@ def main(argv: list[str] | None = None) -> int:
             if config is not None:
                 variant = bench.run_suite("variant", config)
         start = bench.startup() if args.startup_runs > 0 else {"direct": [], "podtwin": []}
-        block = report(bench, facts, direct, pod, variant, start, command, started, time.monotonic() - t0)
+        blocks.append((report(bench, facts, direct, pod, variant, start, command, started,
+                              time.monotonic() - t0), RESULTS_START, RESULTS_END))
+
+    def incoming() -> None:
+        from incoming import Incoming
+        t1, at = time.monotonic(), dt.datetime.now().astimezone()
+        inc = Incoming(bench)
+        inc.run()
+        blocks.append((section_head(command, at, time.monotonic() - t1) + inc.report(),
+                       INCOMING_START, INCOMING_END))
+
+    def kubernetes() -> None:
+        from kube_session import KubeSection
+        t1, at = time.monotonic(), dt.datetime.now().astimezone()
+        kube = KubeSection(bench)
+        try:
+            table = kube.run()
+        finally:
+            kube.cleanup()  # before the next section; bench.cleanup() calls it again, harmlessly
+        if table is None:
+            log(f"kubernetes section skipped: {kube.skipped}")
+        else:
+            blocks.append((section_head(command, at, time.monotonic() - t1, kube.note()) + table,
+                           KUBE_START, KUBE_END))
+
+    try:
+        facts = machine_facts()
+        bench.build_image()
+        bench.staging()
+        # a section that fails is reported and left out; the others still run and are written
+        for name, skip, section in (("outgoing", args.no_outgoing, outgoing),
+                                    ("incoming", args.no_incoming, incoming),
+                                    ("kubernetes", args.no_kube, kubernetes)):
+            if skip:
+                continue
+            try:
+                section()
+            except Exception as exc:  # noqa: BLE001 - e.g. a session that failed, the kubernetes client's errors
+                log(f"{name} section failed: {type(exc).__name__}: {exc}")
+                failed.append(name)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -662,10 +754,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         bench.cleanup()
-    print(block)
-    if not args.no_write:
-        write_doc(args.output, block)
+    for block, start_marker, end_marker in blocks:
+        print(block)
+        if not args.no_write:
+            write_doc(args.output, block, start_marker, end_marker)
+    if blocks and not args.no_write:
         log(f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}")
+    if failed:
+        log(f"failed sections (their results in the doc were left as they were): {', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -3,9 +3,14 @@
 //
 //	ptbench serve [-addr :8080]
 //	ptbench client -name backend -port 8080 [-bytes N] [-repeat R] [-keepalive K] [-newconn C] [-dns D] ...
+//	ptbench load -url http://web/ping [-H 'name: value'] [-c C] [-n N | -duration D] [-newconn] [-expect NAME]
 //
 // The server answers GET /zeros?bytes=N (N zero bytes), GET /ping ("pong\n") and POST /sink
-// (reads the body, answers with its length). The client runs its phases in order and prints one
+// (reads the body, answers with its length); with -name it tags every answer with the header
+// X-Served-By: NAME and prints {"served":N} once a second while its request count changes.
+// The load mode (incoming benchmark) sends GET -url from C workers, each over its own kept-alive
+// connection (or a new one per request with -newconn), N requests in all or for -duration, and
+// prints one result line with p50/p99 latency, requests per second and who served the answers. The client runs its phases in order and prints one
 // JSON object per line on stdout: {"event":"start","phase":P} before a phase and
 // {"event":"result","phase":P,...} after it, so the caller can tell which phase is running.
 package main
@@ -19,7 +24,11 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -28,8 +37,27 @@ var zeros = make([]byte, 256*1024)
 func serve(args []string) {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	addr := fs.String("addr", ":8080", "listen address")
+	name := fs.String("name", "", "answer with the header X-Served-By: NAME and report the request count")
 	fs.Parse(args)
+	var served atomic.Int64
 	mux := http.NewServeMux()
+	var handler http.Handler = mux
+	if *name != "" {
+		handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			served.Add(1)
+			w.Header().Set("X-Served-By", *name)
+			mux.ServeHTTP(w, r)
+		})
+		go func() {
+			last := int64(0)
+			for range time.Tick(time.Second) {
+				if n := served.Load(); n != last {
+					last = n
+					emit(map[string]any{"served": n})
+				}
+			}
+		}()
+	}
 	mux.HandleFunc("/ping", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", "5")
 		w.Write([]byte("pong\n"))
@@ -57,7 +85,7 @@ func serve(args []string) {
 		fmt.Fprintf(w, "%d\n", n)
 	})
 	fmt.Println("PTBENCH_SERVING", *addr)
-	if err := http.ListenAndServe(*addr, mux); err != nil {
+	if err := http.ListenAndServe(*addr, handler); err != nil {
 		fmt.Fprintln(os.Stderr, "ptbench serve:", err)
 		os.Exit(1)
 	}
@@ -233,9 +261,144 @@ func client(args []string) {
 	emit(map[string]any{"event": "done"})
 }
 
+type headerFlags []string
+
+func (h *headerFlags) String() string     { return strings.Join(*h, ", ") }
+func (h *headerFlags) Set(v string) error { *h = append(*h, v); return nil }
+
+func percentile(sorted []int64, p float64) int64 {
+	if len(sorted) == 0 {
+		return -1
+	}
+	i := int(float64(len(sorted))*p/100+0.999999) - 1 // nearest rank
+	if i < 0 {
+		i = 0
+	}
+	if i >= len(sorted) {
+		i = len(sorted) - 1
+	}
+	return sorted[i]
+}
+
+// load: GET -url from -c workers; latency of every request after the warm-up, requests per second
+// over the measured part, and the X-Served-By of the answers (to prove where the requests went).
+func load(args []string) {
+	fs := flag.NewFlagSet("load", flag.ExitOnError)
+	url := fs.String("url", "http://web/ping", "URL to GET")
+	var headers headerFlags
+	fs.Var(&headers, "H", "request header 'name: value' (repeatable)")
+	conc := fs.Int("c", 1, "workers, each with its own connection")
+	n := fs.Int("n", 0, "requests in all (0: until -duration)")
+	dur := fs.Duration("duration", 10*time.Second, "measured time when -n is 0; upper bound otherwise")
+	warm := fs.Int("warm", 20, "warm-up requests per worker, not counted")
+	newconn := fs.Bool("newconn", false, "a new TCP connection per request")
+	expect := fs.String("expect", "", "fail unless every answer has X-Served-By: EXPECT")
+	phase := fs.String("phase", "load", "phase name in the output")
+	fs.Parse(args)
+
+	req, err := http.NewRequest("GET", *url, nil)
+	if err != nil {
+		fail(*phase, err)
+	}
+	for _, h := range headers {
+		k, v, ok := strings.Cut(h, ":")
+		if !ok {
+			fail(*phase, fmt.Errorf("header %q: want 'name: value'", h))
+		}
+		req.Header.Set(strings.TrimSpace(k), strings.TrimSpace(v))
+	}
+	emit(map[string]any{"event": "start", "phase": *phase})
+	var (
+		next     atomic.Int64 // requests handed out (bounded by -n)
+		mu       sync.Mutex
+		samples  []int64
+		servedBy = map[string]int{}
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	start := make(chan struct{})
+	var t0 time.Time
+	var deadline time.Time
+	ready := sync.WaitGroup{}
+	for w := 0; w < *conc; w++ {
+		wg.Add(1)
+		ready.Add(1)
+		go func() {
+			defer wg.Done()
+			tr := &http.Transport{MaxIdleConnsPerHost: 1, DisableCompression: true, DisableKeepAlives: *newconn}
+			c := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+			buf := make([]byte, 64*1024)
+			local := make([]int64, 0, 4096)
+			by := map[string]int{}
+			do := func() (string, error) {
+				resp, err := c.Do(req.Clone(context.Background()))
+				if err != nil {
+					return "", err
+				}
+				_, err = io.CopyBuffer(io.Discard, resp.Body, buf)
+				resp.Body.Close()
+				if err == nil && resp.StatusCode != 200 {
+					err = fmt.Errorf("HTTP %d", resp.StatusCode)
+				}
+				return resp.Header.Get("X-Served-By"), err
+			}
+			var werr error
+			for i := 0; i < *warm; i++ {
+				if _, werr = do(); werr != nil {
+					break
+				}
+			}
+			ready.Done()
+			<-start
+			for werr == nil && time.Now().Before(deadline) {
+				if *n > 0 && next.Add(1) > int64(*n) {
+					break
+				}
+				t := time.Now()
+				who, err := do()
+				if err != nil {
+					werr = err
+					break
+				}
+				local = append(local, time.Since(t).Microseconds())
+				by[who]++
+			}
+			mu.Lock()
+			samples = append(samples, local...)
+			for k, v := range by {
+				servedBy[k] += v
+			}
+			if werr != nil && firstErr == nil {
+				firstErr = werr
+			}
+			mu.Unlock()
+		}()
+	}
+	ready.Wait()
+	t0 = time.Now()
+	deadline = t0.Add(*dur)
+	close(start)
+	wg.Wait()
+	secs := time.Since(t0).Seconds()
+	if firstErr != nil {
+		fail(*phase, firstErr)
+	}
+	if *expect != "" {
+		for who, k := range servedBy {
+			if who != *expect {
+				fail(*phase, fmt.Errorf("%d of %d answers came from %q, not %q", k, len(samples), who, *expect))
+			}
+		}
+	}
+	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
+	emit(map[string]any{"event": "result", "phase": *phase, "requests": len(samples), "seconds": secs,
+		"rps": float64(len(samples)) / secs, "p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99),
+		"served_by": servedBy, "concurrency": *conc})
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load [flags]")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -243,8 +406,10 @@ func main() {
 		serve(os.Args[2:])
 	case "client":
 		client(os.Args[2:])
+	case "load":
+		load(os.Args[2:])
 	default:
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load [flags]")
 		os.Exit(2)
 	}
 }

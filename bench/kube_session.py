@@ -1,0 +1,318 @@
+"""Kubernetes benchmark (a section of ``bench/run.py``; issue #5): a ``deploy/`` target.
+
+In a namespace of its own (``bench-<tag>``, labelled ``podtwin-bench=<tag>``, deleted at the end,
+also on an error or Ctrl-C) on the test cluster: a **backend** Deployment serving ``ptbench
+serve`` behind a Service ``backend:8080``, and a **target** Deployment ``api`` (the same image,
+sleeping). The run's ptbench image is copied into the cluster's containerd (and removed from it
+at the end); the podtwin image is loaded too, so the start-up measures an agent whose image is
+already on the node. Then, in one run, the same client and command (``bench/run.py``'s):
+
+* **in-pod** (the baseline): ``kubectl exec deploy/api -- ptbench client ...`` -- in the target
+  pod itself, with its resolver;
+* **podtwin**: ``podtwin container run -n NS --target deploy/api IMAGE ptbench client ...`` -- a
+  local container, its traffic through the sidecar, the port-forward, the agent Job's pod.
+
+Measured: bulk download/upload (``--kube-mb``), small-request latency (kept-alive and new
+connection), DNS, session start-up (``echo ready``: command to the first output line, against
+``kubectl exec deploy/api -- echo ready``), and the resident memory of the agent -- read on the
+node from ``/proc/PID/status`` of the agent container's main process, found from its container ID
+as the agent itself finds the target's (``podtwin.agent.nsenter.main_pid``). The cluster must be
+on this machine for that; otherwise the memory is "n/a".
+
+Skipped, with the reason in the log, when no cluster answers at ``--kubeconfig``.
+"""
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from run import Bench
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "integration" / "cluster"
+
+
+def kubectl_binary() -> str | None:
+    """The test cluster's kubectl (``/usr/bin/kubectl`` may be a wrapper that does not work here)."""
+    found = sorted(glob.glob(str(Path.home() / ".cache/podtwin/cluster/*/bin/kubectl")))
+    return found[-1] if found else shutil.which("kubectl")
+
+
+class KubeSection:
+    def __init__(self, bench: "Bench") -> None:
+        from run import PODTWIN_IMAGE, log
+        self.b, self.log, self.podtwin_image = bench, log, PODTWIN_IMAGE
+        self.kubeconfig: Path = bench.args.kubeconfig
+        self.ns = f"bench-{bench.tag}"
+        self.skipped = ""
+        self.api = None
+        self.ns_created = False
+        self.image_loaded = False
+        self.kubectl = kubectl_binary()
+        self.load_avg = ""
+
+    # -- cluster -----------------------------------------------------------------------------
+    def connect(self) -> bool:
+        if not self.kubeconfig.exists():
+            self.skipped = f"no kubeconfig at {self.kubeconfig} (give --kubeconfig, or --no-kube)"
+            return False
+        if self.kubectl is None:
+            self.skipped = "no kubectl binary for the in-pod arm"
+            return False
+        try:
+            from kubernetes import client, config
+            self.api = config.new_client_from_config(config_file=str(self.kubeconfig))
+            self.core = client.CoreV1Api(self.api)
+            self.apps = client.AppsV1Api(self.api)
+            nodes = self.core.list_node(_request_timeout=10).items
+        except Exception as exc:  # noqa: BLE001 - any failure means: no cluster to measure
+            self.skipped = f"no cluster answers at {self.kubeconfig}: {str(exc).splitlines()[0][:200]}"
+            return False
+        if not any(c.type == "Ready" and c.status == "True" for n in nodes for c in n.status.conditions or []):
+            self.skipped = "the cluster has no Ready node"
+            return False
+        return True
+
+    def load_images(self) -> None:
+        """Copy the ptbench image (and the podtwin image) into the test cluster's containerd."""
+        for image in (self.b.image, self.podtwin_image):
+            self.log(f"kubernetes: loading {image} into the cluster")
+            if image == self.b.image:
+                self.image_loaded = True  # from here on, remove it at the end
+            proc = subprocess.run([str(CLUSTER / "load.sh"), image], capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"loading {image} into the cluster failed: {proc.stderr.strip()[-300:]}")
+
+    def staging(self) -> None:
+        from kubernetes import client, utils
+        b = self.b
+        self.log(f"kubernetes: namespace {self.ns}: backend Deployment + Service backend:8080, target deploy/api")
+        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+            name=self.ns, labels={"podtwin-bench": b.tag})))
+        self.ns_created = True
+        deadline = time.monotonic() + 60
+        while True:  # pods need the namespace's default ServiceAccount
+            try:
+                self.core.read_namespaced_service_account("default", self.ns, _request_timeout=10)
+                break
+            except client.exceptions.ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+        def deployment(name: str, command: list[str]) -> dict:
+            labels = {"app": name, "podtwin-bench": b.tag}
+            return {"apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": name, "labels": {"podtwin-bench": b.tag}},
+                    "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                             "template": {"metadata": {"labels": labels}, "spec": {
+                                 "terminationGracePeriodSeconds": 1,
+                                 "containers": [{"name": name, "image": b.image, "imagePullPolicy": "IfNotPresent",
+                                                 "command": command}]}}}}
+        for manifest in (
+            deployment("backend", ["ptbench", "serve", "-addr", ":8080"]),
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend", "labels": {"podtwin-bench": b.tag}},
+             "spec": {"selector": {"app": "backend"}, "ports": [{"port": 8080, "protocol": "TCP"}]}},
+            deployment("api", ["sleep", "86400"]),
+        ):
+            utils.create_from_dict(self.api, manifest, namespace=self.ns)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            pods = self.core.list_namespaced_pod(self.ns, _request_timeout=10).items
+            if len(pods) == 2 and all(p.status.phase == "Running" and all(
+                    c.ready for c in p.status.container_statuses or []) for p in pods):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("kubernetes: the backend and target pods did not run within 180 s")
+        deadline = time.monotonic() + 60
+        while self.exec(["wget", "-qO-", "http://backend:8080/ping"], timeout=15).stdout.strip() != "pong":
+            if time.monotonic() > deadline:
+                raise RuntimeError("kubernetes: the backend Service did not answer the target pod within 60 s")
+            time.sleep(0.5)
+
+    def kubectl_cmd(self, command: list[str]) -> list[str]:
+        return [self.kubectl, "--kubeconfig", str(self.kubeconfig), "-n", self.ns, "exec", "deploy/api",
+                "-c", "api", "--", *command]
+
+    def exec(self, command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(self.kubectl_cmd(command), capture_output=True, text=True, timeout=timeout)
+
+    def podtwin_cmd(self, command: list[str], quiet: bool = True) -> list[str]:
+        return [*self.b.podtwin, "container", "run", *(["-q"] if quiet else []), "-n", self.ns,
+                "--target", "deploy/api", self.b.image, *command]
+
+    # -- the session's processes ---------------------------------------------------------------
+    def session_pids(self) -> dict[str, int]:
+        """Host PIDs of the session's agent (its pod's main process, found by container ID on
+        this node) and sidecar (a local Docker container)."""
+        from podtwin.agent.nsenter import NamespaceError, main_pid
+        from run import docker
+        out: dict[str, int] = {}
+        try:
+            pods = self.core.list_namespaced_pod(self.ns, label_selector="podtwin.session", _request_timeout=5).items
+        except Exception:  # noqa: BLE001 - try again at the next poll
+            return out
+        for pod in pods:
+            session = pod.metadata.labels.get("podtwin.session", "")
+            if session and session not in self.b.kube_sessions:
+                self.b.kube_sessions.append(session)
+            for status in pod.status.container_statuses or []:
+                if status.name == "agent" and status.container_id and status.state and status.state.running:
+                    try:
+                        out["agent"] = main_pid(status.container_id)
+                    except (NamespaceError, OSError):
+                        pass
+            ids = docker("ps", "-q", "--filter", f"label=podtwin.session={session}", "--filter",
+                         "label=podtwin.role=sidecar", check=False, timeout=20).stdout.split()
+            if ids:
+                pid = docker("inspect", "-f", "{{.State.Pid}}", ids[0], check=False, timeout=20).stdout.strip()
+                if pid.isdigit() and pid != "0":
+                    out["sidecar"] = int(pid)
+        return out
+
+    # -- the section -------------------------------------------------------------------------
+    def run(self) -> str | None:
+        self.b.kube_cleanup = self.cleanup
+        if not self.connect():
+            return None
+        self.load_images()
+        self.staging()
+        self.b.env["KUBECONFIG"] = str(self.kubeconfig)
+        client = self.b.client_args(self.b.args.kube_mb)
+        self.in_pod = self.b.run_suite("in-pod", cmd=self.kubectl_cmd(client))
+        self.pod = self.b.run_suite("podtwin", cmd=self.podtwin_cmd(client), find_pids=self.session_pids)
+        self.start = self.startup()
+        self.load_avg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        return self.report()
+
+    def startup(self) -> dict[str, list[dict[str, float]]]:
+        runs: dict[str, list[dict[str, float]]] = {"in-pod": [], "podtwin": []}
+        n = self.b.args.kube_startup_runs
+        if n <= 0:
+            return runs
+        self.log(f"kubernetes: start-up: {n} runs per arm, alternating (plus one warm-up each)")
+        for i in range(n + 1):
+            d = self.b.first_line(self.kubectl_cmd(["echo", "ready"]))
+            p = self.b.first_line(self.podtwin_cmd(["echo", "ready"], quiet=False), timeout=180)
+            if i > 0:
+                runs["in-pod"].append(d)
+                runs["podtwin"].append(p)
+        return runs
+
+    def note(self) -> str:
+        return (f"Target `deploy/api` in namespace `bench-<tag>` on the test cluster (the same machine); "
+                f"{self.b.args.repeat} × {self.b.args.kube_mb:g} MB per direction, "
+                f"{self.b.args.keepalive} kept-alive and {self.b.args.newconn} new-connection requests, "
+                f"{self.b.args.dns} DNS lookups. The in-pod arm is `kubectl exec deploy/api -- ptbench client ...` "
+                "(the client times itself inside the pod; the exec stream only carries its JSON lines).\n\n")
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> str:
+        import statistics
+
+        from run import _cpu_pct, _mib, fmt, lat, ratio, throughput
+        a, d, p = self.b.args, self.in_pod, self.pod
+        rows = []
+        for phase, what in (("download", "Download"), ("upload", "Upload")):
+            x, _ = throughput(d, phase)
+            y, rates = throughput(p, phase)
+            if x is None and y is None:
+                continue
+            rows.append([f"{what} throughput, MB/s (median of {len(rates)} × {a.kube_mb:g} MB; higher is better)",
+                         fmt(x, 0), fmt(y, 1), ratio(y, x)])
+        for phase, what in (("keepalive", "HTTP request to `backend`, one kept-alive connection"),
+                            ("newconn", "HTTP request, new TCP connection each"),
+                            ("dns", "DNS lookup of `backend` (A, uncached)")):
+            d50, d99, _ = lat(d, phase)
+            p50, p99, n = lat(p, phase)
+            if not n:
+                continue
+            rows.append([f"{what}: p50, ms (n={n})", fmt(d50, 3), fmt(p50, 3), ratio(p50, d50, "ms")])
+            rows.append([f"{what}: p99, ms", fmt(d99, 3), fmt(p99, 3), ratio(p99, d99, "ms")])
+        s = self.start
+        if s["podtwin"]:
+            med = lambda arm, key: statistics.median(x[key] for x in s[arm])  # noqa: E731
+            n = len(s["podtwin"])
+            rows.append([f"Start-up: command to the first output line of `echo ready`, s (median of {n}; in-pod: "
+                         "`kubectl exec`)", fmt(med("in-pod", "first")), fmt(med("podtwin", "first")),
+                         ratio(med("podtwin", "first"), med("in-pod", "first"), "s")])
+            rows.append([f"Whole run incl. teardown (agent Job deleted), s (median of {n})",
+                         fmt(med("in-pod", "exit")), fmt(med("podtwin", "exit")),
+                         ratio(med("podtwin", "exit"), med("in-pod", "exit"), "s")])
+        out = ["| Kubernetes measurement (`deploy/` target) | in the target pod | podtwin | podtwin / in-pod |",
+               "|---|---:|---:|---:|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        if s["podtwin"] and all(k in x for x in s["podtwin"] for k in ("agent", "agent_ready", "bridged")):
+            med1 = lambda f: statistics.median(f(x) for x in s["podtwin"])  # noqa: E731
+            steps = [
+                ("runner start-up and target resolution (API server: Deployment -> pod)", med1(lambda x: x["agent"])),
+                ("agent Job created, its pod scheduled and started, port-forward + SSH link up",
+                 med1(lambda x: x["agent_ready"] - x["agent"])),
+                ("sidecar container started, its link connected, iptables applied",
+                 med1(lambda x: x["bridged"] - x["agent_ready"])),
+                ("app container created and started, to its first output line", med1(lambda x: x["first"] - x["bridged"])),
+                ("after the app's output: exit, teardown of app, sidecar, agent Job", med1(lambda x: x["exit"] - x["first"])),
+            ]
+            out += ["", "Where the start-up goes (medians, from podtwin's progress lines):", "",
+                    "| Step | s |", "|---|---:|"] + [f"| {name} | {fmt(v)} |" for name, v in steps]
+        watched = p.get("_watched", [])
+        if watched:
+            out += ["", "Memory and CPU of the session's processes (host `/proc/PID`; the agent is the main process "
+                    "of the agent pod's container on the node, found by its container ID):", "",
+                    "| Process | RSS idle, MiB | RSS peak during download, MiB | RSS peak during upload, MiB "
+                    "| VmHWM at the end, MiB | CPU during download, % of one core | CPU during upload, % of one core |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            for w in watched:
+                out.append(f"| {w.name} | {_mib(w.rss_max.get('idle', 0))} | {_mib(w.rss_max.get('download', 0))} | "
+                           f"{_mib(w.rss_max.get('upload', 0))} | {_mib(w.hwm)} | {_cpu_pct(w, 'download', p)} | "
+                           f"{_cpu_pct(w, 'upload', p)} |")
+            if "agent" not in {w.name for w in watched}:
+                out += ["", "The agent's process was not found on this machine's /proc (is the cluster elsewhere?)."]
+        detail = []
+        for arm, res in (("in-pod", d), ("podtwin", p)):
+            for phase in ("download", "upload"):
+                _, rates = throughput(res, phase)
+                if rates:
+                    detail.append(f"{arm} {phase} MB/s: " + ", ".join(f"{r:.1f}" for r in rates))
+        for arm in ("in-pod", "podtwin"):
+            if s[arm]:
+                detail.append(f"{arm} start-up to first line, s: " + ", ".join(f"{x['first']:.2f}" for x in s[arm]))
+        if detail:
+            out += ["", "Raw figures: " + "; ".join(detail) + "."]
+        return "\n".join(out) + "\n"
+
+    # -- clean-up ----------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        if self.ns_created:
+            self.log(f"kubernetes: deleting namespace {self.ns}")
+            from kubernetes.client.exceptions import ApiException
+            try:
+                self.core.delete_namespace(self.ns, _request_timeout=30)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                try:
+                    self.core.read_namespace(self.ns, _request_timeout=10)
+                except ApiException as exc:
+                    if exc.status == 404:
+                        break
+                time.sleep(1)
+            else:
+                self.log(f"kubernetes: namespace {self.ns} still terminating after 90 s")
+            self.ns_created = False
+        if self.image_loaded:
+            # the run's ptbench image only; the podtwin image stays loaded
+            subprocess.run(["bash", "-c", f'source "{CLUSTER}/lib.sh"; ctr_k8s images rm "docker.io/{self.b.image}"'],
+                           capture_output=True, text=True, timeout=60)
+            self.image_loaded = False
+        if self.api is not None:
+            self.api.close()
+            self.api = None
