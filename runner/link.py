@@ -186,23 +186,30 @@ class Link:
     @classmethod
     async def connect_unix(cls, path: str, keys: LinkKeys, role: str, wait: float = 0.0) -> "Link":
         """Connect to the agent's socket; with ``wait``, retry for that long while the agent is
-        still starting (no socket yet, or not listening yet)."""
+        still starting (no socket yet, or not listening yet), or while the stream behind the
+        socket drops during the handshake (a Kubernetes port-forward on a loaded API server)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await loop.sock_connect(sock, path)
-                break
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
                 if loop.time() >= deadline:
                     raise
                 await asyncio.sleep(0.05)
+                continue
             except OSError:
                 sock.close()
                 raise
-        return await cls.connect(sock, keys, role)
+            try:
+                return await cls.connect(sock, keys, role)
+            except asyncssh.ConnectionLost as exc:
+                if loop.time() >= deadline:
+                    raise
+                log.info("the link dropped during the handshake (%s); connecting again", exc)
+                await asyncio.sleep(0.2)
 
     async def open_tcp(self, host: str, port: int, orig: tuple[str, int] = ("", 0)):
         """A TCP connection made by the agent: (reader, writer) streams."""
