@@ -273,6 +273,8 @@ class KubeEngine:
             if phase == "Pending" and "Pending" not in said:
                 said.add("Pending")
                 progress("agent pod scheduled; starting")
+            if phase == "Pending":
+                self._pull_progress(ns, pod.metadata.name, "agent", said, progress)
             if phase == "Running":
                 for line in self._logs(ns, pod.metadata.name, tail=None).splitlines():
                     if line.startswith("PODTWIN_AGENT_READY "):
@@ -280,6 +282,21 @@ class KubeEngine:
             time.sleep(0.2)
         raise AgentError(f"the agent was not ready within {timeout:.0f}s",
                          "raise agent.startup_timeout, or look at `kubectl describe job` for it")
+
+    def _pull_progress(self, ns: str, pod: str, container: str, said: set, progress) -> None:
+        """The kubelet's image events for one container (pulling, pulled, already present), each
+        said once: on a slow registry this is where the start-up time goes."""
+        try:
+            events = self.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={pod}").items
+        except ApiException:
+            return  # no right to list events (the ephemeral agent needs none): progress is optional
+        for event in events:
+            path = event.involved_object.field_path or ""
+            if event.reason in ("Pulling", "Pulled") and f"{{{container}}}" in path:
+                key = f"event:{event.metadata.uid}"
+                if key not in said:
+                    said.add(key)
+                    progress(f"agent image: {(event.message or event.reason).strip()[:200]}")
 
     def _job_failure(self, ns: str, job: str) -> None:
         """Admission (Pod Security, quotas) refuses the Job's pod: the Job says so in its events."""
@@ -387,6 +404,8 @@ class KubeEngine:
                     raise AgentError(f"the {what} exited during start-up: "
                                      + self._logs(ns, pod, container=cname).strip().replace("\n", " | "))
             state = statuses[name].state if name in statuses else None
+            if state is None or state.waiting:
+                self._pull_progress(ns, pod, name, said, progress)
             if state is not None and state.running:
                 for line in self._logs(ns, pod, tail=None, container=name).splitlines():
                     if line.startswith("PODTWIN_AGENT_READY "):
