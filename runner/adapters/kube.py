@@ -618,7 +618,7 @@ def _report_waiting(status, node: str, said: set, progress, what: str) -> None:
     waiting = status.state.waiting if status.state is not None else None
     if not waiting or not waiting.reason:
         return
-    if waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+    if waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"):
         raise ImageMissing(f"the agent image {status.image} cannot be pulled on node {node} ({waiting.reason})",
                            "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
     if waiting.reason in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
