@@ -55,10 +55,12 @@ def run_with(cluster, ns, tmp_path, agent: dict, target: str = "deploy/api"):
     return result, time.monotonic() - start
 
 
-def test_unpullable_agent_image_is_said_at_once(cluster, target_ns, tmp_path):
+@pytest.mark.parametrize("image,policy", [("127.0.0.1:1/podtwin/missing:v1", "IfNotPresent"),
+                                          ("podtwin/not-on-the-node:v1", "Never")])
+def test_unpullable_agent_image_is_said_at_once(cluster, target_ns, tmp_path, image, policy):
     result, took = run_with(cluster, target_ns, tmp_path,
-                            {"image": "127.0.0.1:1/podtwin/missing:v1", "startup_timeout": 120})
-    one_line_failure(result, "agent image 127.0.0.1:1/podtwin/missing:v1 cannot be pulled", "agent.image")
+                            {"image": image, "image_pull_policy": policy, "startup_timeout": 120})
+    one_line_failure(result, f"agent image {image} cannot be pulled", "agent.image")
     assert took < 60          # at the first ErrImagePull, far before the 120 s start-up timeout
     nothing_left(cluster, target_ns)
 
