@@ -21,7 +21,8 @@ from typing import Callable
 
 import asyncssh
 
-from .config import PodtwinConfig, load_config
+from .config import PodtwinConfig
+from .configfile import load_config
 from .envfilter import apply_env
 from .errors import AgentError, ConfigError, DockerUnavailable, PodtwinError, SessionError
 from .link import Link, LinkKeys

@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.runner.config import (
-    CONFIG_FILE_NAMES,
-    PodtwinConfig,
-    config_schema,
-    deep_merge,
-    list_profiles,
-    load_config,
-)
+from podtwin.runner.config import PodtwinConfig, config_schema
+from podtwin.runner.configfile import CONFIG_FILE_NAMES, deep_merge, list_profiles, load_config
 from podtwin.runner.errors import ConfigError
 from podtwin.runner.targets import DockerTarget, KubeTarget
 
