@@ -80,7 +80,8 @@ class Teardown:
     def add(self, what: str, undo: Callable[[], None]) -> None:
         self.steps.append((what, undo))
 
-    def run(self) -> list[str]:
+    def run(self, progress: "Progress") -> None:
+        """Undo everything; one warning line names what could not be undone."""
         failures = []
         while self.steps:
             what, undo = self.steps.pop()
@@ -89,7 +90,8 @@ class Teardown:
             except Exception as exc:  # noqa: BLE001 - keep tearing down
                 failures.append(f"{what}: {exc}")
                 log.warning("teardown of %s failed: %s", what, exc)
-        return failures
+        if failures:
+            progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
 
 
 class OwnerLink:
@@ -248,14 +250,9 @@ def run(opts: RunOptions) -> int:
         teardown.add("link", owner.close)
         remote = owner.connect(" ".join(host_key), cfg.agent.startup_timeout)
         progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
-        engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
-        progress("network bridged; starting the app")
-
         return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
     finally:
-        failures = teardown.run()
-        if failures:
-            progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
+        teardown.run(progress)
 
 
 class App:
@@ -287,6 +284,9 @@ class App:
 
     def run(self, session: Session, opts: RunOptions, cfg: PodtwinConfig, remote_env: dict,
             sidecar_id: str, teardown: Teardown) -> int:
+        """Once the sidecar has bridged the network: create the app container and run it."""
+        self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
+        self.progress("network bridged; starting the app")
         env = apply_env(remote_env, cfg.feature.env, opts.env)
         app_id = self.engine.create_app(
             session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
@@ -381,14 +381,9 @@ def run_kube(opts: RunOptions, cfg: PodtwinConfig, target: KubeTarget, progress:
         (session.dir / "sidecar.json").write_text(json.dumps(settings))
         sidecar_id = engine.start_sidecar(session, sidecar_image, remote.get("hostname") or pod.pod, opts.network)
         teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
-        engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
-        progress("network bridged; starting the app")
-
         return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
     finally:
-        failures = teardown.run()
-        if failures:
-            progress.warn("podtwin: clean-up was incomplete (" + "; ".join(failures) + ") — run `podtwin clean`")
+        teardown.run(progress)
 
 
 def attach(engine, app_id: str, interactive: bool) -> int:
@@ -460,7 +455,7 @@ def list_sessions(kube=None) -> list[dict]:
             found = entry(labels)
             found["objects"].append(f"agent-job:{ns}/{name}")
             found["jobs"].append((ns, name, labels))
-            if found["target"].count("_") and "/" not in found["target"]:  # label values hold no '/'
+            if "/" not in found["target"]:  # Kubernetes label values hold no '/': it became '_'
                 found["target"] = found["target"].replace("_", "/")
     return sorted(sessions.values(), key=lambda s: s["session"])
 
