@@ -8,7 +8,7 @@ setup:
 	scripts/setup.sh
 
 images:
-	$(VENV)/python -m podtwin.runner.adapters.images
+	$(VENV)/python -m podtwin.runner.tools.images
 
 # Unit tests get no network: a fresh network namespace with only loopback (brought up, as it
 # starts down), so a test that reaches for Docker or the internet fails instead of passing by luck.
@@ -35,7 +35,7 @@ test: setup
 	$(MAKE) kube-test
 
 demo: setup
-	$(VENV)/python -m podtwin.runner.demo
+	$(VENV)/python -m podtwin.runner.tools.demo
 
 bench: setup
 	$(VENV)/python bench/run.py

@@ -10,11 +10,11 @@ import sys
 
 import asyncssh
 
-from .incoming import IncomingServer
-from .rules import sweep_dead_sessions
-from .nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
-from .server import Agent, make_listener, serve
-from .target import TargetProcess
+from podtwin.agent.incoming.service import IncomingServer
+from podtwin.agent.incoming.steal.nat import sweep_dead_sessions
+from podtwin.agent.target.nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
+from podtwin.agent.link.server import Agent, make_listener, serve
+from podtwin.agent.target.process import TargetProcess
 
 EXEC_SOCKET = "/tmp/podtwin-agent.sock"
 

@@ -16,7 +16,7 @@ Measured: bulk download/upload (``--kube-mb``), small-request latency (kept-aliv
 connection), DNS, session start-up (``echo ready``: command to the first output line, against
 ``kubectl exec deploy/api -- echo ready``), and the resident memory of the agent -- read on the
 node from ``/proc/PID/status`` of the agent container's main process, found from its container ID
-as the agent itself finds the target's (``podtwin.agent.nsenter.main_pid``). The cluster must be
+as the agent itself finds the target's (``podtwin.agent.target.nsenter.main_pid``). The cluster must be
 on this machine for that; otherwise the memory is "n/a".
 
 Skipped, with the reason in the log, when no cluster answers at ``--kubeconfig``.
@@ -151,7 +151,7 @@ class KubeSection:
     def session_pids(self) -> dict[str, int]:
         """Host PIDs of the session's agent (its pod's main process, found by container ID on
         this node) and sidecar (a local Docker container)."""
-        from podtwin.agent.nsenter import NamespaceError, main_pid
+        from podtwin.agent.target.nsenter import NamespaceError, main_pid
         from run import docker
         out: dict[str, int] = {}
         try:

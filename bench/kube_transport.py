@@ -8,7 +8,7 @@ a target pod (the podtwin image, so no other image is needed) running a small **
 127.0.0.1:9999 of its own network namespace: ``D``+u64 N -> N zero bytes; ``E`` -> echo until
 EOF. For each arm -- agent {Job, ephemeral} x transport {port-forward, exec} -- the runner's own
 code starts an agent (``KubeEngine.start_agent`` / ``start_ephemeral_agent``), serves the
-session's unix socket with ``kube_session.transport_for`` and connects ``runner.link.Link`` to it,
+session's unix socket with a ``backends.kube_streams`` transport and connects ``runner.link.client.Link`` to it,
 exactly as a session does; then, over ``direct-tcpip`` channels the agent opens to the sink:
 
 1. **link set-up**: transport stream + SSH handshake + control hello (what a sidecar pays once);
@@ -120,43 +120,39 @@ class Bench:
 
     # -- one arm ------------------------------------------------------------------------------
     def arm(self, pod, ephemeral: bool, transport: str) -> dict:
-        from podtwin.runner.adapters.kube import AGENT_PORT
-        from podtwin.runner.config import AgentConfig
-        from podtwin.runner.kube_session import transport_for
-        from podtwin.runner.session import Session
+        from podtwin.runner.backends.kube_agents import KubeEphemeralAgent, KubeJobAgent
+        from podtwin.runner.backends.kube_streams import TRANSPORTS
+        from podtwin.runner.config.models import PodtwinConfig
+        from podtwin.runner.link.loop import LoopThread
+        from podtwin.runner.state.session import Session
+        from podtwin.runner.targets import parse_target
 
+        cfg = PodtwinConfig.model_validate({"agent": {"startup_timeout": 60}})
+        placement = (KubeEphemeralAgent if ephemeral else KubeJobAgent)(
+            parse_target(f"pod/{pod.pod}"), cfg, self.image, self.kube, self.ns, None, None)
+        placement.pod = pod   # resolved already
+        stream = TRANSPORTS[transport](self.kube)
         session = Session.create("pod/target")
-        job = None
+        loop = LoopThread("bench-link")
+        quiet = lambda message: None  # noqa: E731
         try:
             session.write_keys()
-            public_key = (session.dir / "client_key.pub").read_text().strip()
-            cfg = AgentConfig(startup_timeout=60)
-            quiet = lambda message: None  # noqa: E731
-            if ephemeral:
-                container = self.kube.start_ephemeral_agent(session, pod, self.image, cfg, public_key, None)
-                ready = json.loads(self.kube.wait_ephemeral_agent(self.ns, pod.pod, container, 60, quiet))
-                agent_pod = pod.pod
-            else:
-                _, job = self.kube.start_agent(session, pod, self.image, cfg, public_key, None)
-                agent_pod, line = self.kube.wait_agent(self.ns, job, 60, quiet)
-                ready, container = json.loads(line), "agent"
-            stream = transport_for(self.kube, transport, self.ns, agent_pod, container, ready, AGENT_PORT)
-            try:
-                return asyncio.run(asyncio.wait_for(self.measure(session, stream, ready["host_key"]), 600))
-            finally:
-                stream.close()
+            placement.setup(session, quiet)
+            ready = placement.wait_ready(quiet)
+            stream.setup(session, ready, loop)
+            return loop.run(self.measure(session, ready.host_key), 600)
         finally:
-            if job:
-                self.kube.delete_job(self.ns, job)
+            stream.restore()
+            loop.stop()
+            placement.restore()
             session.remove_dir()
 
-    async def measure(self, session, stream, host_key: str) -> dict:
-        from podtwin.runner.link import Link, LinkKeys
+    async def measure(self, session, host_key: str) -> dict:
+        from podtwin.runner.link.client import Link, LinkKeys
 
-        await stream.serve(str(session.agent_socket))
-        keys = LinkKeys(str(session.dir / "client_key"), host_key)
+        keys = LinkKeys(str(session.files.client_key), host_key)
         t0 = time.perf_counter()
-        link = await Link.connect_unix(str(session.agent_socket), keys, role="runner")
+        link = await Link.connect_unix(str(session.files.agent_socket), keys, role="runner")
         setup = time.perf_counter() - t0
         try:
             n = self.args.mib * 1024 * 1024

@@ -6,12 +6,12 @@ the sidecar are):
 
 * a loopback TCP **sink** (plain sockets): ``D``+u64 N -> sends N zero bytes; ``U``+u64 N -> reads
   N bytes, answers ``K``; ``E`` -> echoes until EOF;
-* an **asyncssh server** like podtwin's agent (``agent/server.py``: ``run_server`` on an accepted
+* an **asyncssh server** like podtwin's agent (``agent/link/server.py``: ``run_server`` on an accepted
   unix-socket connection, ed25519 host key, publickey auth, ``connection_requested`` -> True);
 * a **paramiko server** doing the same (``check_channel_direct_tcpip_request`` connects to the
   destination, two threads pump each channel).
 
-The client -- this process -- connects over the unix socket the way podtwin's ``runner/link.py``
+The client -- this process -- connects over the unix socket the way podtwin's ``runner/link/client.py``
 does, opens ``direct-tcpip`` channels to the sink and measures: download and upload throughput
 over one channel, 64-byte request/response latency over one channel, and channel-open latency (a
 new channel to the sink, and a new channel plus its first 1-byte round trip). A raw loopback TCP
@@ -152,7 +152,7 @@ def serve_asyncssh(path: str, keys: Path) -> None:
         tasks = set()
 
         async def handle(sock: socket.socket) -> None:
-            # The same options as agent/server.py's Agent.handle (all of asyncssh's default
+            # The same options as agent/link/server.py's Agent.handle (all of asyncssh's default
             # algorithms are allowed; the client picks the cipher).
             await asyncssh.run_server(sock, server_factory=Conn, server_host_keys=[host_key],
                                       authorized_client_keys=authorized, encoding=None, login_timeout=15,
@@ -418,7 +418,7 @@ async def measure_asyncssh(path: str, keys: Path, port: int, plan: Plan, server_
     host_pub = (keys / "host_key.pub").read_text().strip()
     known = ([asyncssh.import_public_key(host_pub)], [], [])
     extra = {"encryption_algs": [cipher]} if cipher else {}
-    # the same options as runner/link.py's Link.connect
+    # the same options as runner/link/client.py's Link.connect
     conn = await asyncssh.run_client(sock, username="podtwin", client_keys=[str(keys / "client_key")],
                                      known_hosts=known, agent_path=None, encoding=None, keepalive_interval=5,
                                      keepalive_count_max=2, compression_algs=None, **extra)

@@ -229,21 +229,21 @@ class Bench:
 
     def build_variant(self, cipher: str) -> Path | None:
         """An experiment, not podtwin as shipped: podtwin:dev with the sidecar's link asking for
-        ``cipher`` first (runner/link.py patched in a derived image, used through agent.image).
+        ``cipher`` first (runner/link/client.py patched in a derived image, used through agent.image).
         Returns the config file that selects it, or None if the patch does not apply."""
         source = (REPO / "runner" / "link.py").read_text()
         anchor = "encryption_algs=CIPHERS,"
         if source.count(anchor) != 1:
-            log("cipher variant: runner/link.py has changed shape; skipping the experiment")
+            log("cipher variant: runner/link/client.py has changed shape; skipping the experiment")
             return None
         patched = source.replace(anchor, f"encryption_algs={[cipher]!r},  # bench experiment")
         where = docker("run", "--rm", PODTWIN_IMAGE, "python", "-c",
-                       "import podtwin.runner.link as m; print(m.__file__)").stdout.strip()
+                       "import podtwin.runner.link.client as m; print(m.__file__)").stdout.strip()
         with tempfile.TemporaryDirectory(prefix="ptbench-variant-") as ctx:
             (Path(ctx) / "link.py").write_text(patched)
             (Path(ctx) / "Dockerfile").write_text(
                 f"FROM {PODTWIN_IMAGE}\nCOPY link.py {where}\n"
-                f"RUN python -c \"import podtwin.runner.link as m, inspect; "
+                f"RUN python -c \"import podtwin.runner.link.client as m, inspect; "
                 f"assert {cipher!r} in inspect.getsource(m)\"\n")
             log(f"building {self.variant_image} (sidecar link cipher {cipher}; an experiment)")
             self.variant_built = True
@@ -489,7 +489,7 @@ def machine_facts() -> dict[str, str]:
     image_hash = docker("image", "inspect", "-f", '{{index .Config.Labels "podtwin.source-hash"}}',
                         PODTWIN_IMAGE, check=False).stdout.strip()
     try:
-        from podtwin.runner.adapters.images import source_hash
+        from podtwin.runner.tools.images import source_hash
         fresh = "yes" if source_hash() == image_hash else "NO (rebuild with `make images`)"
     except Exception:  # noqa: BLE001 - a fact, not a requirement
         fresh = "?"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.runner.session import process_start
+from podtwin.runner.state.session import process_start
 
 ASSETS = Path(__file__).parent / "assets"
 PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"

@@ -1,4 +1,4 @@
-"""`make demo` (python -m podtwin.runner.demo) works end to end and leaves nothing behind."""
+"""`make demo` (python -m podtwin.runner.tools.demo) works end to end and leaves nothing behind."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ def demo_objects() -> list[str]:
 
 def test_demo_runs_and_cleans_up(tmp_path):
     env = {**os.environ, "PODTWIN_STATE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "podtwin.runner.demo"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "podtwin.runner.tools.demo"], capture_output=True, text=True,
                             timeout=150, env=env, stdin=subprocess.DEVNULL)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -44,7 +44,7 @@ def test_demo_removes_a_previous_runs_leftovers(tmp_path):
     try:
         docker("run", "-d", "--name", "podtwin-demo-api", "--label", DEMO_LABEL, "--network", "podtwin-demo-net",
                "podtwin-test/busybox:latest", "sleep", "300")
-        result = subprocess.run([sys.executable, "-m", "podtwin.runner.demo"], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "podtwin.runner.tools.demo"], capture_output=True, text=True,
                                 timeout=150, env={**os.environ, "PODTWIN_STATE_DIR": str(tmp_path)},
                                 stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -143,7 +143,7 @@ def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging)
     sid = docker("inspect", "-f", '{{index .Config.Labels "podtwin.session"}}',
                  session_containers("app", proc)[0]).stdout.strip()
     # only this session's guard (started by this test's runner), found by its session id
-    guards = subprocess.run(["pgrep", "-f", f"podtwin.runner.guard --session {sid} "],
+    guards = subprocess.run(["pgrep", "-f", f"podtwin.runner.session.reaper --session {sid} "],
                             capture_output=True, text=True)
     assert guards.stdout.split(), "the session's guard is not running"
     for pid in guards.stdout.split():

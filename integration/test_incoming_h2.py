@@ -24,7 +24,7 @@ def h2_target(staging) -> str:
     """A container of the staging serving HTTP/1.1, h2c and gRPC on port 80 as "target"."""
     if docker("run", "--rm", APP_IMAGE, "h2probe", check=False).returncode != 2:  # its usage
         pytest.fail(f"{APP_IMAGE} has no /bin/h2probe: rebuild the images "
-                    "(`python -m podtwin.runner.adapters.images`)", pytrace=False)
+                    "(`python -m podtwin.runner.tools.images`)", pytrace=False)
     name = f"pt-h2target-{secrets.token_hex(3)}"
     docker("run", "-d", "--name", name, "--label", "podtwin-test", "--network", staging.network,
            "--network-alias", "h2target", APP_IMAGE, "h2probe", "serve", "--port", "80", "--name", "target")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from . import api
-from .errors import ConfigError, PodtwinError
+from podtwin.runner import api
+from podtwin.runner.errors import ConfigError, PodtwinError
 
 
 def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -97,14 +97,14 @@ def config() -> None:
 @config.command("schema")
 def config_schema() -> None:
     """Print the JSON schema of the config file."""
-    from .config import config_schema as schema
+    from podtwin.runner.config.models import config_schema as schema
     click.echo(json.dumps(schema(), indent=2))
 
 
 @config.command("profiles")
 def config_profiles() -> None:
     """List the ready-made profiles."""
-    from .configfile import list_profiles
+    from podtwin.runner.config.files import list_profiles
     for name, description in sorted(list_profiles().items()):
         click.echo(f"{name:20} {description}")
 
@@ -118,7 +118,7 @@ def images() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if the images exist.")
 def images_build(force: bool) -> None:
     """Build the podtwin image (agent and sidecar) and its base, offline if need be."""
-    from .adapters.images import build_images
+    from podtwin.runner.tools.images import build_images
     build_images(echo=lambda line: click.echo(line, err=True), force=force)
 
 
@@ -128,7 +128,7 @@ def images_build(force: bool) -> None:
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file to check.")
 def doctor(namespace, context, kubeconfig) -> None:
     """Check the Docker engine, the podtwin image, the cluster and your permissions."""
-    from . import doctor as checks
+    from podtwin.runner.tools import doctor as checks
     results = checks.run(kubeconfig, context, namespace)
     for check in results:
         click.echo(check.line())

@@ -50,5 +50,5 @@ $SUDO scripts/docker-engine.sh
 
 # 4. The images (skips those already built and up to date). debootstrap needs root.
 echo "[setup] 4/4 images"
-$SUDO .venv/bin/python -m podtwin.runner.adapters.images
+$SUDO .venv/bin/python -m podtwin.runner.tools.images
 echo "[setup] done"

@@ -19,7 +19,7 @@ from kubernetes import client, utils
 from kubernetes.stream import stream
 
 from kubeutil import wait_until
-from podtwin.agent.nsenter import main_pid
+from podtwin.agent.target.nsenter import main_pid
 
 PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
 APP = "podtwin-test/busybox:latest"

@@ -17,8 +17,9 @@ import docker
 import docker.errors
 from docker.types import Mount
 
-from ..errors import AgentError, DockerUnavailable, ImageMissing, SessionError, TargetError
-from ..session import LABEL_ROLE, LABEL_SESSION, MOUNT_POINT, Session
+from podtwin.runner.errors import AgentError, DockerUnavailable, ImageMissing, SessionError, TargetError
+from podtwin.runner.state.files import MOUNT_POINT, SessionFiles
+from podtwin.runner.state.session import LABEL_ROLE, LABEL_SESSION, Session
 
 log = logging.getLogger("podtwin.docker")
 
@@ -79,11 +80,12 @@ class DockerEngine:
         """The agent joins the target's network and PID namespaces: it sees the target's main
         process as PID 1 and every socket it opens is the target's. To steal it also needs
         NET_ADMIN (the nat rules); to mirror, NET_RAW (the packet capture)."""
+        files = SessionFiles.in_container()
         container = self._run(
             image,
-            ["python", "-m", "podtwin.agent", "--listen", f"unix:{MOUNT_POINT}/agent.sock",
-             "--authorized-keys", f"{MOUNT_POINT}/client_key.pub", "--target-pid", "1",
-             "--host-key", f"{MOUNT_POINT}/agent_host_key",
+            ["python", "-m", "podtwin.agent", "--listen", f"unix:{files.agent_socket}",
+             "--authorized-keys", str(files.client_public_key), "--target-pid", "1",
+             "--host-key", str(files.agent_host_key),
              "--startup-timeout", str(startup_timeout),
              "--communication-timeout", str(communication_timeout),
              *(["--incoming", incoming, "--session", session.id] if incoming else [])],
@@ -107,7 +109,7 @@ class DockerEngine:
         """A container of its own in the target's network namespace, so that killing or deleting
         the agent's container does not take it along: it removes the session's rules."""
         container = self._run(
-            image, ["python", "-m", "podtwin.agent.guard", "--session", session.id,
+            image, ["python", "-m", "podtwin.agent.incoming.steal.rules_guard", "--session", session.id,
                     "--startup-timeout", str(startup_timeout)],
             name=session.name("rules-guard"), labels=session.labels("rules-guard"),
             network_mode=f"container:{target.id}", cap_add=["NET_ADMIN"], cap_drop=["ALL"],
@@ -119,7 +121,7 @@ class DockerEngine:
         one-off container there, as the rules guard runs); what it removed, one line each."""
         try:
             out = self.client.containers.run(
-                image, ["python", "-m", "podtwin.agent.rules", "sweep"], remove=True,
+                image, ["python", "-m", "podtwin.agent.incoming.steal.nat", "sweep"], remove=True,
                 network_mode=f"container:{target}", cap_add=["NET_ADMIN"], cap_drop=["ALL"],
                 labels={"podtwin.role": "rules-sweep"})
         except docker.errors.NotFound as exc:

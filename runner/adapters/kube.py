@@ -24,9 +24,9 @@ from kubernetes.client.rest import ApiException
 from kubernetes.stream import portforward, stream
 from websocket import ABNF, WebSocketException
 
-from ..errors import AgentError, ImageMissing, PodtwinError, SessionError, TargetError
-from ..session import LABEL_SESSION, Session
-from ..targets import KubeTarget
+from podtwin.runner.errors import AgentError, ImageMissing, PodtwinError, SessionError, TargetError
+from podtwin.runner.state.session import LABEL_SESSION, Session
+from podtwin.runner.targets import KubeTarget
 
 log = logging.getLogger("podtwin.kube")
 AGENT_PORT = 44128
@@ -52,6 +52,7 @@ class PodTarget:
     pod_ip: str
     run_as: dict | None = None   # the target container's runAsUser/runAsGroup, when its spec names them
     mesh: str | None = None      # the service-mesh proxy container in the pod, if any
+    hostname: str = ""           # what the pod's containers see as their host name
 
 
 def _label(value: str) -> str:
@@ -171,7 +172,8 @@ class KubeEngine:
         mesh = next((n for n in names + [c.name for c in pod.spec.init_containers or []]
                      if n in MESH_PROXIES), None)   # native sidecars are init containers
         return PodTarget(pod.metadata.namespace, pod.metadata.name, container, status.container_id,
-                         pod.spec.node_name, pod.status.pod_ip or "", run_as, mesh)
+                         pod.spec.node_name, pod.status.pod_ip or "", run_as, mesh,
+                         hostname=(pod.spec.hostname or pod.metadata.name)[:63])
 
     def _close_names(self, target: KubeTarget, ns: str) -> str:
         listers = {"pod": lambda: self.core.list_namespaced_pod(ns).items,
@@ -215,7 +217,7 @@ class KubeEngine:
             # The rules guard: outlives a SIGKILLed agent process and removes the session's rules.
             containers.append(client.V1Container(
                 name="rules-guard", image=image, image_pull_policy=agent_cfg.image_pull_policy,
-                command=["python", "-m", "podtwin.agent.guard", "--session", session.id,
+                command=["python", "-m", "podtwin.agent.incoming.steal.rules_guard", "--session", session.id,
                          "--target-container-id", pod.container_id,
                          "--startup-timeout", str(agent_cfg.startup_timeout)],
                 security_context=client.V1SecurityContext(
@@ -367,7 +369,7 @@ class KubeEngine:
             containers.append({
                 "name": session.name("rules-guard"), "image": image,
                 "imagePullPolicy": agent_cfg.image_pull_policy, "stdin": False, "tty": False,
-                "command": ["python", "-m", "podtwin.agent.guard", "--session", session.id,
+                "command": ["python", "-m", "podtwin.agent.incoming.steal.rules_guard", "--session", session.id,
                             "--startup-timeout", str(agent_cfg.startup_timeout)],
                 "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}, "runAsUser": 0}})
         try:
@@ -417,9 +419,9 @@ class KubeEngine:
     # -- the exec transport ------------------------------------------------------------------
     def exec_stdio(self, ns: str, pod: str, container: str, address: str):
         """A connected socket to the agent at ``address`` (``127.0.0.1:PORT`` or ``unix:/PATH``
-        as seen in ``container``): the stdin/stdout of ``python -m podtwin.agent.stdio_relay``
+        as seen in ``container``): the stdin/stdout of ``python -m podtwin.agent.link.stdio_relay``
         exec'd there (no TTY)."""
-        command = ["python", "-m", "podtwin.agent.stdio_relay", address]
+        command = ["python", "-m", "podtwin.agent.link.stdio_relay", address]
         try:
             ws = stream(self.core.connect_get_namespaced_pod_exec, pod, ns, container=container, command=command,
                         stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True)

@@ -1,29 +1,30 @@
 """podtwin sidecar: owns the app's network namespace and bridges it to the agent.
 
-``python -m podtwin.runner.sidecar --link unix:/podtwin/agent.sock --session-dir /podtwin``
+``python -m podtwin.runner.sidecar --session-dir /podtwin``: its settings, the session's key and
+the agent's socket are the session directory's files (``podtwin.runner.state.files``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
 from podtwin.agent.dns import Forwarder, ResolvConf
-from podtwin.runner.config import DnsConfig, OutgoingConfig
-from podtwin.runner.link import Link, LinkKeys
-from podtwin.runner.netfilter import DnsFilter, OutgoingFilter
+from podtwin.runner.link.client import Link, LinkKeys
+from podtwin.runner.sidecar.outgoing.filter import DnsFilter, OutgoingFilter
+from podtwin.runner.sidecar.settings import SidecarSettings
+from podtwin.runner.state.files import SessionFiles
 
-from .dns_server import DnsServer
-from .incoming import IncomingPorts, IncomingSettings
-from .names import NameCache
-from .netsetup import NetSetup
-from .rules import BYPASS_MARK, RuleSettings
-from .tcp_proxy import TcpProxy
-from .udp_proxy import UdpRelay
+from podtwin.runner.sidecar.dns.server import DnsServer
+from podtwin.runner.sidecar.incoming.ports import IncomingPorts
+from podtwin.runner.sidecar.dns.names import NameCache
+from podtwin.runner.sidecar.outgoing.netsetup import NetSetup
+from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
+from podtwin.runner.sidecar.outgoing.tcp import TcpProxy
+from podtwin.runner.sidecar.outgoing.udp import UdpRelay
 
 log = logging.getLogger("podtwin.sidecar")
 
@@ -60,30 +61,29 @@ class Decider:
         return self.dns.decide(name)
 
 
-def load_settings(raw: dict) -> tuple[RuleSettings, bool]:
-    rules = RuleSettings(
-        tcp=bool(raw.get("tcp", True)),
-        udp=bool(raw.get("udp", True)),
-        local_cidrs=tuple((c, p, proto) for c, p, proto in raw.get("local_cidrs", [])),
-        remote_cidrs=None if raw.get("remote_cidrs") is None
-        else tuple((c, p, proto) for c, p, proto in raw["remote_cidrs"]),
-    )
-    return rules, bool(raw.get("dns", True))
+async def agent_host_key(files: SessionFiles, timeout: float) -> str:
+    """The agent's public host key. A Kubernetes agent makes its own, and the runner writes it
+    here once the agent has announced it; the sidecar starts alongside the agent, so wait."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not files.agent_host_public_key.exists():
+        if loop.time() > deadline:
+            raise TimeoutError(f"no agent host key within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+    return files.agent_host_public_key.read_text().strip()
 
 
 async def amain(args: argparse.Namespace) -> int:
-    session = Path(args.session_dir)
-    raw = json.loads((session / "sidecar.json").read_text())
-    rules, dns_enabled = load_settings(raw)
-    keys = LinkKeys(str(session / "client_key"), (session / "agent_host_key.pub").read_text().strip())
+    files = SessionFiles(Path(args.session_dir))
+    settings = SidecarSettings.read(files.sidecar_settings)
+    rules, dns_enabled = settings.rules(), settings.dns.enabled
+    keys = LinkKeys(str(files.client_key), await agent_host_key(files, settings.connect_timeout))
     # The sidecar starts alongside the agent: wait for the agent's socket.
-    link = await Link.connect_unix(str(session / "agent.sock"), keys, role="sidecar",
-                                   wait=float(raw.get("connect_timeout", 60)))
+    link = await Link.connect_unix(str(files.agent_socket), keys, role="sidecar", wait=settings.connect_timeout)
     info = await link.control.info()
 
     names = NameCache()
-    decider = Decider(OutgoingFilter.from_config(OutgoingConfig.model_validate(raw.get("outgoing", {}))),
-                      DnsFilter.from_config(DnsConfig.model_validate(raw.get("dns_config", {}))), names)
+    decider = Decider(settings.outgoing_filter(), settings.dns_filter(), names)
     # Our resolver answers every query: remote ones through the agent, local ones (dns off, or
     # the filter says so) from the resolver this container had, over sockets that bypass our rules.
     own_resolv = Path("/etc/resolv.conf").read_text()
@@ -95,7 +95,7 @@ async def amain(args: argparse.Namespace) -> int:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(info.get("resolv_conf", "")))
     else:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(own_resolv))
-    per_connection = bool(raw.get("proxy_decides"))
+    per_connection = settings.proxy_decides()
 
     net = NetSetup(rules)
     stop = asyncio.Event()
@@ -112,9 +112,8 @@ async def amain(args: argparse.Namespace) -> int:
             services.append(UdpRelay(link.control, rules.udp_port, decide=(
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
         services.append(DnsServer(link.control.dns, local_dns.forward, decider.query, names.learn_answer))
-        if raw.get("incoming"):
-            services.append(IncomingPorts(link, IncomingSettings.from_dict(raw["incoming"]),
-                                          own_ports={rules.tcp_port, 53}))
+        if settings.incoming is not None:
+            services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}))
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)
@@ -136,7 +135,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="podtwin-sidecar")
-    p.add_argument("--session-dir", default="/podtwin")
+    p.add_argument("--session-dir", default=str(SessionFiles.in_container().root))
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from podtwin.runner.link import Link, LinkKeys
+from podtwin.runner.link.client import Link, LinkKeys
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_dns_is_forwarded_to_the_targets_nameserver(agent):
 def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
     """The exec transport without Kubernetes: an agent on tcp:127.0.0.1:0 (it announces the port
     the kernel chose) and on an exec socket, and the SSH link over the stdin/stdout of
-    `podtwin.agent.stdio_relay` connected to either."""
+    `podtwin.agent.link.stdio_relay` connected to either."""
     import threading
 
     key = asyncssh.generate_private_key("ssh-ed25519")
@@ -175,7 +175,7 @@ def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
         assert ready["port"] > 0
         assert ready["exec_socket"] == str(tmp_path / "exec.sock")
         address = f"127.0.0.1:{ready['port']}" if door == "tcp" else f"unix:{ready['exec_socket']}"
-        relay = subprocess.Popen([sys.executable, "-m", "podtwin.agent.stdio_relay", address],
+        relay = subprocess.Popen([sys.executable, "-m", "podtwin.agent.link.stdio_relay", address],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         listener = socket.create_server(("127.0.0.1", 0))   # a connected pair asyncssh can name
         ours = socket.create_connection(listener.getsockname())

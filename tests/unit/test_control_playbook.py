@@ -1,4 +1,4 @@
-"""The agent's control channel (agent/control.py) as a playbook: feed frames, read what it sends.
+"""The agent's control channel (agent/link/control.py) as a playbook: feed frames, read what it sends.
 
 No SSH and no agent process: a ControlHandler in an asyncio loop, a fake target process, and the
 frames a client would send. UDP goes to echo sockets on loopback created here.
@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from podtwin.agent import control, wire
-from podtwin.agent.control import ControlHandler
+from podtwin.agent.link import control, wire
+from podtwin.agent.link.control import ControlHandler
 
 HELLO = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION, "role": "sidecar"})
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.runner.config import EnvConfig
-from podtwin.runner.envfilter import NEVER_COPIED, apply_env, matches_any, read_env_file
+from podtwin.runner.config.models import EnvConfig
+from podtwin.runner.env import NEVER_COPIED, apply_env, matches_any, read_env_file
 from podtwin.runner.errors import ConfigError
 
 REMOTE = {

@@ -1,4 +1,4 @@
-"""The HTTP filter (agent/httpfilter.py, http1.py, http2.py, httprouter.py): matcher semantics and
+"""The HTTP filter (agent/incoming/http/filter.py, http1.py, http2.py, httprouter.py): matcher semantics and
 router playbooks.
 
 Playbooks feed bytes to a router and assert the commands it returns; no sockets. HTTP/2 peers
@@ -12,11 +12,11 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
-from podtwin.agent.http1 import Http1Router
-from podtwin.agent.http2 import Http2Router
-from podtwin.agent.httpfilter import (CLIENT, LOCAL, TARGET, Close, Connect, HttpFilter, Passthrough,
+from podtwin.agent.incoming.http.http1 import Http1Router
+from podtwin.agent.incoming.http.http2 import Http2Router
+from podtwin.agent.incoming.http.filter import (CLIENT, LOCAL, TARGET, Close, Connect, HttpFilter, Passthrough,
                                       RawRouter, Send, Shutdown)
-from podtwin.agent.httprouter import ConnectionRouter, detect
+from podtwin.agent.incoming.http.router import ConnectionRouter, detect
 
 ALICE = {"header_filter": "^x-podtwin-user: alice$"}
 

@@ -1,4 +1,4 @@
-"""The filtered relay (agent/httprelay.py) over real loopback sockets.
+"""The filtered relay (agent/incoming/http/relay.py) over real loopback sockets.
 
 A "target" and a "local" server (HTTP/1.1 with h11, HTTP/2 with h2, tiny and asyncio-based), the
 relay in the middle as an asyncio server, and real clients: http.client (in a thread), an h2
@@ -16,8 +16,8 @@ import h2.events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
-from podtwin.agent.httpfilter import HttpFilter
-from podtwin.agent.httprelay import relay_filtered
+from podtwin.agent.incoming.http.filter import HttpFilter
+from podtwin.agent.incoming.http.relay import relay_filtered
 
 ALICE = HttpFilter.from_dict({"header_filter": "^x-podtwin-user: alice$"})
 GRPC = HttpFilter.from_dict({"header_filter": "^content-type: application/grpc"})

@@ -1,4 +1,4 @@
-"""Mirror mode (agent/mirror.py) capturing for real, on ``lo`` of the test's network namespace.
+"""Mirror mode (agent/incoming/mirror/capture.py) capturing for real, on ``lo`` of the test's network namespace.
 
 Needs CAP_NET_RAW (run as root under ``unshare --net`` with ``lo`` up, like the rest of the unit
 tests); skipped without it. An echo server stands in for the target's process: it must keep
@@ -13,8 +13,8 @@ import struct
 
 import pytest
 
-from podtwin.agent import mirror
-from podtwin.agent.mirror import Mirror, attach_filter, bpf_program
+from podtwin.agent.incoming.mirror import capture as mirror
+from podtwin.agent.incoming.mirror.capture import Mirror, attach_filter, bpf_program
 
 
 def _can_capture() -> bool:

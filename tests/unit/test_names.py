@@ -5,10 +5,10 @@ from __future__ import annotations
 import dns.message
 import dns.rrset
 
-from podtwin.runner.config import DnsConfig, OutgoingConfig
-from podtwin.runner.netfilter import DnsFilter, OutgoingFilter
+from podtwin.runner.config.models import DnsConfig, OutgoingConfig
+from podtwin.runner.sidecar.outgoing.filter import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.__main__ import Decider
-from podtwin.runner.sidecar.names import NameCache, question_name
+from podtwin.runner.sidecar.dns.names import NameCache, question_name
 
 
 def answer(name: str, *records: tuple[str, str, str]) -> bytes:

@@ -5,8 +5,8 @@ import ipaddress
 
 import pytest
 
-from podtwin.runner.config import PodtwinConfig
-from podtwin.runner.netfilter import (
+from podtwin.runner.config.models import PodtwinConfig
+from podtwin.runner.sidecar.outgoing.filter import (
     DnsFilter,
     NetRule,
     OutgoingFilter,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.agent.nsenter import NamespaceError, main_pid, pids_of_container, strip_runtime
+from podtwin.agent.target.nsenter import NamespaceError, main_pid, pids_of_container, strip_runtime
 
 CID = "3f2a" + "b" * 60
 
@@ -50,7 +50,7 @@ def test_systemd_cgroup_paths_and_missing_containers(tmp_path):
 
 
 def test_pod_main_pid_for_an_ephemeral_container(tmp_path):
-    from podtwin.agent.nsenter import pod_main_pid
+    from podtwin.agent.target.nsenter import pod_main_pid
 
     # cgroup paths name the container: found as on a node
     (tmp_path / "a").mkdir()

@@ -1,4 +1,4 @@
-"""TCP reassembly for mirror mode (agent/reassembly.py) as playbooks: packets in, flow events out.
+"""TCP reassembly for mirror mode (agent/incoming/mirror/reassembly.py) as playbooks: packets in, flow events out.
 
 No sockets: the packets are built here byte by byte, time is a number we choose.
 ``Playbook() >> packet << expected_event`` feeds a packet (or a ``Tick``) and checks the next event.
@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from podtwin.agent import reassembly
-from podtwin.agent.reassembly import (ACK, FIN, PSH, RST, SYN, FlowData, FlowEnded, FlowStarted,
+from podtwin.agent.incoming.mirror import reassembly
+from podtwin.agent.incoming.mirror.reassembly import (ACK, FIN, PSH, RST, SYN, FlowData, FlowEnded, FlowStarted,
                                       Reassembler, parse_ethernet, parse_ip)
 
 CLIENT = ("10.0.0.2", 40000)

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from podtwin.runner import session as s
+from podtwin.runner.state import session as s
 
 
 def labels_for(pid: int, **extra) -> dict:

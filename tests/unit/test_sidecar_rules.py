@@ -1,4 +1,4 @@
-"""The sidecar's iptables scripts (runner/sidecar/rules.py), read back and run against packets.
+"""The sidecar's iptables scripts (runner/sidecar/outgoing/iptables.py), read back and run against packets.
 
 The scripts are parsed into tables/chains, and a small evaluator walks our chains for a packet, so
 the tests check what the rules *do* (which packets are redirected to the proxy, which stay local),
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from podtwin.runner.sidecar import rules
-from podtwin.runner.sidecar.rules import (
+from podtwin.runner.sidecar.outgoing import iptables as rules
+from podtwin.runner.sidecar.outgoing.iptables import (
     BYPASS_MARK,
     CHAIN_MANGLE,
     CHAIN_NAT,

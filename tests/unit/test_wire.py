@@ -1,11 +1,11 @@
-"""The control-channel framing (agent/wire.py): bytes in, messages out, however the bytes arrive."""
+"""The control-channel framing (agent/link/wire.py): bytes in, messages out, however the bytes arrive."""
 from __future__ import annotations
 
 import struct
 
 import pytest
 
-from podtwin.agent import wire
+from podtwin.agent.link import wire
 
 FRAMES = [
     (wire.HELLO, b'{"version":1,"role":"runner"}'),

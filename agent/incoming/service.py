@@ -1,0 +1,407 @@
+"""Incoming traffic: connections stolen from the target's ports, handed to a client over the link.
+
+A client (the sidecar) subscribes a port on its control channel, then asks for SSH remote
+forwarding of ``(INCOMING_HOST, port)``. The agent adds a REDIRECT for that port to its own
+listener; each connection arriving there is forwarded back to the subscriber as a
+``forwarded-tcpip`` channel, whose other end is the app's port in the app's namespace.
+
+Several sessions may steal one port if each has an HTTP filter. The newest session's chain is
+entered first; what its filter does not match it passes to the next session's agent on the
+loopback, with a PROXY protocol (v1) line naming the real client and destination, and the last
+one passes it to the target's own process. A session that ends takes its rule away, and the
+others pass around it.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import asyncssh
+
+from podtwin.agent.incoming.http.filter import HttpFilter
+from podtwin.agent.incoming.http.relay import relay_filtered
+from podtwin.agent.incoming.steal.nat import NatState, Redirect, SessionRules, liveness_name
+from podtwin.agent.streams import splice
+
+log = logging.getLogger("podtwin.agent.incoming.service")
+INCOMING_HOST = "podtwin-incoming"
+SO_ORIGINAL_DST = 80
+STEAL_MODES = ("steal",)
+MODES = ("steal", "mirror")
+PROXY_LINE_MAX = 107      # the PROXY protocol v1 limit, CRLF included
+PROXY_TIMEOUT = 3.0
+HOPS_TTL = 1.0            # seconds a port's next hops are trusted before the nat table is read again
+Address = tuple[str, int]
+
+
+@dataclass
+class Subscription:
+    port: int
+    mode: str
+    owner: Any                      # the AgentConnection that subscribed
+    http_filter: dict | None = None
+    active: bool = False
+    filter: HttpFilter | None = None
+
+
+class PortListener(asyncssh.SSHListener):
+    """What the agent returns to a remote-forwarding request: it does not bind the port (the
+    target's process has it); it only marks the subscription active until the client cancels."""
+
+    def __init__(self, on_close: Callable[[], None], port: int) -> None:
+        super().__init__()
+        self._on_close = on_close
+        self._port = port
+        self._closed = asyncio.Event()
+
+    def get_port(self) -> int:
+        return self._port
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._on_close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+def _original_dst(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+
+
+def proxy_line(client: Address, original: Address) -> bytes:
+    """The PROXY protocol v1 header one agent sends another when passing a connection on."""
+    return f"PROXY TCP4 {client[0]} {original[0]} {client[1]} {original[1]}\r\n".encode()
+
+
+def parse_proxy_line(line: bytes) -> tuple[Address, Address]:
+    """(client, original destination) from a PROXY v1 line; ValueError if it is not one."""
+    parts = line.rstrip(b"\r\n").decode("ascii", "replace").split(" ")
+    if len(parts) != 6 or parts[0] != "PROXY" or parts[1] != "TCP4" or not line.endswith(b"\r\n"):
+        raise ValueError(f"not a PROXY v1 TCP4 line: {line[:PROXY_LINE_MAX]!r}")
+    ipaddress.IPv4Address(parts[2]), ipaddress.IPv4Address(parts[3])  # ValueError if not
+    client, original = (parts[2], int(parts[4])), (parts[3], int(parts[5]))
+    if not (0 < client[1] < 65536 and 0 < original[1] < 65536):
+        raise ValueError(f"bad port in PROXY line {line!r}")
+    return client, original
+
+
+def _is_local(address: str) -> bool:
+    """Whether ``address`` belongs to this network namespace (it can be bound here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+            return True
+        except OSError:
+            return False
+
+
+def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | None:
+    """Why a steal of ``port`` cannot be shared with the sessions already on it (None if it can):
+    sessions share a port only when every one of them takes just the requests its filter matches."""
+    if not others:
+        return None
+    whole = [r.session for r in others if not r.filtered]
+    if whole:
+        return f"port {port} is already stolen by podtwin session {whole[0]}"
+    if not filtered:
+        names = ", ".join(sorted({r.session for r in others}))
+        return (f"port {port} is already stolen with an HTTP filter by podtwin session {names}; "
+                f"a whole-port steal would take its requests (give this session an http_filter too)")
+    return None
+
+
+@dataclass
+class IncomingServer:
+    session_id: str
+    notify: Callable[[str, str], None] = lambda level, message: None
+    subs: dict[int, Subscription] = field(default_factory=dict)
+    rules: SessionRules | None = None
+    _listener: socket.socket | None = None
+    _liveness: socket.socket | None = None
+    _tasks: set = field(default_factory=set)
+    _mirror: Any = None
+    _next_hops: dict = field(default_factory=dict)   # port -> (read at, listener ports of later sessions)
+    _stolen_ever: set = field(default_factory=set)   # ports this session has redirected
+
+    async def start(self) -> None:
+        """Listen (any port, all addresses) and announce liveness in this namespace."""
+        self._listener = socket.create_server(("0.0.0.0", 0), backlog=128)
+        self._listener.setblocking(False)
+        self.rules = SessionRules(self.session_id, self._listener.getsockname()[1])
+        self._liveness = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._liveness.bind(liveness_name(self.session_id))
+        self._liveness.listen(8)
+        self._liveness.setblocking(False)
+        self._spawn(self._accept(), "incoming:accept")
+        self._spawn(self._hold_liveness(), "incoming:liveness")
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hold_liveness(self) -> None:
+        """Accept guards' connections and keep them open: they see EOF when the agent dies."""
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._liveness)
+            self._spawn(self._hold(conn), "incoming:liveness-conn")
+
+    @staticmethod
+    async def _hold(conn: socket.socket) -> None:
+        """Keep one liveness connection until its other end goes (a guard, or a one-off probe)."""
+        try:
+            while await asyncio.get_running_loop().sock_recv(conn, 64):
+                pass
+        finally:
+            conn.close()
+
+    # -- subscriptions (called from the control channel and the SSH server) ----------------
+    async def subscribe(self, owner, port: int, mode: str, http_filter: dict | None) -> str | None:
+        """Validate a subscription; None if accepted, else the reason it is refused."""
+        if mode not in MODES:
+            return f"incoming mode {mode!r} is not supported by this agent"
+        if not 0 < port < 65536:
+            return f"port {port} is out of range"
+        current = self.subs.get(port)
+        if current is not None and current.owner is not owner:
+            return f"port {port} is already taken by another client of this session"
+        sub = Subscription(port, mode, owner, http_filter)
+        if http_filter:
+            if mode != "steal":
+                return "an HTTP filter works with mode steal"
+            try:
+                sub.filter = HttpFilter.from_dict(http_filter)
+            except ValueError as exc:
+                return f"bad http_filter: {exc}"
+        if mode in STEAL_MODES:  # mirroring takes nothing away, so any number of sessions may mirror
+            others = await asyncio.to_thread(self.rules.others_on, port)
+            conflict = steal_conflict(port, self._filters(sub), others)
+            if conflict:
+                return conflict
+        self.subs[port] = sub
+        return None
+
+    def activate(self, owner, port: int) -> PortListener | None:
+        """The client's remote-forwarding request for a subscribed port: install the rule."""
+        sub = self.subs.get(port)
+        if sub is None or sub.owner is not owner:
+            return None
+        if sub.mode == "mirror":
+            sub.active = True
+            self._spawn(self._mirror_ports(), f"mirror:{port}")
+            self.notify("info", f"mirroring port {port}")
+        else:
+            filtered = self._filters(sub)
+            self.rules.add(port, filtered)
+            self._stolen_ever.add(port)
+            self._next_hops.clear()
+            sub.active = True
+            self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
+        return PortListener(lambda: self.unsubscribe(owner, port), port)
+
+    @staticmethod
+    def _filters(sub: Subscription) -> bool:
+        return sub.filter is not None and sub.filter.filters_port(sub.port)
+
+    def unsubscribe(self, owner, port: int) -> None:
+        sub = self.subs.get(port)
+        if sub is not None and sub.owner is owner:
+            del self.subs[port]
+            if sub.mode == "mirror":
+                self._spawn(self._mirror_ports(), f"mirror-release:{port}")
+            else:
+                self.rules.remove(port)
+                self._next_hops.clear()
+            if sub.active:
+                self.notify("info", f"port {port} released")
+
+    def drop_owner(self, owner) -> None:
+        for port, sub in list(self.subs.items()):
+            if sub.owner is owner:
+                self.unsubscribe(owner, port)
+
+    # -- connections -----------------------------------------------------------------------
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, peer = await loop.sock_accept(self._listener)
+            self._spawn(self._handle(conn, peer), "incoming:conn")
+
+    async def _handle(self, conn: socket.socket, peer) -> None:
+        try:
+            original = _original_dst(conn)
+        except OSError:
+            original = None
+        reader, writer = await asyncio.open_connection(sock=conn)
+        try:
+            await self._route(reader, writer, peer, original)
+        except Exception:  # one connection's trouble (iptables-save failing...) must not leak it
+            log.exception("incoming connection from %s", peer)
+            writer.close()
+
+    async def _route(self, reader, writer, peer, original) -> None:
+        if original is None or original[1] == self.rules.listen_port:
+            # Dialled directly: only another session's agent passing a request on does that.
+            passed = await self._read_proxy_line(reader, peer)
+            if passed is None:
+                writer.close()
+                return
+            peer, original = passed
+        port = original[1]
+        sub = self.subs.get(port)
+        if sub is None or not sub.active:  # the rule is on its way out: pass the connection on
+            await self._pass_on(reader, writer, peer, original)
+            return
+        if self._filters(sub):
+            await self._filtered(sub, reader, writer, original, peer)
+            return
+        try:
+            r_reader, r_writer = await sub.owner.conn.open_connection(
+                INCOMING_HOST, port, peer[0], peer[1], encoding=None)
+        except (asyncssh.Error, OSError) as exc:
+            log.info("port %d: the client did not take the connection: %s", port, exc)
+            writer.close()
+            return
+        await splice(reader, writer, r_reader, r_writer)
+
+    async def _read_proxy_line(self, reader, peer) -> tuple[Address, Address] | None:
+        if not peer or not str(peer[0]).startswith("127."):
+            return None  # a connection from outside to the listener itself: nobody's business
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), PROXY_TIMEOUT)
+            if len(line) > PROXY_LINE_MAX:
+                raise ValueError("PROXY line too long")
+            client, original = parse_proxy_line(line)
+            # Only what a session before us could have taken: a port we redirect(ed), on an
+            # address of this namespace. Anything else would make us a relay to anywhere.
+            if original[1] not in self._stolen_ever or not _is_local(original[0]):
+                raise ValueError(f"{original[0]}:{original[1]} is not a port this session steals")
+            return client, original
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, OSError) as exc:
+            log.info("direct connection from %s without a PROXY line: %s", peer, exc)
+            return None
+
+    async def open_next(self, peer: Address, original: Address):
+        """A connection to whoever comes after this session for ``original``: the next filtering
+        session's agent (told the real client and destination), else the target's own process.
+        Made from here (locally generated), so PREROUTING's REDIRECT does not catch it."""
+        port = original[1]
+        now = asyncio.get_running_loop().time()
+        read_at, hops = self._next_hops.get(port, (None, None))
+        if hops is None or now - read_at > HOPS_TTL:
+            state = await asyncio.to_thread(NatState.read)
+            hops = [r.to_port for r in state.after(self.session_id, port)]
+            self._next_hops[port] = (now, hops)
+        for to_port in list(hops):
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", to_port)
+            except OSError:  # that session ended; its rule goes with it (or is swept)
+                hops.remove(to_port)
+                continue
+            w.write(proxy_line(peer, original))
+            return r, w
+        return await asyncio.open_connection(*original)
+
+    async def _pass_on(self, reader, writer, peer: Address, original: Address) -> None:
+        try:
+            r_reader, r_writer = await self.open_next(peer, original)
+        except OSError as exc:
+            log.info("port %d: cannot pass the connection on: %s", original[1], exc)
+            writer.close()
+            return
+        await splice(reader, writer, r_reader, r_writer)
+
+    # -- mirror ------------------------------------------------------------------------------
+    async def _mirror_ports(self) -> None:
+        """Capture exactly the ports mirrored now (a passive copy: the target is not touched)."""
+        from podtwin.agent.incoming.mirror.capture import Mirror
+
+        ports = {p for p, sub in self.subs.items() if sub.mode == "mirror" and sub.active}
+        if self._mirror is None:
+            if not ports:
+                return
+            self._mirror = Mirror(self._mirror_flow)
+            try:
+                await self._mirror.start(ports)
+            except PermissionError as exc:
+                self._mirror = None
+                self.notify("fatal", f"mirroring needs CAP_NET_RAW in the agent: {exc}")
+        else:
+            self._mirror.update_ports(ports)
+
+    def _mirror_flow(self, flow_id: int, client, server):
+        sub = self.subs.get(server[1])
+        if sub is None or sub.mode != "mirror" or not sub.active:
+            return None
+        return _MirrorSink(self, sub, client)
+
+    async def _filtered(self, sub: Subscription, reader, writer, original, peer) -> None:
+        """Each HTTP request to the app or to the target's own process, by the filter."""
+        async def open_target():
+            return await self.open_next(peer, original)
+
+        async def open_local():
+            return await sub.owner.conn.open_connection(INCOMING_HOST, sub.port, peer[0], peer[1],
+                                                        encoding=None)
+        await relay_filtered(reader, writer, sub.filter, open_target, open_local)
+
+    def close(self) -> None:
+        if self._mirror is not None:
+            self._mirror.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.rules is not None:
+            self.rules.remove_all()
+        for sock in (self._listener, self._liveness):
+            if sock is not None:
+                sock.close()
+
+
+class _MirrorSink:
+    """One mirrored connection: its client bytes go to the app over a forwarded channel, opened
+    on the first bytes; whatever the app answers is read and thrown away."""
+
+    def __init__(self, server: IncomingServer, sub: Subscription, client) -> None:
+        self.server, self.sub, self.client = server, sub, client
+        self.writer = None
+        self.failed = False
+
+    async def write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        if self.writer is None:
+            try:
+                reader, self.writer = await self.sub.owner.conn.open_connection(
+                    INCOMING_HOST, self.sub.port, self.client[0], self.client[1], encoding=None)
+            except (asyncssh.Error, OSError) as exc:
+                log.info("mirror of port %d: the client did not take it: %s", self.sub.port, exc)
+                self.failed = True
+                return
+            self.server._spawn(_discard(reader), "mirror:discard")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write_eof()
+            except (OSError, asyncssh.Error):
+                self.writer.close()
+
+
+async def _discard(reader) -> None:
+    try:
+        while await reader.read(65536):
+            pass
+    except (asyncssh.Error, OSError):
+        pass

@@ -1,0 +1,194 @@
+"""Incoming-traffic rules in the target's network namespace, one nat chain per session.
+
+``PODTWIN_IN_<session>`` holds one REDIRECT per stolen port (to the agent's listener), entered
+from ``PREROUTING``, so only connections arriving from outside the namespace are taken; the
+agent's own connections to the target (locally generated) are not. Every session's chain carries
+its id, so any agent or guard can tell whose rules it sees, and a live agent is recognised by an
+abstract unix socket named after its session: abstract sockets belong to the network namespace,
+so "it answers" means "its agent is alive in this very namespace".
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger("podtwin.agent.incoming.steal.nat")
+
+CHAIN_PREFIX = "PODTWIN_IN_"
+FILTERED = "podtwin-http-filter"   # the comment on a REDIRECT whose session takes only matching requests
+_CHAIN_RE = re.compile(rf"^:({CHAIN_PREFIX}([0-9a-f]+))\s")
+_RULE_RE = re.compile(rf"^-A ({CHAIN_PREFIX}([0-9a-f]+)) .*--dport (\d+)\b")
+_TO_PORTS_RE = re.compile(r"--to-ports (\d+)")
+_JUMP_RE = re.compile(rf"^-A PREROUTING .*-j {CHAIN_PREFIX}([0-9a-f]+)\b")
+
+
+def liveness_name(session_id: str) -> bytes:
+    return b"\0podtwin-agent-" + session_id.encode()
+
+
+def session_alive(session_id: str) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(liveness_name(session_id))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["iptables", "-w", "5", "-t", "nat", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"iptables {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass(frozen=True)
+class Redirect:
+    session: str
+    port: int          # the target's port
+    to_port: int       # the session agent's listener
+    filtered: bool     # the session takes only the requests its HTTP filter matches
+
+
+@dataclass(frozen=True)
+class NatState:
+    chains: dict[str, str]           # chain -> session id
+    ports: dict[int, set[str]]       # port -> session ids redirecting it
+    order: tuple[str, ...] = ()      # sessions in the order PREROUTING enters their chains
+    redirects: tuple[Redirect, ...] = ()
+
+    @classmethod
+    def parse(cls, save: str) -> "NatState":
+        """From `iptables-save -t nat` output (pure, unit-tested)."""
+        chains: dict[str, str] = {}
+        ports: dict[int, set[str]] = {}
+        order: list[str] = []
+        redirects: list[Redirect] = []
+        for line in save.splitlines():
+            m = _CHAIN_RE.match(line)
+            if m:
+                chains[m.group(1)] = m.group(2)
+                continue
+            m = _JUMP_RE.match(line)
+            if m:
+                if m.group(1) not in order:
+                    order.append(m.group(1))
+                continue
+            m = _RULE_RE.match(line)
+            if m:
+                ports.setdefault(int(m.group(3)), set()).add(m.group(2))
+                to = _TO_PORTS_RE.search(line)
+                if to:
+                    redirects.append(Redirect(m.group(2), int(m.group(3)), int(to.group(1)), FILTERED in line))
+        return cls(chains, ports, tuple(order), tuple(redirects))
+
+    def on_port(self, port: int) -> list[Redirect]:
+        """The sessions redirecting ``port``, in the order a new connection meets them."""
+        rank = {sid: i for i, sid in enumerate(self.order)}
+        found = [r for r in self.redirects if r.port == port and r.session in rank]
+        return sorted(found, key=lambda r: rank[r.session])
+
+    def after(self, session_id: str, port: int) -> list[Redirect]:
+        """The sessions redirecting ``port`` that a connection meets after ``session_id``'s chain,
+        by the order of the jumps in PREROUTING -- whether or not ``session_id`` itself redirects
+        the port now (its app may be restarting). Never one before it, so passing on never loops."""
+        rank = {sid: i for i, sid in enumerate(self.order)}
+        if session_id not in rank:
+            return []
+        return [r for r in self.on_port(port) if rank[r.session] > rank[session_id]]
+
+    @classmethod
+    def read(cls) -> "NatState":
+        proc = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"iptables-save: {proc.stderr.strip()}")
+        return cls.parse(proc.stdout)
+
+
+def remove_session_chain(session_id: str) -> bool:
+    """Remove a session's chain and the jump to it. True if anything was removed."""
+    chain = CHAIN_PREFIX + session_id
+    if iptables("-n", "-L", chain, check=False).returncode != 0:
+        return False
+    while iptables("-D", "PREROUTING", "-p", "tcp", "-j", chain, check=False).returncode == 0:
+        pass
+    iptables("-F", chain, check=False)
+    iptables("-X", chain, check=False)
+    log.info("removed %s", chain)
+    return True
+
+
+def sweep_dead_sessions(except_session: str | None = None) -> list[str]:
+    """Remove the chains of sessions whose agent is gone (crash, SIGKILL, deleted container)."""
+    removed = []
+    for session_id in set(NatState.read().chains.values()):
+        if session_id != except_session and not session_alive(session_id):
+            if remove_session_chain(session_id):
+                removed.append(session_id)
+    return removed
+
+
+class SessionRules:
+    """The rules of one live session; the agent owns one."""
+
+    def __init__(self, session_id: str, listen_port: int) -> None:
+        self.session_id = session_id
+        self.chain = CHAIN_PREFIX + session_id
+        self.listen_port = listen_port
+        self.ports: dict[int, bool] = {}   # port -> filtered
+        self.created = False
+
+    def others_on(self, port: int) -> list[Redirect]:
+        """The other live sessions redirecting ``port`` (dead ones are swept first)."""
+        sweep_dead_sessions(except_session=self.session_id)
+        return [r for r in NatState.read().on_port(port) if r.session != self.session_id]
+
+    def add(self, port: int, filtered: bool = False) -> None:
+        """Redirect ``port`` to the agent. The session's chain is entered first (inserted at the
+        top of PREROUTING), so with several filtering sessions on one port the newest sees a
+        request first and passes what it does not match on to the next (see IncomingServer)."""
+        if not self.created:
+            iptables("-N", self.chain, check=False)
+            iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain)
+            self.created = True
+        iptables("-A", self.chain, *self._rule(port, filtered))
+        self.ports[port] = filtered
+
+    def _rule(self, port: int, filtered: bool) -> list[str]:
+        comment = ["-m", "comment", "--comment", FILTERED] if filtered else []
+        return ["-p", "tcp", "--dport", str(port), *comment, "-j", "REDIRECT", "--to-ports", str(self.listen_port)]
+
+    def remove(self, port: int) -> None:
+        if port in self.ports:
+            iptables("-D", self.chain, *self._rule(port, self.ports.pop(port)), check=False)
+
+    def remove_all(self) -> None:
+        if self.created or self.ports:
+            remove_session_chain(self.session_id)
+        self.ports.clear()
+        self.created = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m podtwin.agent.incoming.steal.nat sweep``: remove dead sessions' chains in this namespace
+    (what `podtwin clean` runs in a target's namespace), printing one line per session removed."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="podtwin-rules")
+    p.add_argument("action", choices=["sweep"])
+    p.parse_args(argv)
+    for session_id in sweep_dead_sessions():
+        print(f"removed the incoming rules of dead session {session_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The agent's SSH server: one authenticated, multiplexed link per client.
+
+* direct-tcpip channels: the agent makes the TCP connection itself, inside the target's network
+  namespace (it runs there), so the connection leaves from the target.
+* the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP (see ``wire``).
+
+Lifetime: the first client that says HELLO with role ``runner`` owns the agent. When the owner's
+connection drops (runner exited, was killed, or the link broke past the keepalive), or no owner
+arrived within the startup timeout, or the target process is gone, the agent shuts down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+import asyncssh
+
+from podtwin.agent.link import wire
+from podtwin.agent.link.control import ControlHandler
+from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
+from podtwin.agent.target.process import TargetProcess
+
+log = logging.getLogger("podtwin.agent")
+
+
+@dataclass
+class Agent:
+    target: TargetProcess
+    authorized_keys: asyncssh.SSHAuthorizedKeys
+    host_key: asyncssh.SSHKey
+    startup_timeout: float = 60.0
+    keepalive_interval: float = 5.0
+    keepalive_count_max: int = 2
+    incoming: "IncomingServer | None" = None
+    owner: "AgentConnection | None" = None
+    connections: set = field(default_factory=set)
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+
+    def notify(self, level: str, message: str) -> None:
+        """Tell the runner (the owner) something the user should see."""
+        if self.owner is not None and self.owner.control is not None:
+            self.owner.control._send(wire.encode_json(wire.NOTICE, {"level": level, "message": message}))
+
+    def stop(self, reason: str) -> None:
+        if not self.shutdown.is_set():
+            log.info("shutting down: %s", reason)
+            self.reason = reason
+            self.shutdown.set()
+
+    async def handle(self, sock: socket.socket) -> None:
+        try:
+            await asyncssh.run_server(
+                sock,
+                server_factory=lambda: AgentConnection(self),
+                server_host_keys=[self.host_key],
+                authorized_client_keys=self.authorized_keys,
+                encoding=None,
+                login_timeout=15,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_count_max=self.keepalive_count_max,
+                allow_scp=False,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            log.warning("rejected a connection: %s", exc)
+            sock.close()
+
+    async def watch(self) -> None:
+        """Stop when no owner came in time or the target process exited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.startup_timeout
+        while not self.shutdown.is_set():
+            if self.owner is None and loop.time() > deadline:
+                self.stop(f"no client connected within {self.startup_timeout:.0f}s")
+            if not self.target.exists():
+                self.stop(f"target process {self.target.pid} exited")
+            try:
+                await asyncio.wait_for(self.shutdown.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+
+class AgentConnection(asyncssh.SSHServer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.role = "?"
+        self.control: "ControlSession | None" = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.agent.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.agent.connections.discard(self)
+        log.info("%s disconnected%s", self.role, f": {exc}" if exc else "")
+        if self.agent.incoming is not None:
+            self.agent.incoming.drop_owner(self)
+        if self.agent.owner is self:
+            self.agent.stop("the runner's connection closed")
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # always require auth: the session key is the only way in
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        log.debug("connect %s:%d for %s:%d", dest_host, dest_port, orig_host, orig_port)
+        return True  # asyncssh opens the TCP connection from here: the target's netns
+
+    def server_requested(self, listen_host: str, listen_port: int):
+        """Remote forwarding of a port this client subscribed: the steal rule goes in now."""
+        if self.agent.incoming is None or listen_host != INCOMING_HOST:
+            return False
+        return self.agent.incoming.activate(self, listen_port) or False
+
+    async def subscribe(self, port: int, mode: str, http_filter: dict | None) -> str | None:
+        if self.agent.incoming is None:
+            return "this agent was started without incoming traffic"
+        error = await self.agent.incoming.subscribe(self, port, mode, http_filter)
+        if error:
+            self.agent.notify("fatal", error)  # the session cannot do what it was asked to
+        return error
+
+    def session_requested(self):
+        return ControlSession(self)
+
+    def hello(self, body: dict) -> None:
+        self.role = str(body.get("role", "?"))
+        log.info("%s connected", self.role)
+        if self.role == "runner" and self.agent.owner is None:
+            self.agent.owner = self
+
+
+class ControlSession(asyncssh.SSHServerSession):
+    def __init__(self, owner: AgentConnection) -> None:
+        self.owner = owner
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.handler: ControlHandler | None = None
+
+    def connection_made(self, chan) -> None:
+        self.chan = chan
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == wire.CONTROL_SUBSYSTEM
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        self.owner.control = self
+        self.handler = ControlHandler(self.owner.agent.target, self._send, self.owner.hello,
+                                      subscribe=self.owner.subscribe)
+
+    def _send(self, data: bytes) -> None:
+        if self.chan is not None and not self.chan.is_closing():
+            self.chan.write(data)
+
+    def data_received(self, data: bytes, datatype) -> None:
+        assert self.handler is not None
+        try:
+            self.handler.feed(data)
+        except (wire.ProtocolError, KeyError, ValueError, TypeError) as exc:
+            log.error("control channel: %s", exc)
+            self._send(wire.encode_json(wire.ERROR, {"message": str(exc)}))
+            if self.chan is not None:
+                self.chan.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handler is not None:
+            self.handler.close()
+
+
+def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
+    """``unix:/path`` (inside the per-session directory only the session can reach) or
+    ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward or an exec'd relay
+    reaches it; PORT 0 lets the kernel choose a free one, announced in the READY line).
+    Made before the agent enters the target's namespace, so it stays where the runner can reach it."""
+    kind, _, where = spec.partition(":")
+    if kind == "unix":
+        if os.path.exists(where):
+            os.unlink(where)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(where)
+        os.chmod(where, 0o666)  # the session directory's own mode (0700) is what keeps others out
+        cleanup = lambda: os.path.exists(where) and os.unlink(where)  # noqa: E731
+    elif kind == "tcp":
+        host, _, port = where.rpartition(":")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("--listen tcp: must be a loopback address")
+        listener = socket.create_server((host, int(port)))
+        cleanup = lambda: None  # noqa: E731
+    else:
+        raise ValueError(f"bad --listen {spec!r}")
+    listener.listen(16)
+    listener.setblocking(False)
+    return listener, cleanup
+
+
+async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], None],
+                exec_socket: tuple[str, socket.socket, Callable[[], None]] | None = None) -> None:
+    """Announce readiness, accept clients until the agent stops, then close everything.
+
+    ``exec_socket`` (path, listener, cleanup): a second, unix listener for relays exec'd in the
+    agent's container (the exec transport), announced in the READY line as ``exec_socket``."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+    ready = {"version": wire.PROTOCOL_VERSION, "host_key": agent.host_key.export_public_key().decode().strip()}
+    if listener.family in (socket.AF_INET, socket.AF_INET6):
+        ready["port"] = listener.getsockname()[1]  # what the kernel chose for tcp:127.0.0.1:0
+    listeners = [(listener, cleanup)]
+    if exec_socket is not None:
+        ready["exec_socket"] = exec_socket[0]
+        listeners.append(exec_socket[1:])
+    print("PODTWIN_AGENT_READY " + wire.json.dumps(ready), flush=True)
+
+    async def accept_forever(sock_listener: socket.socket) -> None:
+        while True:
+            sock, _ = await loop.sock_accept(sock_listener)
+            task = loop.create_task(agent.handle(sock), name="agent:handshake")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    acceptors = [loop.create_task(accept_forever(sock), name="agent:accept") for sock, _ in listeners]
+    watcher = loop.create_task(agent.watch(), name="agent:watch")
+    try:
+        await agent.shutdown.wait()
+    finally:
+        for acceptor in acceptors:
+            acceptor.cancel()
+        watcher.cancel()
+        if agent.incoming is not None:
+            agent.incoming.close()  # removes this session's rules before anything else
+        for sock, remove in listeners:
+            sock.close()
+            remove()
+        for conn in list(agent.connections):
+            if conn.conn is not None:
+                conn.conn.close()
+        await asyncio.sleep(0.1)

@@ -1,0 +1,108 @@
+"""The agent next to a Kubernetes target: a Job pod on the target's node, or an ephemeral
+container in the target pod (``agent.ephemeral``). See docs/kubernetes.md for the privileges of
+each."""
+from __future__ import annotations
+
+import json
+
+from podtwin.runner.adapters.kube import AGENT_PORT, KubeEngine, PodTarget
+from podtwin.runner.backends.base import AgentReady, Placement, Resolved
+from podtwin.runner.targets import KubeTarget
+
+
+class _KubeAgent(Placement):
+    def __init__(self, target: KubeTarget, cfg, image: str, kube: KubeEngine, namespace: str | None,
+                 kubeconfig: str | None, context: str | None) -> None:
+        super().__init__(target, cfg, image)
+        self.kube, self.namespace = kube, namespace
+        self.kubeconfig, self.context = kubeconfig, context
+        self.pod: PodTarget | None = None
+        self.session = None
+
+    def resolve(self, progress) -> Resolved:
+        progress(f"resolving {self.target}")
+        pod = self.pod = self.kube.resolve(self.target, self.namespace)
+        progress(f"target: pod {pod.namespace}/{pod.pod}, container {pod.container}, node {pod.node}")
+        if pod.mesh:
+            progress.warn(f"podtwin: the target pod runs a service-mesh proxy ({pod.mesh}): outgoing traffic "
+                          "goes through it as the pod's own does" + (
+                              "; incoming traffic from meshed clients is mTLS, which podtwin cannot read "
+                              "(steal and mirror serve plaintext clients only; see docs/kubernetes.md)"
+                              if self.incoming else ""))
+        return Resolved(f"pod {pod.namespace}/{pod.pod}", pod.hostname or pod.pod)
+
+    def _begin(self, session) -> str:
+        """For the reaper: where this session's agent lives, so it can remove it after a crash."""
+        self.session = session
+        session.files.kube_marker.write_text(json.dumps({"kubeconfig": self.kubeconfig, "context": self.context}))
+        return session.files.client_public_key.read_text().strip()
+
+    def _announce(self, line: str, **where: str) -> AgentReady:
+        """The agent made its own host key: the clients accept that one only."""
+        ready = AgentReady.parse(line, **where)
+        self.session.files.agent_host_public_key.write_text(ready.host_key + "\n")
+        return ready
+
+
+class KubeJobAgent(_KubeAgent):
+    """A Job pod on the target's node (hostPID, named capabilities; it finds the target's process
+    by its container ID and enters its network namespace)."""
+
+    name = "kube-job"
+    what = "agent job"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.job: tuple[str, str] | None = None
+
+    @classmethod
+    def probe(cls, target, cfg) -> bool:
+        return isinstance(target, KubeTarget) and not cfg.agent.ephemeral
+
+    def setup(self, session, progress) -> None:
+        public_key = self._begin(session)
+        progress(f"session {session.id}: creating the agent Job on node {self.pod.node}")
+        self.job = self.kube.start_agent(session, self.pod, self.image, self.cfg.agent, public_key, self.incoming)
+
+    def wait_ready(self, progress) -> AgentReady:
+        ns, job = self.job
+        pod, line = self.kube.wait_agent(ns, job, self.cfg.agent.startup_timeout, progress)
+        ready = self._announce(line, namespace=ns, pod=pod, container="agent")
+        return ready if ready.port else AgentReady(**{**ready.__dict__, "port": AGENT_PORT})
+
+    def restore(self) -> None:
+        if self.job:
+            self.kube.delete_job(*self.job)
+
+
+class KubeEphemeralAgent(_KubeAgent):
+    """An ephemeral container in the target pod: no hostPID, no setns. Kubernetes cannot remove an
+    ephemeral container: it exits when the link closes (or if nobody connects within
+    agent.startup_timeout) and stays in the pod's spec as a terminated container."""
+
+    name = "kube-ephemeral"
+    what = "ephemeral agent"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.container: str | None = None
+
+    @classmethod
+    def probe(cls, target, cfg) -> bool:
+        return isinstance(target, KubeTarget) and cfg.agent.ephemeral
+
+    def setup(self, session, progress) -> None:
+        public_key = self._begin(session)
+        progress(f"session {session.id}: adding the agent to pod {self.pod.pod} as an ephemeral container")
+        self.container = self.kube.start_ephemeral_agent(session, self.pod, self.image, self.cfg.agent,
+                                                         public_key, self.incoming)
+
+    def wait_ready(self, progress) -> AgentReady:
+        pod = self.pod
+        guard = self.session.name("rules-guard") if self.incoming == "steal" else None
+        line = self.kube.wait_ephemeral_agent(pod.namespace, pod.pod, self.container,
+                                              self.cfg.agent.startup_timeout, progress, guard=guard)
+        return self._announce(line, namespace=pod.namespace, pod=pod.pod, container=self.container)
+
+    def restore(self) -> None:
+        pass  # it exits by itself once the link closes

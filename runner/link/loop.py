@@ -1,0 +1,29 @@
+"""The runner's one background event loop: the owner link and a Kubernetes transport's relay of
+the session socket run on it, while the main thread runs the session's blocking steps."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+
+class LoopThread:
+    def __init__(self, name: str = "podtwin-link") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 30) -> Any:
+        """Run a coroutine on the loop and wait for its result."""
+        if not self.thread.is_alive():
+            self.thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call_soon(self, callback, *args) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(callback, *args)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)

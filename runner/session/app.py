@@ -1,0 +1,117 @@
+"""The app container's part of a session, the same for every kind of target: run the user's
+image, unchanged, in the sidecar's network namespace with the target's environment; stop it when
+the agent goes or says the session cannot go on."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from podtwin.runner.config.models import PodtwinConfig
+from podtwin.runner.env import apply_env
+from podtwin.runner.errors import SessionError
+from podtwin.runner.progress import Progress
+from podtwin.runner.session.teardown import Teardown
+from podtwin.runner.state.session import Session
+
+if TYPE_CHECKING:
+    from podtwin.runner.adapters.docker_engine import DockerEngine
+
+
+class AppOptions(Protocol):
+    """What the app container takes from the run options (``api.RunOptions`` has them)."""
+
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    interactive: bool
+    tty: bool
+    entrypoint: str | None
+    workdir: str | None
+    user: str | None
+    volumes: tuple[str, ...]
+
+
+class App:
+    """The app container's part of a session, the same for every kind of target: reacting to the
+    agent (a lost link, a fatal notice such as a refused port) by stopping the app, and running it."""
+
+    def __init__(self, engine: "DockerEngine", progress: Progress) -> None:
+        self.engine, self.progress = engine, progress
+        self.id: str | None = None
+        self.fatal: list[str] = []
+
+    def stop(self) -> None:
+        if self.id:
+            self.engine.stop(self.id, timeout=2)
+
+    def link_lost(self) -> None:
+        self.progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped);"
+                           " stopping the app")
+        self.stop()
+
+    def on_notice(self, level: str, message: str) -> None:
+        if level == "fatal":  # e.g. a port another session already steals: end the session
+            self.fatal.append(message)
+            self.stop()
+        elif level in ("error", "warning"):
+            self.progress.warn(f"podtwin: {message}")
+        else:
+            self.progress(message)
+
+    def run(self, session: Session, opts: AppOptions, cfg: PodtwinConfig, remote_env: dict,
+            sidecar_id: str, teardown: Teardown) -> int:
+        """Once the sidecar has bridged the network: create the app container and run it."""
+        self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
+        self.progress("network bridged; starting the app")
+        env = apply_env(remote_env, cfg.feature.env, opts.env)
+        app_id = self.engine.create_app(
+            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
+            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
+        self.id = app_id
+        teardown.add("app container", lambda: self.engine.remove(app_id))
+        code = attach(self.engine, app_id, opts.interactive)
+        if self.fatal:
+            raise SessionError(self.fatal[0], "stop the other session (`podtwin sessions`), or use "
+                               "feature.network.incoming.port_mapping/ignore_ports")
+        return code
+
+
+def attach(engine, app_id: str, interactive: bool) -> int:
+    """Run the app in the foreground through the docker CLI, which handles TTYs, stdin and signal
+    forwarding exactly as `docker run` does. Ctrl-C/SIGTERM stop the app (SIGTERM, then SIGKILL
+    after 2 s: a PID 1 without handlers ignores SIGINT) and podtwin exits with 130."""
+    cmd = ["docker", "start", "--attach"] + (["--interactive"] if interactive else []) + [app_id]
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=engine.stop, args=(app_id, 2), name="podtwin-stop", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stopping.is_set() else code
+
+
+def _load_prctl():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_prctl = _load_prctl()  # resolved before any fork: the child only makes the call
+
+
+def _die_with_parent() -> None:
+    """In the attach child: get SIGKILL if the runner dies, so no orphaned `docker start -a`
+    holds the terminal (the guard then removes the container)."""
+    PR_SET_PDEATHSIG = 1
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))

@@ -1,0 +1,106 @@
+"""The session guard: a detached process that cleans up after a runner that died without doing so.
+
+The runner starts it at the beginning of a session. It waits for the runner's process to end
+(pidfd, so no polling and no PID-reuse race), then removes every Docker object labelled with the
+session and the session directory. After a normal exit the runner has already removed them, and
+the guard finds nothing to do. The agent and sidecar also exit on their own when the runner's link
+drops; the guard is what removes the app container, which knows nothing about podtwin.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from podtwin.runner.errors import PodtwinError
+from podtwin.runner.state.files import SessionFiles
+from podtwin.runner.state.session import state_dir
+
+log = logging.getLogger("podtwin.guard")
+
+
+def spawn(session_id: str, runner_pid: int, session_dir: Path) -> subprocess.Popen:
+    """Start the guard fully detached: its own session, no terminal, so Ctrl-C does not reach it."""
+    log_path = state_dir() / "guard.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as logf:
+        return subprocess.Popen(
+            [sys.executable, "-m", "podtwin.runner.session.reaper", "--session", session_id,
+             "--pid", str(runner_pid), "--session-dir", str(session_dir)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+            close_fds=True)
+
+
+def wait_for_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll(None):
+            pass
+    finally:
+        os.close(fd)
+
+
+def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
+    from podtwin.runner.adapters.docker_engine import DockerEngine
+
+    for attempt in range(attempts):
+        try:
+            removed = DockerEngine().clean_session(session_id)
+            if removed:
+                log.info("session %s: removed %s", session_id, ", ".join(removed))
+            break
+        except PodtwinError as exc:
+            log.warning("session %s: %s (attempt %d)", session_id, exc.message, attempt + 1)
+            time.sleep(1 + attempt)
+        except Exception as exc:  # noqa: BLE001 - the guard is the last line of defence: retry
+            log.warning("session %s: %r (attempt %d)", session_id, exc, attempt + 1)
+            time.sleep(1 + attempt)
+    _clean_kube(session_id, session_dir)
+    shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _clean_kube(session_id: str, session_dir: Path) -> None:
+    """A Kubernetes session's agent Job: it exits by itself once the link drops, but one that
+    never started (the runner died while it was being scheduled) would stay."""
+    marker = SessionFiles(session_dir).kube_marker
+    if not marker.exists():
+        return
+    try:
+        import json
+
+        from podtwin.runner.adapters.kube import KubeEngine
+
+        where = json.loads(marker.read_text())
+        kube = KubeEngine(where.get("kubeconfig"), where.get("context"))
+        for ns, name, _ in kube.session_jobs(session_id):
+            kube.delete_job(ns, name)
+            log.info("session %s: deleted Job %s/%s", session_id, ns, name)
+    except Exception as exc:  # noqa: BLE001 - best effort; `podtwin clean` covers the rest
+        log.warning("session %s: could not delete its agent Job: %r", session_id, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="podtwin-guard")
+    p.add_argument("--session", required=True)
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--session-dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s guard %(levelname)s %(message)s")
+    wait_for_exit(args.pid)
+    clean(args.session, args.session_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Incoming traffic, sidecar side: follow the app's listening ports and take the target's.
+
+The app and the sidecar share a network namespace, so the app's listening sockets are in this
+namespace's /proc/net/tcp{,6}: a port the app listens on is a port a pod's container would serve.
+For each (mapped by ``port_mapping``, less ``ignore_ports``, limited to ``ports`` if given) the
+sidecar subscribes the target's port with the agent, and delivers every connection the agent
+forwards to the app's port on loopback. When the app stops listening, the port is released.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from podtwin.agent.incoming.service import INCOMING_HOST
+from podtwin.agent.streams import splice
+from podtwin.runner.sidecar.settings import IncomingSettings
+
+log = logging.getLogger("podtwin.sidecar.incoming")
+POLL_SECONDS = 0.5
+LISTEN = "0A"
+
+
+def listening_ports(proc_net: Path = Path("/proc/net")) -> set[int]:
+    """TCP ports with a socket in LISTEN state in this network namespace (IPv4 and IPv6)."""
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc_net / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == LISTEN:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class IncomingPorts:
+    def __init__(self, link, settings: IncomingSettings, own_ports: set[int]) -> None:
+        self.link = link
+        self.settings = settings
+        self.own_ports = own_ports
+        self.listeners: dict[int, object] = {}   # app port -> asyncssh listener
+        self.refused: set[int] = set()            # app ports refused while they keep listening
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._follow(), name="incoming:follow")
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.sync(listening_ports() - self.own_ports)
+            except ConnectionError:
+                return  # the link is gone; the sidecar is exiting
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def sync(self, app_ports: set[int]) -> None:
+        wanted = self.settings.wanted(app_ports)
+        for local in list(self.listeners):
+            if local not in wanted:
+                self.listeners.pop(local).close()  # cancels the forwarding: the agent releases the port
+        self.refused &= set(wanted)
+        for local, remote in wanted.items():
+            if local not in self.listeners and local not in self.refused:
+                await self._take(local, remote)
+
+    async def _take(self, local: int, remote: int) -> None:
+        error = await self.link.control.subscribe(remote, self.settings.mode, self.settings.http_filter)
+        if error:
+            log.warning("port %d: %s", remote, error)
+            self.refused.add(local)
+            return
+        self.listeners[local] = await self.link.conn.start_server(
+            lambda orig_host, orig_port: self._deliver_to(local), INCOMING_HOST, remote, encoding=None)
+        log.info("target port %d -> app port %d", remote, local)
+
+    def _deliver_to(self, local: int):
+        async def deliver(reader, writer) -> None:
+            try:
+                app_reader, app_writer = await _connect_loopback(local)
+            except OSError as exc:
+                log.info("app port %d: %s", local, exc)
+                writer.close()
+                return
+            await splice(reader, writer, app_reader, app_writer)
+        return deliver
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+
+
+async def _connect_loopback(port: int):
+    try:
+        return await asyncio.open_connection("127.0.0.1", port, limit=256 * 1024)
+    except OSError:
+        return await asyncio.open_connection("::1", port, limit=256 * 1024)

@@ -1,0 +1,93 @@
+"""Transparent TCP proxy: each redirected connection becomes a direct-tcpip channel to the agent."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from podtwin.agent.streams import splice
+
+from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
+
+log = logging.getLogger("podtwin.sidecar.tcp")
+SO_ORIGINAL_DST = 80
+SO_MARK = 36
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST, so the app sees 'connection refused/reset' as it would from the real peer."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.close()
+
+
+async def open_local(host: str, port: int):
+    """A connection made from the sidecar itself, marked so its own rules let it through."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=256 * 1024)
+
+
+class TcpProxy:
+    """``decide(ip, port)`` says "remote" (through the agent) or "local" (from here) for each
+    connection whose fate the kernel rules could not settle (filters with host names)."""
+
+    def __init__(self, link, port: int, decide=None) -> None:
+        self.link = link
+        self.port = port
+        self.decide = decide
+        self.server: asyncio.base_events.Server | None = None
+        self.active = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                 limit=256 * 1024)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            host, port = original_dst(sock)
+        except OSError:
+            writer.close()  # not a redirected connection: someone dialled the proxy port itself
+            return
+        if (host, port) == ("127.0.0.1", self.port):
+            writer.close()
+            return
+        peer = writer.get_extra_info("peername") or ("", 0)
+        side = self.decide(host, port) if self.decide is not None else "remote"
+        try:
+            if side == "local":
+                r_reader, r_writer = await open_local(host, port)
+            else:
+                r_reader, r_writer = await self.link.open_tcp(host, port, orig=(peer[0], peer[1]))
+        except Exception as exc:  # ChannelOpenError (refused, unreachable) or the link is gone
+            log.debug("connect %s:%d failed: %s", host, port, exc)
+            reset(writer)
+            return
+        self.active += 1
+        try:
+            await splice(reader, writer, r_reader, r_writer)
+        finally:
+            self.active -= 1
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,165 @@
+"""UDP relay: datagrams TPROXY'd to one socket become flows on the link's control channel.
+
+A flow is (app address, original destination). Replies are sent back from a transparent socket
+bound to the original destination, so the app sees them come from the address it sent to.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
+
+log = logging.getLogger("podtwin.sidecar.udp")
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IP_ORIGDSTADDR = 20
+SO_MARK = 36
+IDLE_SECONDS = 120.0
+
+
+def transparent_socket(bind: tuple[str, int], recv_orig: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+    if recv_orig:
+        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+    sock.setblocking(False)
+    sock.bind(bind)
+    return sock
+
+
+def parse_orig_dst(ancdata) -> tuple[str, int] | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            port = struct.unpack_from("!H", data, 2)[0]
+            return socket.inet_ntoa(data[4:8]), port
+    return None
+
+
+class _Flow:
+    """A flow through the agent (the default) or, when the filter keeps it local, straight out of
+    the sidecar through a marked socket."""
+
+    def __init__(self, relay: "UdpRelay", src: tuple[str, int], dst: tuple[str, int], local: bool) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.reply = transparent_socket(dst)
+        self.last_used = asyncio.get_running_loop().time()
+        self.local: socket.socket | None = None
+        self.ident = 0
+        if local:
+            self.local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.local.setblocking(False)
+            self.local.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+            self.local.connect(dst)
+            asyncio.get_running_loop().add_reader(self.local.fileno(), self._local_readable)
+        else:
+            self.ident = relay.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+
+    def _local_readable(self) -> None:
+        assert self.local is not None
+        while True:
+            try:
+                self.on_data(self.local.recv(65535))
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            except OSError as exc:
+                log.debug("local flow %s: %s", self.dst, exc)
+                return
+
+    def on_data(self, data: bytes) -> None:
+        self.last_used = asyncio.get_running_loop().time()
+        try:
+            self.reply.sendto(data, self.src)
+        except OSError as exc:
+            log.debug("reply to %s: %s", self.src, exc)
+
+    def on_close(self, reason: str) -> None:
+        log.debug("flow %s closed by agent: %s", self.src, reason)
+        self.relay.drop(self, notify=False)
+
+    def send(self, data: bytes) -> None:
+        self.last_used = asyncio.get_running_loop().time()
+        if self.local is not None:
+            try:
+                self.local.send(data)
+            except OSError as exc:
+                log.debug("local flow %s: %s", self.dst, exc)
+        else:
+            self.relay.control.udp_send(self.ident, data)
+
+    def close(self) -> None:
+        if self.local is not None:
+            asyncio.get_running_loop().remove_reader(self.local.fileno())
+            self.local.close()
+        self.reply.close()
+
+
+class UdpRelay:
+    def __init__(self, control, port: int, decide=None) -> None:
+        self.control = control
+        self.port = port
+        self.decide = decide  # (ip, port) -> "remote" | "local", for filters with host names
+        self.flows: dict[tuple, _Flow] = {}
+        self.sock: socket.socket | None = None
+        self.expiry: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.sock = transparent_socket(("127.0.0.1", self.port), recv_orig=True)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+        self.expiry = asyncio.get_running_loop().create_task(self._expire(), name="udp:expiry")
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                data, anc, _, src = self.sock.recvmsg(65535, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("recvmsg: %s", exc)
+                return
+            dst = parse_orig_dst(anc)
+            if dst is None:
+                continue
+            key = (src, dst)
+            flow = self.flows.get(key)
+            try:
+                if flow is None:
+                    local = self.decide is not None and self.decide(dst[0], dst[1]) == "local"
+                    flow = self.flows[key] = _Flow(self, src, dst, local)
+                flow.send(data)
+            except (ConnectionError, OSError) as exc:
+                log.debug("udp %s -> %s: %s", src, dst, exc)
+
+    def drop(self, flow: _Flow, notify: bool) -> None:
+        if self.flows.get((flow.src, flow.dst)) is flow:
+            del self.flows[(flow.src, flow.dst)]
+        if notify and flow.local is None:
+            try:
+                self.control.udp_close(flow.ident)
+            except ConnectionError:
+                pass
+        flow.close()
+
+    async def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDLE_SECONDS / 4)
+            for flow in list(self.flows.values()):
+                if loop.time() - flow.last_used > IDLE_SECONDS:
+                    self.drop(flow, notify=True)
+
+    def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+        for flow in list(self.flows.values()):
+            self.drop(flow, notify=False)

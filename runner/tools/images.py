@@ -1,0 +1,348 @@
+"""Build the local images podtwin and its tests need, with the `docker` CLI.
+
+No registry is assumed reachable, so nothing is pulled: the Debian base image is made with
+debootstrap from the machine's own apt mirror, and every other image is built on top of it
+(or FROM scratch). Three images:
+
+* ``podtwin/debian-base:bookworm`` -- minbase Debian, apt pointed at the host's mirror;
+* ``podtwin:dev`` -- the agent and the sidecar (this repo installed in /opt/podtwin), rebuilt
+  whenever the repo's sources change (a content hash is stored in a label);
+* ``podtwin-test/busybox:latest`` -- an unchanged static app image for the tests and the demo:
+  static busybox plus two static Go tools (no libc, nothing podtwin): ``udpsend``, a UDP
+  client, and ``h2probe``, an HTTP/1.1 + h2c + gRPC server and clients (images/h2probe).
+
+Run ``python -m podtwin.runner.tools.images [--force]``.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from podtwin.runner.errors import PodtwinError
+
+BASE_IMAGE = "podtwin/debian-base:bookworm"
+# PODTWIN_IMAGE names another tag (a registry copy, or a second work tree on one engine).
+PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+BUSYBOX_IMAGE = "podtwin-test/busybox:latest"
+HASH_LABEL = "podtwin.source-hash"
+SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+LOCK_FILE = "/tmp/podtwin-images.lock"
+
+# This file is runner/tools/images.py in a checkout (editable install).
+REPO = Path(__file__).resolve().parents[2]
+# What goes into podtwin:dev, so also what its content hash covers.
+SOURCES = ("runner", "agent", "pyproject.toml", "images")
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+
+Echo = Callable[[str], None]
+
+
+class ImageBuildError(PodtwinError):
+    """An image could not be built."""
+
+
+def podtwin_image_name() -> str:
+    return PODTWIN_IMAGE
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _stream(cmd: list[str], echo: Echo, env: dict[str, str] | None = None) -> None:
+    """Run cmd, echoing its output line by line as progress; raise on failure."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        echo("    " + line.rstrip())
+    if proc.wait() != 0:
+        raise ImageBuildError(f"`{' '.join(cmd[:3])} ...` failed (exit {proc.returncode})",
+                              "see the output above")
+
+
+def _docker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True)
+
+
+def _image_id(image: str) -> str | None:
+    res = _docker("image", "inspect", "--format", "{{.Id}}", image)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _label(image: str, label: str) -> str | None:
+    res = _docker("image", "inspect", "--format", f'{{{{index .Config.Labels "{label}"}}}}', image)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _drop_if_replaced(image: str, old: str | None) -> None:
+    # Drop the image the tag pointed to before, so repeated builds don't fill the disk -- only
+    # if no other tag names it now (`image rm ID` would untag another work tree's copy too).
+    # Fails (ignored) while a container still uses it.
+    if old and old != _image_id(image):
+        tags = _docker("image", "inspect", "-f", "{{len .RepoTags}}", old)
+        if tags.returncode == 0 and tags.stdout.strip() == "0":
+            _docker("image", "rm", old)
+
+
+def _legacy_build_env() -> dict[str, str]:
+    # Debian's docker.io 20.10 has no buildx: use the classic builder.
+    return {**os.environ, "DOCKER_BUILDKIT": "0"}
+
+
+def _walk(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info"))
+        for name in sorted(filenames):
+            if not name.endswith(".pyc"):
+                yield Path(dirpath, name)
+
+
+def source_hash() -> str:
+    """sha256 over the paths and contents of everything podtwin:dev is built from."""
+    h = hashlib.sha256()
+    for item in SOURCES:
+        path = REPO / item
+        files = [path] if path.is_file() else list(_walk(path)) if path.is_dir() else []
+        for f in files:
+            h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# --- apt configuration of the host -------------------------------------------------------------
+
+
+def _deb822_stanzas(text: str) -> list[str]:
+    return [s for s in text.split("\n\n") if s.strip()]
+
+
+def _field(stanza: str, name: str) -> list[str]:
+    for line in stanza.splitlines():
+        if line.lower().startswith(name.lower() + ":"):
+            return line.split(":", 1)[1].split()
+    return []
+
+
+def _debian_sources() -> tuple[str, str]:
+    """(mirror URL for debootstrap, sources text to install in the image), read from the host.
+
+    The mirror is whatever this machine's apt uses for bookworm (CI may point apt at a local
+    mirror); the image gets the same Debian entries so `apt-get` inside it works too.
+    """
+    stanzas = []
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        stanzas += [s for s in _deb822_stanzas(f.read_text())
+                    if "deb" in _field(s, "Types")
+                    and any(x.startswith(SUITE) for x in _field(s, "Suites"))]
+    if stanzas:
+        main = next((s for s in stanzas if SUITE in _field(s, "Suites")), stanzas[0])
+        return _field(main, "URIs")[0], "\n\n".join(s.strip() for s in stanzas) + "\n"
+    lines = []
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            words = line.split("#", 1)[0].split()
+            if words[:1] == ["deb"]:
+                rest = words[1:]
+                if rest and rest[0].startswith("["):  # skip "[arch=... signed-by=...]" options
+                    while rest and not rest[0].endswith("]"):
+                        rest = rest[1:]
+                    rest = rest[1:]
+                if len(rest) >= 2 and rest[1].startswith(SUITE):
+                    lines.append((rest[0], rest[1], line.strip()))
+    if lines:
+        main = next((l for l in lines if l[1] == SUITE), lines[0])
+        return main[0], "\n".join(l[2] for l in lines) + "\n"
+    return DEFAULT_MIRROR, f"deb {DEFAULT_MIRROR} {SUITE} main\n"
+
+
+def _unmount_under(root: Path) -> None:
+    # debootstrap bind-mounts /dev, /proc, /sys while it runs; if it dies half-way they stay
+    # mounted and rmtree would walk into the host's /dev. Unmount deepest first.
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mnt in sorted((m for m in mounts if m == str(root) or m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "-l", mnt], check=False)
+
+
+# --- the three images ----------------------------------------------------------------------------
+
+
+def build_base(echo: Echo) -> None:
+    if shutil.which("debootstrap") is None:
+        raise ImageBuildError("debootstrap is not installed", "run `make setup`")
+    mirror, sources = _debian_sources()
+    echo(f"[images] building base image {BASE_IMAGE} (debootstrap from {mirror}, a few minutes)...")
+    old = _image_id(BASE_IMAGE)
+    tmp = Path(tempfile.mkdtemp(prefix="podtwin-rootfs-", dir="/var/tmp"))
+    try:
+        rootfs = tmp / "rootfs"
+        # ca-certificates: so apt (and pip later) can use https mirrors from inside the image.
+        _stream(["debootstrap", "--variant=minbase", "--include=ca-certificates",
+                 SUITE, str(rootfs), mirror], echo)
+        # Replace debootstrap's one-line sources.list with the host's Debian entries.
+        (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
+        deb822 = "URIs:" in sources
+        target = "etc/apt/sources.list.d/debian.sources" if deb822 else "etc/apt/sources.list"
+        (rootfs / target).write_text(sources)
+        for d in ("var/lib/apt/lists", "var/cache/apt/archives"):  # keep the image small
+            for p in (rootfs / d).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        echo(f"[images] importing rootfs as {BASE_IMAGE}...")
+        tar = f"tar --numeric-owner -C {shlex.quote(str(rootfs))} -c ."
+        imp = f"docker import --change 'CMD [\"/bin/bash\"]' - {BASE_IMAGE}"
+        _stream(["bash", "-o", "pipefail", "-c", f"{tar} | {imp}"], echo)
+        _drop_if_replaced(BASE_IMAGE, old)
+    finally:
+        _unmount_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_podtwin(echo: Echo, digest: str, force: bool) -> None:
+    echo(f"[images] building {PODTWIN_IMAGE} (apt + pip install of this repo)...")
+    old = _image_id(PODTWIN_IMAGE)
+    with tempfile.TemporaryDirectory(prefix="podtwin-ctx-") as ctx_dir:
+        # A small context made of exactly what the image needs (never .venv or .git).
+        ctx = Path(ctx_dir)
+        shutil.copy2(REPO / "images/Dockerfile", ctx / "Dockerfile")
+        shutil.copy2(REPO / "pyproject.toml", ctx / "pyproject.toml")
+        for pkg in ("runner", "agent"):
+            shutil.copytree(REPO / pkg, ctx / pkg, ignore=_IGNORE)
+        readme = REPO / "README.md"  # pyproject names it; pip fails without it
+        (ctx / "README.md").write_bytes(readme.read_bytes() if readme.exists() else b"podtwin\n")
+        # Trust the same extra CAs as the host (TLS-intercepting proxies on CI / corporate nets).
+        (ctx / "local-ca").mkdir()
+        for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
+            shutil.copy2(crt, ctx / "local-ca" / crt.name)
+        cmd = ["docker", "build", "--network", "host", "-t", PODTWIN_IMAGE,
+               "--label", f"{HASH_LABEL}={digest}"]
+        for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # follow the host's PyPI mirror
+            if os.environ.get(var):
+                cmd += ["--build-arg", f"{var}={os.environ[var]}"]
+        if force:
+            cmd.append("--no-cache")
+        _stream([*cmd, str(ctx)], echo, env=_legacy_build_env())
+    _drop_if_replaced(PODTWIN_IMAGE, old)
+
+
+def _is_static_elf(path: Path) -> bool:
+    """True for an ELF64 executable without a PT_INTERP (dynamic loader) segment."""
+    data = path.read_bytes()
+    if data[:5] != b"\x7fELF\x02":
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def _go() -> str:
+    go = shutil.which("go") or next((p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
+                                     if Path(p).exists()), None)
+    if go is None:
+        raise ImageBuildError("no Go toolchain to build the test app's Go tools",
+                              "install Go (`apt-get install golang-go`)")
+    return go
+
+
+def _build_go(module: str, out: Path, echo: Echo) -> None:
+    """A static Go binary (CGO_ENABLED=0) from the module in ``module``; modules it needs come
+    from the Go module proxy (or the module cache), checked against its go.sum."""
+    echo(f"[images] compiling {module} (static, CGO_ENABLED=0)...")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    _stream([_go(), "build", "-C", str(REPO / module), "-trimpath", "-ldflags", "-s -w",
+             "-o", str(out), "."], echo, env=env)
+
+
+# What podtwin-test/busybox is built from, so also what its content hash covers.
+TEST_APP_SOURCES = ("images/busybox/Dockerfile", "images/testapp/udpsend.go", "images/testapp/go.mod",
+                    "images/h2probe/main.go", "images/h2probe/go.mod", "images/h2probe/go.sum")
+
+
+def test_app_hash() -> str:
+    digest = hashlib.sha256()
+    for rel in TEST_APP_SOURCES:
+        digest.update(rel.encode() + b"\0" + (REPO / rel).read_bytes())
+    return digest.hexdigest()
+
+
+def build_busybox(echo: Echo, force: bool) -> None:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists() or not _is_static_elf(busybox.resolve()):
+        raise ImageBuildError(f"no static {busybox} on this machine",
+                              "install Debian's busybox-static (`make setup` does)")
+    echo(f"[images] building {BUSYBOX_IMAGE} (FROM scratch: static busybox, udpsend, h2probe)...")
+    old = _image_id(BUSYBOX_IMAGE)
+    with tempfile.TemporaryDirectory(prefix="podtwin-ctx-") as ctx_dir:
+        ctx = Path(ctx_dir)
+        shutil.copy2(REPO / "images/busybox/Dockerfile", ctx / "Dockerfile")
+        shutil.copy2(busybox.resolve(), ctx / "busybox")
+        _build_go("images/testapp", ctx / "udpsend", echo)
+        _build_go("images/h2probe", ctx / "h2probe", echo)
+        cmd = ["docker", "build", "-t", BUSYBOX_IMAGE, "--label", f"{HASH_LABEL}={test_app_hash()}",
+               *(["--no-cache"] if force else []), str(ctx)]
+        _stream(cmd, echo, env=_legacy_build_env())
+    _drop_if_replaced(BUSYBOX_IMAGE, old)
+
+
+def build_images(echo: Echo = print, force: bool = False) -> None:
+    """Build the missing images (all of them with force); rebuild podtwin:dev if sources changed."""
+    if not (REPO / "pyproject.toml").exists() or not (REPO / "images/Dockerfile").exists():
+        raise ImageBuildError(f"{REPO} is not a podtwin checkout",
+                              "images are built from a git checkout installed with `make setup`")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        raise ImageBuildError("the Docker engine does not answer", "run scripts/docker-engine.sh")
+    # Image tags are machine-wide: concurrent `make setup`/`make test` runs take turns.
+    with open(LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo("[images] another image build is running; waiting for it...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_all(echo, force)
+
+
+def _build_all(echo: Echo, force: bool) -> None:
+    new_base = force or _image_id(BASE_IMAGE) is None
+    if new_base:
+        build_base(echo)
+    else:
+        echo(f"[images] {BASE_IMAGE}: present")
+
+    digest = source_hash()
+    if new_base or _label(PODTWIN_IMAGE, HASH_LABEL) != digest:
+        build_podtwin(echo, digest, force)
+    else:
+        echo(f"[images] {PODTWIN_IMAGE}: up to date ({digest[:12]})")
+
+    if force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
+        build_busybox(echo, force)
+    else:
+        echo(f"[images] {BUSYBOX_IMAGE}: present")
+    echo("[images] done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m podtwin.runner.tools.images",
+                                     description="Build the local images podtwin needs.")
+    parser.add_argument("--force", action="store_true", help="rebuild every image from scratch")
+    args = parser.parse_args(argv)
+    try:
+        build_images(echo=lambda line: print(line, flush=True), force=args.force)
+    except ImageBuildError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
