@@ -13,9 +13,10 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from podtwin.agent.sockopts import SO_MARK
+
 log = logging.getLogger("podtwin.agent.dns")
 
-SO_MARK = 36
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_ATTEMPTS = 2
 MAX_TIMEOUT = 30.0

@@ -17,7 +17,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,11 +25,11 @@ import asyncssh
 from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.relay import relay_filtered
 from podtwin.agent.incoming.steal.nat import NatState, Redirect, SessionRules, liveness_name
+from podtwin.agent.sockopts import original_dst
 from podtwin.agent.streams import splice
 
 log = logging.getLogger("podtwin.agent.incoming.service")
 INCOMING_HOST = "podtwin-incoming"
-SO_ORIGINAL_DST = 80
 STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
 PROXY_LINE_MAX = 107      # the PROXY protocol v1 limit, CRLF included
@@ -69,11 +68,6 @@ class PortListener(asyncssh.SSHListener):
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
-
-
-def _original_dst(sock: socket.socket) -> tuple[str, int]:
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    return socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
 
 
 def proxy_line(client: Address, original: Address) -> bytes:
@@ -238,7 +232,7 @@ class IncomingServer:
 
     async def _handle(self, conn: socket.socket, peer) -> None:
         try:
-            original = _original_dst(conn)
+            original = original_dst(conn)
         except OSError:
             original = None
         reader, writer = await asyncio.open_connection(sock=conn)

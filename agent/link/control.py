@@ -12,11 +12,11 @@ from typing import Callable
 
 from podtwin.agent.link import wire
 from podtwin.agent.dns import Forwarder
+from podtwin.agent.outgoing import UDP_IDLE_SECONDS
 from podtwin.agent.target.process import TargetProcess
 
 log = logging.getLogger("podtwin.agent.link.control")
 
-UDP_IDLE_SECONDS = 120.0
 MAX_UDP_FLOWS = 1024
 
 

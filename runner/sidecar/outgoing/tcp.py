@@ -6,19 +6,11 @@ import logging
 import socket
 import struct
 
+from podtwin.agent.sockopts import SO_MARK, original_dst
 from podtwin.agent.streams import splice
-
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
 
 log = logging.getLogger("podtwin.sidecar.tcp")
-SO_ORIGINAL_DST = 80
-SO_MARK = 36
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port = struct.unpack_from("!H", raw, 2)[0]
-    return socket.inet_ntoa(raw[4:8]), port
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

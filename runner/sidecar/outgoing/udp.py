@@ -10,14 +10,13 @@ import logging
 import socket
 import struct
 
+from podtwin.agent.sockopts import IP_ORIGDSTADDR, IP_RECVORIGDSTADDR, IP_TRANSPARENT, SO_MARK
+from podtwin.agent.outgoing import UDP_IDLE_SECONDS
+from podtwin.agent.tasks import expire_idle
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
 
 log = logging.getLogger("podtwin.sidecar.udp")
-IP_TRANSPARENT = 19
-IP_RECVORIGDSTADDR = 20
-IP_ORIGDSTADDR = 20
-SO_MARK = 36
-IDLE_SECONDS = 120.0
+IDLE_SECONDS = UDP_IDLE_SECONDS   # the agent forgets a flow after as long
 
 
 def transparent_socket(bind: tuple[str, int], recv_orig: bool = False) -> socket.socket:
@@ -112,7 +111,9 @@ class UdpRelay:
     async def start(self) -> None:
         self.sock = transparent_socket(("127.0.0.1", self.port), recv_orig=True)
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
-        self.expiry = asyncio.get_running_loop().create_task(self._expire(), name="udp:expiry")
+        self.expiry = asyncio.get_running_loop().create_task(
+            expire_idle(self.flows, IDLE_SECONDS, lambda key, flow: self.drop(flow, notify=True)),
+            name="udp:expiry")
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -146,14 +147,6 @@ class UdpRelay:
             except ConnectionError:
                 pass
         flow.close()
-
-    async def _expire(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(IDLE_SECONDS / 4)
-            for flow in list(self.flows.values()):
-                if loop.time() - flow.last_used > IDLE_SECONDS:
-                    self.drop(flow, notify=True)
 
     def close(self) -> None:
         if self.expiry is not None:
