@@ -252,3 +252,46 @@ def test_dns_off_resolves_locally(podtwin, staging, local_service, tmp_path):
     result = app_run(podtwin, staging, f"nslookup {svc} >/dev/null; echo local=$?; "
                      "nslookup backend >/dev/null; echo remote=$?", "--network", net, "-f", str(cfg))
     assert "local=0" in result.stdout and "remote=1" in result.stdout, result.stdout + result.stderr
+
+
+def test_cli_extra_args_publish_the_apps_port_through_the_sidecar(podtwin, staging, tmp_path):
+    """container.cli_extra_args: -p goes to the sidecar (which owns the app's network namespace),
+    so the app's port is reachable from this machine; -l labels the app container."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:   # a free port on this machine's loopback
+        probe.bind(("127.0.0.1", 0))
+        host_port = probe.getsockname()[1]
+    cfg = write_config(tmp_path / "publish.json", {
+        "feature": {"network": {"incoming": "off"}},
+        "container": {"cli_extra_args": ["-p", f"127.0.0.1:{host_port}:8080", "--label", "team=payments"]}})
+    proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.target}",
+                         APP_IMAGE, "sh", "-c",
+                         "mkdir -p /tmp/www && echo published-app > /tmp/www/index.html && "
+                         "exec httpd -f -p 8080 -h /tmp/www")
+
+    def answer() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=2) as resp:
+                return resp.read().decode().strip()
+        except OSError:
+            return None
+    try:
+        wait_until(lambda: answer() == "published-app" or proc.poll() is not None, 60, "the published port")
+        assert proc.poll() is None, proc.err_path.read_text()
+        app = session_containers("app", runner=proc)
+        assert len(app) == 1
+        labels = docker("inspect", "-f", "{{json .Config.Labels}}", app[0]).stdout
+        assert '"team":"payments"' in labels and '"podtwin.role":"app"' in labels
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+
+
+def test_cli_extra_args_refuses_a_network_flag_in_one_line(podtwin, staging, tmp_path):
+    cfg = write_config(tmp_path / "net.json", {"container": {"cli_extra_args": ["--network", "host"]}})
+    result = app_run(podtwin, staging, "true", "-f", str(cfg))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "podtwin: container.cli_extra_args: --network is not allowed")

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, write_config
 
+CONFIG, TARGET, INFRA = 2, 3, 125   # exit codes by kind of error (README "Exit codes")
 
-def one_error_line(result) -> str:
+
+def one_error_line(result, code: int) -> str:
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("podtwin:")]
-    assert result.returncode != 0
+    assert result.returncode == code, result.stderr
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return errors[0]
@@ -14,7 +16,7 @@ def one_error_line(result) -> str:
 
 def test_unknown_target_suggests_close_names(podtwin, staging):
     typo = staging.target[:-1]
-    line = one_error_line(podtwin.run("container", "run", "--target", f"container/{typo}", APP_IMAGE, "true"))
+    line = one_error_line(podtwin.run("container", "run", "--target", f"container/{typo}", APP_IMAGE, "true"), TARGET)
     assert f"target container '{typo}' not found" in line
     assert staging.target in line  # did you mean ...
 
@@ -23,7 +25,7 @@ def test_target_not_running(podtwin, staging):
     name = staging.target + "-stopped"
     docker("create", "--name", name, "--label", "podtwin-test", APP_IMAGE, "true")
     try:
-        line = one_error_line(podtwin.run("container", "run", "--target", f"container/{name}", APP_IMAGE, "true"))
+        line = one_error_line(podtwin.run("container", "run", "--target", f"container/{name}", APP_IMAGE, "true"), TARGET)
         assert "is not running" in line and "docker start" in line
     finally:
         docker("rm", "-f", name, check=False)
@@ -31,32 +33,32 @@ def test_target_not_running(podtwin, staging):
 
 def test_app_image_missing(podtwin, staging):
     line = one_error_line(podtwin.run("container", "run", "--target", f"container/{staging.target}",
-                                      "podtwin-test/no-such-image:1", "true"))
+                                      "podtwin-test/no-such-image:1", "true"), INFRA)
     assert "podtwin-test/no-such-image:1" in line and "pull" in line
 
 
 def test_podtwin_image_missing(podtwin, staging, tmp_path):
     cfg = write_config(tmp_path / "c.json", {"agent": {"image": "podtwin:no-such-tag"}})
     line = one_error_line(podtwin.run("container", "run", "-f", str(cfg), "--target",
-                                      f"container/{staging.target}", APP_IMAGE, "true"))
+                                      f"container/{staging.target}", APP_IMAGE, "true"), INFRA)
     assert "podtwin:no-such-tag" in line and "podtwin images build" in line
 
 
 def test_docker_unreachable(podtwin, tmp_path):
     line = one_error_line(podtwin.run("container", "run", "--target", "container/x", APP_IMAGE, "true",
-                                      env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}))
+                                      env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}), INFRA)
     assert "Docker engine does not answer" in line
 
 
 def test_bad_config_names_key_and_file(podtwin, tmp_path):
     cfg = write_config(tmp_path / "bad.json", {"feature": {"network": {"outgoingg": True}}})
     line = one_error_line(podtwin.run("container", "run", "-f", str(cfg), "--target", "container/x",
-                                      APP_IMAGE, "true"))
+                                      APP_IMAGE, "true"), CONFIG)
     assert "feature.network.outgoingg" in line and "bad.json" in line
 
 
 def test_bad_target_string(podtwin):
-    line = one_error_line(podtwin.run("container", "run", "--target", "banana/x", APP_IMAGE, "true"))
+    line = one_error_line(podtwin.run("container", "run", "--target", "banana/x", APP_IMAGE, "true"), TARGET)
     assert "banana/x" in line and "container/NAME" in line
 
 

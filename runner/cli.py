@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from podtwin.runner import api
-from podtwin.runner.errors import ConfigError, PodtwinError
+from podtwin.runner.errors import EXIT_INTERRUPTED, ConfigError, PodtwinError
 
 
 def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -189,10 +189,10 @@ def run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("podtwin: interrupted; everything this session created was removed", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

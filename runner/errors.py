@@ -2,14 +2,26 @@
 
 Every error carries a user-facing message (what went wrong), a hint (how to fix it) and an exit
 code. Lower layers raise these, chaining the original exception; the CLI prints one line.
+
+Exit codes (README "Exit codes"): the app's own code when the session ran; otherwise
+``EXIT_CONFIG`` (2) for a bad flag, config file or profile, ``EXIT_TARGET`` (3) for a target that
+cannot be parsed, found or used, and ``EXIT_INFRA`` (125, what ``docker run`` uses for its own
+failures) for everything podtwin runs on: the Docker engine, images, the cluster, the agent, the
+link. 130 after Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
 
-class PodtwinError(Exception):
-    """Base of every error podtwin reports to the user."""
+EXIT_CONFIG = 2
+EXIT_TARGET = 3
+EXIT_INFRA = 125
+EXIT_INTERRUPTED = 130
 
-    exit_code = 2
+
+class PodtwinError(Exception):
+    """Base of every error podtwin reports to the user: by default, an infrastructure error."""
+
+    exit_code = EXIT_INFRA
     default_hint = ""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
@@ -26,9 +38,13 @@ class PodtwinError(Exception):
 class ConfigError(PodtwinError):
     """A config file, profile or flag is invalid."""
 
+    exit_code = EXIT_CONFIG
+
 
 class TargetError(PodtwinError):
     """The target does not exist, is not running, or cannot be parsed."""
+
+    exit_code = EXIT_TARGET
 
 
 class DockerUnavailable(PodtwinError):

@@ -37,8 +37,11 @@ def nothing_left(cluster, ns: str) -> None:
                30, "the agent Job and pod to go")
 
 
-def one_line_failure(result, *expected: str) -> str:
-    assert result.returncode != 0, result.stdout
+TARGET, INFRA = 3, 125   # exit codes by kind of error (README "Exit codes")
+
+
+def one_line_failure(result, code: int, *expected: str) -> str:
+    assert result.returncode == code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("podtwin: "), result.stderr
@@ -60,7 +63,7 @@ def run_with(cluster, ns, tmp_path, agent: dict, target: str = "deploy/api"):
 def test_unpullable_agent_image_is_said_at_once(cluster, target_ns, tmp_path, image, policy):
     result, took = run_with(cluster, target_ns, tmp_path,
                             {"image": image, "image_pull_policy": policy, "startup_timeout": 120})
-    one_line_failure(result, f"agent image {image} cannot be pulled", "agent.image")
+    one_line_failure(result, INFRA, f"agent image {image} cannot be pulled", "agent.image")
     assert took < 60          # at the first ErrImagePull, far before the 120 s start-up timeout
     nothing_left(cluster, target_ns)
 
@@ -68,14 +71,14 @@ def test_unpullable_agent_image_is_said_at_once(cluster, target_ns, tmp_path, im
 def test_agent_pod_refused_by_the_kubelet_is_said_at_once(cluster, target_ns, tmp_path):
     result, took = run_with(cluster, target_ns, tmp_path,
                             {"resources": {"requests": {"cpu": "500"}}, "startup_timeout": 120})
-    one_line_failure(result, "refused the agent pod", "agent.resources")
+    one_line_failure(result, INFRA, "refused the agent pod", "agent.resources")
     assert took < 60
     nothing_left(cluster, target_ns)
 
 
 def test_workload_without_a_ready_pod(cluster, target_ns, tmp_path):
     result, _ = run_with(cluster, target_ns, tmp_path, {}, target="deploy/idle")
-    one_line_failure(result, "deployment/idle", "has no running, ready pod")
+    one_line_failure(result, TARGET, "deployment/idle", "has no running, ready pod")
     nothing_left(cluster, target_ns)
 
 
@@ -88,5 +91,5 @@ def test_cluster_that_does_not_answer(cluster, tmp_path):
         "contexts": [{"name": "closed", "context": {"cluster": "closed", "user": "u"}}]}))
     start = time.monotonic()
     result = podtwin(cluster, "container", "run", "--target", "deploy/api", APP, "true", kubeconfig=kubeconfig)
-    one_line_failure(result, "the cluster does not answer", "--context/--kubeconfig")
+    one_line_failure(result, INFRA, "the cluster does not answer", "--context/--kubeconfig")
     assert time.monotonic() - start < 30

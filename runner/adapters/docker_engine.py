@@ -140,13 +140,15 @@ class DockerEngine:
             time.sleep(0.05)
         self.remove(container_id)
 
-    def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None) -> str:
+    def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None,
+                      ports: dict | None = None) -> str:
         """The sidecar owns the app's network namespace: on ``network`` (docker's default bridge
-        if None), so local services on that network stay reachable with a local filter."""
+        if None), so local services on that network stay reachable with a local filter; it
+        publishes ``ports`` (SDK form) for the app, which listens in its namespace."""
         container = self._run(
             image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
             name=session.name("sidecar"), labels=session.labels("sidecar"),
-            hostname=hostname or None, network=network,
+            hostname=hostname or None, network=network, ports=ports or None,
             cap_add=["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
@@ -208,13 +210,18 @@ class DockerEngine:
     def create_app(self, session: Session, image: str, command: list[str] | None, env: dict[str, str],
                    sidecar_id: str, tty: bool, interactive: bool, entrypoint: list[str] | None = None,
                    workdir: str | None = None, user: str | None = None,
-                   volumes: list[str] | None = None) -> str:
+                   volumes: list[str] | None = None, extra: dict | None = None) -> str:
+        """``extra``: more SDK keywords from container.cli_extra_args (volumes and labels add to
+        the session's own)."""
+        extra = dict(extra or {})
+        volumes = [*(volumes or []), *extra.pop("volumes", [])]
+        labels = {**extra.pop("labels", {}), **session.labels("app")}
         try:
             c = self.client.containers.create(
-                image, command or None, name=session.name("app"), labels=session.labels("app"),
+                image, command or None, name=session.name("app"), labels=labels,
                 environment=env, network_mode=f"container:{sidecar_id}", tty=tty,
                 stdin_open=interactive, entrypoint=entrypoint, working_dir=workdir, user=user,
-                volumes=volumes or None,
+                volumes=volumes or None, **extra,
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageMissing(f"app image {image!r} is not present locally",

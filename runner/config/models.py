@@ -336,7 +336,9 @@ class AgentConfig(_Model):
 
 class ContainerConfig(_Model):
     cli_extra_args: StrList = Field(
-        default_factory=list, description="Extra `docker run` arguments for the sidecar, e.g. [\"-p\", \"8080:80\"].")
+        default_factory=list, description="Extra `docker run` flags: -p/--publish for the sidecar (it owns the "
+        "app's network namespace: [\"-p\", \"8080:80\"] publishes the app's port 80); -v, -l, --cap-add, "
+        "--cap-drop, --device, --security-opt, --tmpfs, --shm-size, -m, --cpus, --read-only, --init for the app.")
 
 
 TargetField = Annotated[TargetConfig, _shorthand(

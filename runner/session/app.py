@@ -37,8 +37,9 @@ class App:
     """The app container's part of a session, the same for every kind of target: reacting to the
     agent (a lost link, a fatal notice such as a refused port) by stopping the app, and running it."""
 
-    def __init__(self, engine: "DockerEngine", progress: Progress) -> None:
+    def __init__(self, engine: "DockerEngine", progress: Progress, extra: dict | None = None) -> None:
         self.engine, self.progress = engine, progress
+        self.extra = extra or {}   # the app's share of container.cli_extra_args (SDK keywords)
         self.id: str | None = None
         self.fatal: list[str] = []
 
@@ -69,7 +70,7 @@ class App:
         app_id = self.engine.create_app(
             session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
             interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes))
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes), extra=self.extra)
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
         code = attach(self.engine, app_id, opts.interactive)

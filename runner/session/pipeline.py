@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from podtwin.runner import backends
+from podtwin.runner.config.docker_args import parse_extra_args
 from podtwin.runner.errors import AgentError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
@@ -40,6 +41,7 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
         image: str, progress: Progress) -> int:
     """``image``: the local podtwin image (the sidecar's; the agent's unless agent.image says)."""
     settings = SidecarSettings.from_config(cfg)          # refuses a bad config before anything starts
+    extra = parse_extra_args(cfg.container.cli_extra_args)
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
         kubeconfig=opts.kubeconfig, context=opts.context or cfg.kube_context)
@@ -57,14 +59,15 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
         teardown.setup(placement, session, progress)
         # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
         settings.write(session.files.sidecar_settings)
-        sidecar_id = engine.start_sidecar(session, placement.sidecar_image, found.hostname, opts.network)
+        sidecar_id = engine.start_sidecar(session, placement.sidecar_image, found.hostname, opts.network,
+                                          ports=extra.ports)
         teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
         ready = placement.wait_ready(progress)
 
         loop = LoopThread()
         teardown.add("link thread", loop.stop)
         teardown.setup(transport, session, ready, loop)
-        app = App(engine, progress)
+        app = App(engine, progress, extra.app)
         owner = OwnerLink(loop, session.files, app.link_lost, on_notice=app.on_notice)
         teardown.add("link", owner.close)
         try:

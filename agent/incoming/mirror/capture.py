@@ -39,10 +39,11 @@ import logging
 import socket
 import struct
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from podtwin.agent.incoming.mirror import reassembly
 from podtwin.agent.incoming.mirror.reassembly import FlowData, FlowEnded, FlowStarted
+from podtwin.agent.tasks import TaskSet
 
 log = logging.getLogger("podtwin.agent.incoming.mirror.capture")
 
@@ -219,7 +220,7 @@ class Mirror:
         self._buf = bytearray(capture_size)
         self._view = memoryview(self._buf)
         self._sock: socket.socket | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet("mirror")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -255,7 +256,7 @@ class Mirror:
         self._sock = sock
         self.reassembler.set_ports(self.ports, self._loop.time())
         self._loop.add_reader(sock.fileno(), self._readable)
-        self._spawn(self._ticker(), "tick")
+        self._tasks.spawn(self._ticker(), "tick")
         log.info("mirroring TCP ports %s", sorted(self.ports))
 
     def update_ports(self, ports: Iterable[int]) -> None:
@@ -280,13 +281,11 @@ class Mirror:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
         self._handle(self.reassembler.close())
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel_all()
 
     async def wait_closed(self) -> None:
         """Wait until every sink was closed after ``close()``."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._tasks.wait_all()
 
     def is_midstream(self, flow_id: int) -> bool:
         """True for a connection picked up mid-stream (its start was not seen); for on_flow."""
@@ -343,7 +342,7 @@ class Mirror:
                 pump = _Pump(event.flow_id, event.client, event.server)
                 pump.midstream = event.midstream
                 self.pumps[event.flow_id] = pump
-                pump.task = self._spawn(self._pump(pump), f"flow-{event.flow_id}")
+                pump.task = self._tasks.spawn(self._pump(pump), f"flow-{event.flow_id}")
             elif isinstance(event, FlowEnded):
                 log.debug("flow %d ended: %s", event.flow_id, event.reason)
                 pump = self.pumps.get(event.flow_id)
@@ -423,14 +422,3 @@ class Mirror:
         self.backlog -= size
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _spawn(self, coro: Awaitable, name: str) -> asyncio.Task:
-        assert self._loop is not None
-        task = self._loop.create_task(coro, name=f"mirror:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed: %r", task.get_name(), task.exception())

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import struct
 
+from podtwin.agent.tasks import TaskSet
 from podtwin.runner.sidecar.dns.names import question_name
 
 log = logging.getLogger("podtwin.sidecar.dns")
@@ -60,7 +61,7 @@ class DnsServer:
         self.host, self.port = host, port
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.base_events.Server | None = None
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet("dns")
 
     async def answer(self, query: bytes) -> bytes:
         name = question_name(query)
@@ -85,9 +86,7 @@ class DnsServer:
             def datagram_received(self, data: bytes, addr) -> None:
                 async def reply() -> None:
                     self.transport.sendto(await server.answer(data), addr)
-                task = loop.create_task(reply(), name="dns:udp")
-                server.tasks.add(task)
-                task.add_done_callback(server.tasks.discard)
+                server.tasks.spawn(reply(), "udp")
 
         self.udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.host, self.port))
         self.tcp = await asyncio.start_server(self._tcp, self.host, self.port)
@@ -109,5 +108,4 @@ class DnsServer:
             self.udp.close()
         if self.tcp is not None:
             self.tcp.close()
-        for task in list(self.tasks):
-            task.cancel()
+        self.tasks.cancel_all()

@@ -1,27 +1,25 @@
 """Apply and restore the sidecar's rules: iptables via iptables-restore, policy routes via pyroute2.
 
-Each step is recorded when done and undone in reverse order in ``restore()``; a failing undo step
-is logged and the rest still run.
+Each step is recorded when done and undone in reverse order in ``restore()`` (``UndoStack``); a
+failing undo step is logged and the rest still run.
 """
 from __future__ import annotations
 
-import logging
 import socket
 import subprocess
-from typing import Callable
-
 from pyroute2 import IPRoute
+
+from podtwin.agent.undo import UndoStack
 
 from podtwin.runner.sidecar.outgoing.iptables import ROUTE_TABLE, TPROXY_MARK, RuleSettings, iptables_script, iptables_undo_script
 
-log = logging.getLogger("podtwin.sidecar.net")
 RULE_PRIORITY = 100
 
 
 class NetSetup:
     def __init__(self, settings: RuleSettings) -> None:
         self.settings = settings
-        self.undo: list[tuple[str, Callable[[], None]]] = []
+        self.undo = UndoStack()
 
     def apply(self) -> None:
         with IPRoute() as ipr:
@@ -29,14 +27,14 @@ class NetSetup:
             if self.settings.udp:
                 ipr.rule("add", fwmark=TPROXY_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY,
                          family=socket.AF_INET, action="to_tbl")
-                self.undo.append(("policy rule", lambda: self._ipr("rule", "del", fwmark=TPROXY_MARK,
+                self.undo.push("policy rule", lambda: self._ipr("rule", "del", fwmark=TPROXY_MARK,
                                   table=ROUTE_TABLE, priority=RULE_PRIORITY, family=socket.AF_INET,
-                                  action="to_tbl")))
+                                  action="to_tbl"))
                 route = dict(dst="0.0.0.0", dst_len=0, type="local", table=ROUTE_TABLE, oif=lo, scope=254)
                 ipr.route("add", **route)
-                self.undo.append(("local route", lambda: self._ipr("route", "del", **route)))
+                self.undo.push("local route", lambda: self._ipr("route", "del", **route))
         _restore(iptables_script(self.settings))
-        self.undo.append(("iptables", lambda: _restore(iptables_undo_script(self.settings))))
+        self.undo.push("iptables", lambda: _restore(iptables_undo_script(self.settings)))
 
     @staticmethod
     def _ipr(kind: str, *args, **kwargs) -> None:
@@ -44,12 +42,7 @@ class NetSetup:
             getattr(ipr, kind)(*args, **kwargs)
 
     def restore(self) -> None:
-        while self.undo:
-            name, step = self.undo.pop()
-            try:
-                step()
-            except Exception as exc:  # keep undoing the rest
-                log.warning("could not remove %s: %s", name, exc)
+        self.undo.unwind()   # logs what it could not remove
 
 
 def _restore(script: str) -> None:
