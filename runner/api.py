@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from podtwin.runner.config.files import load_config
+from podtwin.runner.config.loader import load_config
 from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
 from podtwin.runner.session.housekeeping import clean, kube_for_listing, list_sessions

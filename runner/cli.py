@@ -104,7 +104,7 @@ def config_schema() -> None:
 @config.command("profiles")
 def config_profiles() -> None:
     """List the ready-made profiles."""
-    from podtwin.runner.config.files import list_profiles
+    from podtwin.runner.config.loader import list_profiles
     for name, description in sorted(list_profiles().items()):
         click.echo(f"{name:20} {description}")
 

@@ -15,7 +15,7 @@ from pydantic import field_validator, model_validator
 
 from podtwin.runner.env import split_patterns
 from podtwin.runner.errors import TargetError
-from podtwin.runner.sidecar.outgoing.filter import parse_filter_entry
+from podtwin.runner.sidecar.outgoing.policy import parse_filter_entry
 from podtwin.runner.targets import Target, parse_target, target_from_mirrord_path
 
 Port = Annotated[int, Field(ge=1, le=65535)]

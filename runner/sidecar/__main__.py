@@ -14,11 +14,11 @@ from pathlib import Path
 
 from podtwin.agent.dns import Forwarder, ResolvConf
 from podtwin.runner.link.client import Link, LinkKeys
-from podtwin.runner.sidecar.outgoing.filter import DnsFilter, OutgoingFilter
+from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.settings import SidecarSettings
 from podtwin.runner.state.files import SessionFiles
 
-from podtwin.runner.sidecar.dns.server import DnsServer
+from podtwin.runner.sidecar.dns.resolver import DnsServer
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
 from podtwin.runner.sidecar.dns.names import NameCache
 from podtwin.runner.sidecar.outgoing.netsetup import NetSetup

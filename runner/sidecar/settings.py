@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from podtwin.runner.config.models import DnsConfig, OutgoingConfig, PodtwinConfig
 from podtwin.runner.errors import ConfigError
-from podtwin.runner.sidecar.outgoing.filter import DnsFilter, OutgoingFilter
+from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.outgoing.iptables import RuleSettings
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from podtwin.runner.config.models import PodtwinConfig, config_schema
-from podtwin.runner.config.files import CONFIG_FILE_NAMES, deep_merge, list_profiles, load_config
+from podtwin.runner.config.loader import CONFIG_FILE_NAMES, deep_merge, list_profiles, load_config
 from podtwin.runner.errors import ConfigError
 from podtwin.runner.targets import DockerTarget, KubeTarget
 

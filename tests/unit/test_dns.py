@@ -14,7 +14,7 @@ import pytest
 from podtwin.agent import dns
 from podtwin.agent.dns import Forwarder, ResolvConf, is_truncated, same_id
 from podtwin.runner.sidecar.__main__ import resolv_conf_for_app
-from podtwin.runner.sidecar.dns.server import servfail
+from podtwin.runner.sidecar.dns.resolver import servfail
 
 # -- DNS messages ---------------------------------------------------------------------------------
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080

@@ -6,7 +6,7 @@ import dns.message
 import dns.rrset
 
 from podtwin.runner.config.models import DnsConfig, OutgoingConfig
-from podtwin.runner.sidecar.outgoing.filter import DnsFilter, OutgoingFilter
+from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.__main__ import Decider
 from podtwin.runner.sidecar.dns.names import NameCache, question_name
 

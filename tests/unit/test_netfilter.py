@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 
 from podtwin.runner.config.models import PodtwinConfig
-from podtwin.runner.sidecar.outgoing.filter import (
+from podtwin.runner.sidecar.outgoing.policy import (
     DnsFilter,
     NetRule,
     OutgoingFilter,
