@@ -59,7 +59,7 @@ def run(opts: RunOptions) -> int:
                                 "install the Docker CLI (podtwin uses it to attach to the app)")
     from podtwin.runner.adapters.docker_engine import DockerEngine
     from podtwin.runner.session import pipeline
-    from podtwin.runner.tools.images import podtwin_image_name
+    from podtwin.runner.config.image import podtwin_image_name
 
     return pipeline.run(opts, cfg, target, DockerEngine(), podtwin_image_name(), progress)
 

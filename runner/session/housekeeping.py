@@ -53,7 +53,7 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
     dead sessions' incoming rules in the namespaces of their Docker targets (and of ``targets``).
     Every step is tried; what failed is raised together at the end."""
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.tools.images import podtwin_image_name
+    from podtwin.runner.config.image import podtwin_image_name
 
     engine = DockerEngine()
     removed: list[str] = []

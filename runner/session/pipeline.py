@@ -1,6 +1,11 @@
 """One session, top to bottom, the same for every target: resolve the target, start the agent,
 start the sidecar, open the link, start the app, tear everything down.
 
+``plan`` checks everything that can be refused before anything exists; ``open_bridge`` makes the
+session (agent, sidecar, link) and records how to undo each step; ``run`` adds the app. A compose
+project of several sessions (issue 12) is one ``plan`` and ``open_bridge`` per engaged service in
+one teardown, with compose running the services where ``run`` runs the app.
+
 What differs between a Docker and a Kubernetes target is the pair of backends (``backends``):
 where the agent runs and how the session's socket reaches it. Every step that makes something
 records how to undo it first (``Teardown``); a detached reaper removes what is left if this
@@ -8,10 +13,12 @@ process itself is killed.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from podtwin.runner import backends
-from podtwin.runner.config.docker_args import parse_extra_args
+from podtwin.runner.backends.base import Placement, Resolved, Transport
+from podtwin.runner.config.docker_args import ExtraRunArgs, parse_extra_args
 from podtwin.runner.errors import AgentError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
@@ -37,10 +44,46 @@ class SessionOptions(AppOptions):
     context: str | None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A session checked and ready to start: nothing exists yet."""
+
+    opts: SessionOptions
+    cfg: "PodtwinConfig"
+    target: "Target"
+    placement: Placement
+    transport: Transport
+    found: Resolved
+    settings: SidecarSettings
+    extra: ExtraRunArgs
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A session whose network is bridged: the app (or several, in a compose project) runs in
+    the sidecar's network namespace with the target's environment."""
+
+    session: Session
+    sidecar_id: str
+    remote: dict       # the target's info: env, pid, hostname, resolver files
+
+
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
         image: str, progress: Progress) -> int:
-    """``image``: the local podtwin image (the sidecar's; the agent's unless agent.image says)."""
-    settings = SidecarSettings.from_config(cfg)          # refuses a bad config before anything starts
+    """One ``podtwin container run``: plan, bridge, run the app, tear down. ``image``: the local
+    podtwin image (the sidecar's; the agent's unless agent.image says)."""
+    p = plan(opts, cfg, target, engine, image, progress)
+    app = App(engine, progress, p.extra.app)
+    with Teardown(progress) as teardown:
+        bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
+        return app.run(bridge.session, opts, cfg, bridge.remote["env"], bridge.sidecar_id, teardown)
+
+
+def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
+         image: str, progress: Progress) -> Plan:
+    """Everything that can be refused before anything is made: the config, the backends, the
+    images, the target."""
+    settings = SidecarSettings.from_config(cfg)
     extra = parse_extra_args(cfg.container.cli_extra_args)
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
@@ -50,32 +93,36 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
     found = placement.resolve(progress)
     if opts.network:
         engine.require_network(opts.network)
+    return Plan(opts, cfg, target, placement, transport, found, settings, extra)
 
-    session = Session.create(str(target))
-    with Teardown(progress) as teardown:
-        teardown.add("session directory", session.remove_dir)
-        reaper.spawn(session.id, session.runner_pid, session.dir)
-        session.write_keys()
-        teardown.setup(placement, session, progress)
-        # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
-        settings.write(session.files.sidecar_settings)
-        sidecar_id = engine.start_sidecar(session, placement.sidecar_image, found.hostname, opts.network,
-                                          ports=extra.ports)
-        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
-        ready = placement.wait_ready(progress)
 
-        loop = LoopThread()
-        teardown.add("link thread", loop.stop)
-        teardown.setup(transport, session, ready, loop)
-        app = App(engine, progress, extra.app)
-        owner = OwnerLink(loop, session.files, app.link_lost, on_notice=app.on_notice)
-        teardown.add("link", owner.close)
-        try:
-            remote = owner.connect(ready.host_key, cfg.agent.startup_timeout)
-        except AgentError as exc:
-            why = transport.failure()   # e.g. port-forward forbidden, an exec'd relay that failed
-            if why:
-                raise AgentError(f"{transport.what} to the agent failed: {why}", transport.hint) from exc
-            raise
-        progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
-        return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
+def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: Teardown,
+                on_lost: Callable[[], None], on_notice: Callable[[str, str], None]) -> Bridge:
+    """Start the agent and the sidecar and open the link, recording each undo in ``teardown``.
+    ``on_lost``: the link to the agent dropped; ``on_notice``: the agent has something to say."""
+    session = Session.create(str(p.target))
+    teardown.add("session directory", session.remove_dir)
+    reaper.spawn(session.id, session.runner_pid, session.dir)
+    session.write_keys()
+    teardown.setup(p.placement, session, progress)
+    # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
+    p.settings.write(session.files.sidecar_settings)
+    sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
+                                      ports=p.extra.ports)
+    teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+    ready = p.placement.wait_ready(progress)
+
+    loop = LoopThread()
+    teardown.add("link thread", loop.stop)
+    teardown.setup(p.transport, session, ready, loop)
+    owner = OwnerLink(loop, session.files, on_lost, on_notice=on_notice)
+    teardown.add("link", owner.close)
+    try:
+        remote = owner.connect(ready.host_key, p.cfg.agent.startup_timeout)
+    except AgentError as exc:
+        why = p.transport.failure()   # e.g. port-forward forbidden, an exec'd relay that failed
+        if why:
+            raise AgentError(f"{p.transport.what} to the agent failed: {why}", p.transport.hint) from exc
+        raise
+    progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
+    return Bridge(session, sidecar_id, remote)

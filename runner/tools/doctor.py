@@ -31,7 +31,7 @@ class Check:
 
 def docker_checks() -> list[Check]:
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.tools.images import podtwin_image_name
+    from podtwin.runner.config.image import podtwin_image_name
 
     checks = [Check(shutil.which("docker") is not None, "docker CLI on PATH",
                     "install the Docker CLI (podtwin attaches to the app with it)")]

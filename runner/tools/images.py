@@ -28,11 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from podtwin.runner.config.image import podtwin_image_name
 from podtwin.runner.errors import PodtwinError
 
 BASE_IMAGE = "podtwin/debian-base:bookworm"
-# PODTWIN_IMAGE names another tag (a registry copy, or a second work tree on one engine).
-PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+PODTWIN_IMAGE = podtwin_image_name()
 BUSYBOX_IMAGE = "podtwin-test/busybox:latest"
 HASH_LABEL = "podtwin.source-hash"
 SUITE = "bookworm"
@@ -50,10 +50,6 @@ Echo = Callable[[str], None]
 
 class ImageBuildError(PodtwinError):
     """An image could not be built."""
-
-
-def podtwin_image_name() -> str:
-    return PODTWIN_IMAGE
 
 
 # --- helpers -----------------------------------------------------------------------------------
