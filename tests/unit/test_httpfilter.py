@@ -1,10 +1,13 @@
-"""The HTTP filter (agent/incoming/http/filter.py, http1.py, http2.py, httprouter.py): matcher semantics and
-router playbooks.
+"""The HTTP filter (agent/incoming/http/): matcher semantics (filter.py) and router playbooks
+(commands.py, router.py, http1.py, http2.py, raw.py).
 
-Playbooks feed bytes to a router and assert the commands it returns; no sockets. HTTP/2 peers
-(the client and the two upstream servers) are in-memory h2 connections.
+Playbooks feed events to a router and assert the exact commands it returns; no sockets, no
+clock (a timer firing is just a Woken event). HTTP/2 peers (the client and the two upstream
+servers) are in-memory h2 connections.
 """
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import h2.events
@@ -12,21 +15,46 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
+from podtwin.agent.incoming.http.commands import (CLIENT, LOCAL, TARGET, Close, Command, Connect,
+                                                  ConnectFailed, DataReceived, EofReceived, Event,
+                                                  Passthrough, Router, Send, Shutdown, Start, Wake,
+                                                  Woken)
+from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.http1 import Http1Router
 from podtwin.agent.incoming.http.http2 import Http2Router
-from podtwin.agent.incoming.http.filter import (CLIENT, LOCAL, TARGET, Close, Connect, HttpFilter, Passthrough,
-                                      RawRouter, Send, Shutdown)
-from podtwin.agent.incoming.http.router import ConnectionRouter, detect
+from podtwin.agent.incoming.http.raw import RawRouter
+from podtwin.agent.incoming.http.router import DETECT_TIMEOUT, ConnectionRouter, detect
 
 ALICE = {"header_filter": "^x-podtwin-user: alice$"}
 
 
+class Playbook:
+    """A router script in mitmproxy's notation: ``>> event`` feeds the router an event, and the
+    ``<< command``s that follow are all the commands it must return for it, in order. ``assert
+    playbook`` plays what was written since the last time; the router keeps its state."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.script: list[tuple[Event, list[Command]]] = []
+
+    def __rshift__(self, event: Event) -> "Playbook":
+        self.script.append((event, []))
+        return self
+
+    def __lshift__(self, command: Command) -> "Playbook":
+        self.script[-1][1].append(command)
+        return self
+
+    def __bool__(self) -> bool:
+        script, self.script = self.script, []
+        for event, expected in script:
+            commands = self.router.handle(event)
+            assert commands == expected, f"the commands for {event}"
+        return True
+
+
 def sent(commands, dest: str) -> bytes:
     return b"".join(c.data for c in commands if isinstance(c, Send) and c.dest == dest)
-
-
-def kinds(commands) -> list[str]:
-    return [f"{type(c).__name__}({c.dest})" for c in commands]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,63 +135,64 @@ OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
 
 
 def test_get_keep_alive_alternates_destinations():
-    r = http1()
-    assert r.client_data(GET_ALICE) == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
-    assert r.upstream_data(LOCAL, OK_2) == [Send(CLIENT, OK_2)]
-    assert r.client_data(GET_OTHER) == [Connect(TARGET), Send(TARGET, GET_OTHER)]
-    assert r.upstream_data(TARGET, OK_2) == [Send(CLIENT, OK_2)]
-    # both upstream connections are reused: no new Connect
-    assert r.client_data(GET_ALICE) == [Send(LOCAL, GET_ALICE)]
-    assert r.upstream_data(LOCAL, OK_2) == [Send(CLIENT, OK_2)]
-    assert r.client_eof() == [Close(LOCAL), Close(TARGET), Close(CLIENT)]
+    assert (Playbook(http1())
+            >> Start() << Wake(DETECT_TIMEOUT)
+            >> DataReceived(CLIENT, GET_ALICE) << Connect(LOCAL) << Send(LOCAL, GET_ALICE)
+            >> DataReceived(LOCAL, OK_2) << Send(CLIENT, OK_2)
+            >> DataReceived(CLIENT, GET_OTHER) << Connect(TARGET) << Send(TARGET, GET_OTHER)
+            >> DataReceived(TARGET, OK_2) << Send(CLIENT, OK_2)
+            # both upstream connections are reused: no new Connect
+            >> DataReceived(CLIENT, GET_ALICE) << Send(LOCAL, GET_ALICE)
+            >> DataReceived(LOCAL, OK_2) << Send(CLIENT, OK_2)
+            >> EofReceived(CLIENT) << Close(LOCAL) << Close(TARGET) << Close(CLIENT))
 
 
 def test_post_content_length_body_arriving_in_pieces():
-    r = http1()
-    head = b"POST /submit HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\nX-Podtwin-User: alice\r\n\r\n"
-    assert r.client_data(head + b"01234") == [Connect(LOCAL), Send(LOCAL, head + b"01234")]
-    assert r.client_data(b"56789") == [Send(LOCAL, b"56789")]
-    assert r.upstream_data(LOCAL, OK_2) == [Send(CLIENT, OK_2)]
+    head = (b"POST /submit HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n"
+            b"X-Podtwin-User: alice\r\n\r\n")
+    assert (Playbook(http1())
+            >> DataReceived(CLIENT, head + b"01234")
+            << Connect(LOCAL) << Send(LOCAL, head + b"01234")
+            >> DataReceived(CLIENT, b"56789") << Send(LOCAL, b"56789")
+            >> DataReceived(LOCAL, OK_2) << Send(CLIENT, OK_2))
 
 
 def test_chunked_request_and_response_with_trailers():
     r = http1()
     head = b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n"
-    out = r.client_data(head + body)
+    out = r.handle(DataReceived(CLIENT, head + body))
     assert out[0] == Connect(TARGET)
     assert sent(out, TARGET) == head + body
     resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\ngrpc-status: 0\r\n\r\n"
-    assert sent(r.upstream_data(TARGET, resp), CLIENT) == resp
+    assert sent(r.handle(DataReceived(TARGET, resp)), CLIENT) == resp
 
 
 def test_pipelined_requests_are_answered_in_order():
-    r = http1()
-    out = r.client_data(GET_ALICE + GET_OTHER + GET_ALICE)
-    # only the first request goes out: the next waits until its response is complete
-    assert out == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
-    assert r.upstream_data(LOCAL, OK_2[:20]) == []  # h11 waits for the whole head
-    out = r.upstream_data(LOCAL, OK_2[20:-1])
-    assert out == [Send(CLIENT, OK_2[:-1])]
-    out = r.upstream_data(LOCAL, OK_2[-1:])
-    assert out == [Send(CLIENT, OK_2[-1:]), Connect(TARGET), Send(TARGET, GET_OTHER)]
-    out = r.upstream_data(TARGET, OK_2)
-    assert out == [Send(CLIENT, OK_2), Send(LOCAL, GET_ALICE)]
+    assert (Playbook(http1())
+            # only the first request goes out: the next waits until its response is complete
+            >> DataReceived(CLIENT, GET_ALICE + GET_OTHER + GET_ALICE)
+            << Connect(LOCAL) << Send(LOCAL, GET_ALICE)
+            >> DataReceived(LOCAL, OK_2[:20])  # h11 waits for the whole head
+            >> DataReceived(LOCAL, OK_2[20:-1]) << Send(CLIENT, OK_2[:-1])
+            >> DataReceived(LOCAL, OK_2[-1:])
+            << Send(CLIENT, OK_2[-1:]) << Connect(TARGET) << Send(TARGET, GET_OTHER)
+            >> DataReceived(TARGET, OK_2) << Send(CLIENT, OK_2) << Send(LOCAL, GET_ALICE))
 
 
 def test_header_names_keep_their_case_and_order():
     r = http1()
     req = b"GET / HTTP/1.1\r\nHost: svc\r\nX-B: 1\r\nx-a: 2\r\nX-B: 3\r\n\r\n"
-    assert sent(r.client_data(req), TARGET) == req
+    assert sent(r.handle(DataReceived(CLIENT, req)), TARGET) == req
     resp = b"HTTP/1.1 404 Nope\r\nX-Thing: a\r\nContent-Length: 0\r\n\r\n"
-    assert sent(r.upstream_data(TARGET, resp), CLIENT) == resp
+    assert sent(r.handle(DataReceived(TARGET, resp)), CLIENT) == resp
 
 
 def test_connection_close_from_the_client():
     r = http1()
     req = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
-    assert sent(r.client_data(req), TARGET) == req
-    out = r.upstream_data(TARGET, OK_2)
+    assert sent(r.handle(DataReceived(CLIENT, req)), TARGET) == req
+    out = r.handle(DataReceived(TARGET, OK_2))
     # h11 says it explicitly in the response, as the connection is going to close
     closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
     assert out == [Send(CLIENT, closing), Close(TARGET), Close(CLIENT)]
@@ -171,25 +200,25 @@ def test_connection_close_from_the_client():
 
 def test_upstream_closing_between_requests_is_reopened():
     r = http1()
-    r.client_data(GET_OTHER)
-    r.upstream_data(TARGET, OK_2)
-    assert r.upstream_eof(TARGET) == [Close(TARGET)]
-    assert r.client_data(GET_OTHER) == [Connect(TARGET), Send(TARGET, GET_OTHER)]
+    r.handle(DataReceived(CLIENT, GET_OTHER))
+    r.handle(DataReceived(TARGET, OK_2))
+    assert r.handle(EofReceived(TARGET)) == [Close(TARGET)]
+    assert r.handle(DataReceived(CLIENT, GET_OTHER)) == [Connect(TARGET), Send(TARGET, GET_OTHER)]
 
 
 def test_client_half_close_still_gets_its_response():
     r = http1()
-    assert sent(r.client_data(GET_OTHER), TARGET) == GET_OTHER
-    assert r.client_eof() == []  # the request is complete: wait for its response
-    out = r.upstream_data(TARGET, OK_2)
+    assert sent(r.handle(DataReceived(CLIENT, GET_OTHER)), TARGET) == GET_OTHER
+    assert r.handle(EofReceived(CLIENT)) == []  # the request is complete: wait for its response
+    out = r.handle(DataReceived(TARGET, OK_2))
     assert sent(out, CLIENT).endswith(b"\r\n\r\nhi")
     assert out[-2:] == [Close(TARGET), Close(CLIENT)]
 
 
 def test_client_eof_mid_body_closes_everything():
     r = http1()
-    r.client_data(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nabc")
-    out = r.client_eof()
+    r.handle(DataReceived(CLIENT, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nabc"))
+    out = r.handle(EofReceived(CLIENT))
     assert out[-2:] == [Close(TARGET), Close(CLIENT)]
 
 
@@ -197,35 +226,35 @@ def test_expect_100_continue_flows_through():
     r = http1()
     head = (b"PUT /f HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
             b"X-Podtwin-User: alice\r\n\r\n")
-    assert sent(r.client_data(head), LOCAL) == head
+    assert sent(r.handle(DataReceived(CLIENT, head)), LOCAL) == head
     cont = b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert r.upstream_data(LOCAL, cont) == [Send(CLIENT, cont)]
-    assert r.client_data(b"abc") == [Send(LOCAL, b"abc")]
-    assert r.upstream_data(LOCAL, OK_2) == [Send(CLIENT, OK_2)]
+    assert r.handle(DataReceived(LOCAL, cont)) == [Send(CLIENT, cont)]
+    assert r.handle(DataReceived(CLIENT, b"abc")) == [Send(LOCAL, b"abc")]
+    assert r.handle(DataReceived(LOCAL, OK_2)) == [Send(CLIENT, OK_2)]
 
 
 def test_local_app_down_answers_502_and_keeps_the_connection():
     r = http1()
     post = (b"POST / HTTP/1.1\r\nHost: svc\r\nX-Podtwin-User: alice\r\nContent-Length: 4\r\n\r\nab")
-    assert r.client_data(post)[0] == Connect(LOCAL)
-    out = r.connect_failed(LOCAL, "refused")
+    assert r.handle(DataReceived(CLIENT, post))[0] == Connect(LOCAL)
+    out = r.handle(ConnectFailed(LOCAL, "refused"))
     assert out[0] == Close(LOCAL)
     assert sent(out, CLIENT).startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
-    assert r.client_data(b"cd") == []  # the rest of the body is dropped
-    assert r.client_data(GET_OTHER) == [Connect(TARGET), Send(TARGET, GET_OTHER)]
+    assert r.handle(DataReceived(CLIENT, b"cd")) == []  # the rest of the body is dropped
+    assert r.handle(DataReceived(CLIENT, GET_OTHER)) == [Connect(TARGET), Send(TARGET, GET_OTHER)]
 
 
 def test_upstream_dying_mid_response_closes_the_client():
     r = http1()
-    r.client_data(GET_OTHER)
-    r.upstream_data(TARGET, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    assert r.upstream_eof(TARGET) == [Close(TARGET), Close(CLIENT)]
+    r.handle(DataReceived(CLIENT, GET_OTHER))
+    r.handle(DataReceived(TARGET, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+    assert r.handle(EofReceived(TARGET)) == [Close(TARGET), Close(CLIENT)]
 
 
 def test_upstream_closing_before_responding_gives_502():
     r = http1()
-    r.client_data(GET_OTHER)
-    out = r.upstream_eof(TARGET)
+    r.handle(DataReceived(CLIENT, GET_OTHER))
+    out = r.handle(EofReceived(TARGET))
     assert out[0] == Close(TARGET)
     assert sent(out, CLIENT).startswith(b"HTTP/1.1 502 ")
 
@@ -234,70 +263,118 @@ def test_websocket_upgrade_switches_to_passthrough():
     r = http1()
     up = (b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
           b"X-Podtwin-User: alice\r\nSec-WebSocket-Key: x\r\n\r\n")
-    r.client_data(GET_OTHER)
-    r.upstream_data(TARGET, OK_2)  # a keep-alive target connection is open
-    assert r.client_data(up) == [Connect(LOCAL), Send(LOCAL, up)]
+    r.handle(DataReceived(CLIENT, GET_OTHER))
+    r.handle(DataReceived(TARGET, OK_2))  # a keep-alive target connection is open
     switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-    out = r.upstream_data(LOCAL, switch + b"\x81\x02hi")
-    assert out == [Send(CLIENT, switch), Close(TARGET), Passthrough(LOCAL),
-                   Send(CLIENT, b"\x81\x02hi")]
-    assert r.client_data(b"\x81\x82anything") == [Send(LOCAL, b"\x81\x82anything")]
-    assert r.upstream_data(LOCAL, b"\x88\x00") == [Send(CLIENT, b"\x88\x00")]
-    assert r.client_eof() == [Shutdown(LOCAL)]
-    assert r.upstream_eof(LOCAL) == [Shutdown(CLIENT), Close(LOCAL), Close(CLIENT)]
+    assert (Playbook(r)
+            >> DataReceived(CLIENT, up) << Connect(LOCAL) << Send(LOCAL, up)
+            >> DataReceived(LOCAL, switch + b"\x81\x02hi")
+            << Send(CLIENT, switch) << Close(TARGET) << Passthrough(LOCAL)
+            << Send(CLIENT, b"\x81\x02hi")
+            >> DataReceived(CLIENT, b"\x81\x82anything") << Send(LOCAL, b"\x81\x82anything")
+            >> DataReceived(LOCAL, b"\x88\x00") << Send(CLIENT, b"\x88\x00")
+            >> EofReceived(CLIENT) << Shutdown(LOCAL)
+            >> EofReceived(LOCAL) << Shutdown(CLIENT) << Close(LOCAL) << Close(CLIENT))
 
 
 def test_declined_upgrade_stays_http():
     r = http1()
     up = b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    assert sent(r.client_data(up), TARGET) == up
-    assert r.upstream_data(TARGET, OK_2) == [Send(CLIENT, OK_2)]
-    assert r.client_data(GET_ALICE) == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
+    assert sent(r.handle(DataReceived(CLIENT, up)), TARGET) == up
+    assert r.handle(DataReceived(TARGET, OK_2)) == [Send(CLIENT, OK_2)]
+    assert r.handle(DataReceived(CLIENT, GET_ALICE)) == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
 
 
 def test_h2c_upgrade_offer_is_removed():
     r = http1()
     req = (b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade, HTTP2-Settings, keep-alive\r\n"
            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
-    assert sent(r.client_data(req), TARGET) == \
+    assert sent(r.handle(DataReceived(CLIENT, req)), TARGET) == \
         b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n"
-    assert r.upstream_data(TARGET, OK_2) == [Send(CLIENT, OK_2)]
-    assert r.client_data(GET_ALICE) == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
+    assert r.handle(DataReceived(TARGET, OK_2)) == [Send(CLIENT, OK_2)]
+    assert r.handle(DataReceived(CLIENT, GET_ALICE)) == [Connect(LOCAL), Send(LOCAL, GET_ALICE)]
 
 
 def test_malformed_request_gets_400_and_close():
     r = http1()
-    out = r.client_data(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    out = r.handle(DataReceived(CLIENT, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"))
     assert sent(out, CLIENT).startswith(b"HTTP/1.1 400 ")
     assert out[-1] == Close(CLIENT)
 
 
+# ---------------------------------------------------------------------------------------------
+# Not HTTP, and clients that say too little: the detection's Wake
+# ---------------------------------------------------------------------------------------------
+
 def test_non_http_goes_to_the_target_unchanged():
-    r = http1()
-    assert r.client_data(b"\x16\x03\x01hello") == [Connect(TARGET), Passthrough(TARGET),
-                                                   Send(TARGET, b"\x16\x03\x01hello")]
-    assert r.upstream_data(TARGET, b"reply") == [Send(CLIENT, b"reply")]
-    assert r.upstream_eof(TARGET) == [Shutdown(CLIENT)]
-    assert r.client_eof() == [Shutdown(TARGET), Close(TARGET), Close(CLIENT)]
+    assert (Playbook(http1())
+            >> Start() << Wake(DETECT_TIMEOUT)
+            >> DataReceived(CLIENT, b"\x16\x03\x01hello")
+            << Connect(TARGET) << Passthrough(TARGET) << Send(TARGET, b"\x16\x03\x01hello")
+            >> DataReceived(TARGET, b"reply") << Send(CLIENT, b"reply")
+            >> EofReceived(TARGET) << Shutdown(CLIENT)
+            >> EofReceived(CLIENT) << Shutdown(TARGET) << Close(TARGET) << Close(CLIENT))
 
 
 def test_short_non_http_then_eof_still_reaches_the_target():
-    r = http1()
-    assert r.client_data(b"G") == []
-    assert r.client_eof() == [Connect(TARGET), Passthrough(TARGET), Send(TARGET, b"G"),
-                              Shutdown(TARGET)]
+    assert (Playbook(http1())
+            >> DataReceived(CLIENT, b"G")
+            >> EofReceived(CLIENT)
+            << Connect(TARGET) << Passthrough(TARGET) << Send(TARGET, b"G") << Shutdown(TARGET))
+
+
+def test_client_closing_before_a_byte_closes_the_relay():
+    assert (Playbook(http1())
+            >> Start() << Wake(DETECT_TIMEOUT)
+            >> EofReceived(CLIENT) << Close(CLIENT))
+
+
+def test_silent_client_is_handed_to_the_target_when_woken():
+    # A server-speaks-first protocol (SMTP, MySQL...): the client waits for a greeting.
+    assert (Playbook(ConnectionRouter(HttpFilter.from_dict(ALICE), detect_timeout=0.2))
+            >> Start() << Wake(0.2)
+            >> Woken() << Connect(TARGET) << Passthrough(TARGET)
+            >> DataReceived(TARGET, b"220 hello\r\n") << Send(CLIENT, b"220 hello\r\n")
+            >> DataReceived(CLIENT, b"QUIT\r\n") << Send(TARGET, b"QUIT\r\n"))
+
+
+def test_client_undecided_when_woken_goes_to_the_target_with_what_it_sent():
+    assert (Playbook(http1())
+            >> Start() << Wake(DETECT_TIMEOUT)
+            >> DataReceived(CLIENT, b"GET /a HT")  # could still be a request line
+            >> Woken() << Connect(TARGET) << Passthrough(TARGET) << Send(TARGET, b"GET /a HT"))
+
+
+def test_woken_after_detection_changes_nothing():
+    assert (Playbook(http1())
+            >> Start() << Wake(DETECT_TIMEOUT)
+            >> DataReceived(CLIENT, GET_ALICE) << Connect(LOCAL) << Send(LOCAL, GET_ALICE)
+            >> Woken()
+            >> DataReceived(LOCAL, OK_2) << Send(CLIENT, OK_2))
 
 
 def test_raw_router_connect_failure_closes_the_client():
-    r = RawRouter(TARGET)
-    assert r.start() == [Connect(TARGET), Passthrough(TARGET)]
-    assert r.connect_failed(TARGET, "refused") == [Close(CLIENT)]
+    assert (Playbook(RawRouter(TARGET))
+            >> Start() << Connect(TARGET) << Passthrough(TARGET)
+            >> ConnectFailed(TARGET, "refused") << Close(CLIENT))
+
+
+# ---------------------------------------------------------------------------------------------
+# The router interface
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("router", [RawRouter, Http1Router, Http2Router, ConnectionRouter])
+def test_every_router_has_one_entry_point(router):
+    public = [name for name, _ in inspect.getmembers(router, inspect.isfunction)
+              if not name.startswith("_")]
+    assert public == ["handle"]
 
 
 def test_http1_router_can_be_used_directly():
     r = Http1Router(HttpFilter.from_dict({"method_filter": "DELETE"}))
-    assert r.start() == []
-    assert r.client_data(b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n")[0] == Connect(LOCAL)
+    assert r.handle(Start()) == []
+    delete = b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert r.handle(DataReceived(CLIENT, delete))[0] == Connect(LOCAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,22 +402,26 @@ class H2Book:
                 self.servers[c.dest] = H2Connection(
                     H2Configuration(client_side=False, header_encoding="utf-8"))
                 self.servers[c.dest].initiate_connection()
-                queue += self.router.upstream_data(c.dest, self.servers[c.dest].data_to_send())
+                queue += self.deliver(c.dest, self.servers[c.dest].data_to_send())
             elif isinstance(c, Send) and c.dest == CLIENT:
                 self.client_events += self.client.receive_data(c.data)
-                queue += self.router.client_data(self.client.data_to_send())
+                queue += self.deliver(CLIENT, self.client.data_to_send())
             elif isinstance(c, Send):
                 server = self.servers[c.dest]
                 self.server_events[c.dest] += server.receive_data(c.data)
-                queue += self.router.upstream_data(c.dest, server.data_to_send())
+                queue += self.deliver(c.dest, server.data_to_send())
             elif isinstance(c, Close):
                 self.closed.append(c.dest)
 
+    def deliver(self, source: str, data: bytes) -> list:
+        """The router's commands for bytes from ``source`` (a driver reports no empty reads)."""
+        return self.router.handle(DataReceived(source, data)) if data else []
+
     def from_client(self) -> None:
-        self.run(self.router.client_data(self.client.data_to_send()))
+        self.run(self.deliver(CLIENT, self.client.data_to_send()))
 
     def from_server(self, dest: str) -> None:
-        self.run(self.router.upstream_data(dest, self.servers[dest].data_to_send()))
+        self.run(self.deliver(dest, self.servers[dest].data_to_send()))
 
     def requests(self, dest: str) -> list:
         return [e for e in self.server_events[dest] if isinstance(e, h2.events.RequestReceived)]
@@ -432,10 +513,10 @@ def test_h2_local_down_gives_502_on_that_stream_only():
     b = H2Book()
     b.client.send_headers(1, req_headers("/x", "alice"), end_stream=True)
     b.client.send_headers(3, req_headers("/y"), end_stream=True)
-    commands = b.router.client_data(b.client.data_to_send())
+    commands = b.deliver(CLIENT, b.client.data_to_send())
     # the driver could not open LOCAL: it drops what was meant for it and reports the failure
     b.run([c for c in commands if c.dest != LOCAL])
-    b.run(b.router.connect_failed(LOCAL, "refused"))
+    b.run(b.router.handle(ConnectFailed(LOCAL, "refused")))
     statuses = {e.stream_id: dict(e.headers)[":status"] for e in b.of(h2.events.ResponseReceived)}
     assert statuses == {1: "502"}
     (req,) = b.requests(TARGET)
@@ -531,5 +612,5 @@ def test_h2_upstream_goaway_refuses_unprocessed_streams():
 
 def test_h2_router_can_be_used_directly():
     r = Http2Router(HttpFilter.from_dict(ALICE))
-    out = r.start()
+    out = r.handle(Start())
     assert len(out) == 1 and out[0].dest == CLIENT  # our SETTINGS

@@ -1,11 +1,10 @@
-"""HTTP request filtering for stolen incoming connections: the matcher, and what routers share.
+"""The HTTP filter's matcher: which requests on a stolen connection go to the developer's app.
 
 A connection stolen from the target's port reaches the agent; each HTTP *request* on it goes
-either to the developer's LOCAL app (through the SSH link) or to the TARGET's own process (the
-original destination). Nothing here does I/O: routers are fed events (bytes from the client or
-from an upstream, an end of file, a failed connect) and return commands for
-``podtwin.agent.incoming.http.relay`` to execute. Destinations are the strings ``LOCAL``, ``TARGET`` and
-``CLIENT``.
+either to the developer's LOCAL app (through the SSH link), when ``HttpFilter.matches`` says so,
+or to the TARGET's own process (the original destination). The routers that read the requests
+and carry them across are in ``http1`` and ``http2`` (``router`` picks one per connection);
+``commands`` is their interface.
 
 Matching semantics (mirrord's ``feature.network.incoming.http_filter``):
 
@@ -21,27 +20,14 @@ Matching semantics (mirrord's ``feature.network.incoming.http_filter``):
 * ``method_filter``: case-insensitive equality with the request method.
 * ``any_of`` / ``all_of``: lists of ``{"header"|"path"|"method": pattern}`` with the same meaning.
 Regexes are Python ``re`` (mirrord uses the fancy-regex crate; common syntax is the same).
-
-The routers: ``RawRouter`` (here: bytes unchanged), ``http1.Http1Router`` (h11),
-``http2.Http2Router`` (h2), and ``httprouter.ConnectionRouter``, which detects the protocol of a
-connection and hands it to one of them. Common interface: start(), client_data(), client_eof(),
-upstream_data(), upstream_eof(), connect_failed(); each returns a list of commands.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-LOCAL = "local"
-TARGET = "target"
-CLIENT = "client"
-
 DEFAULT_PORTS = (80, 8080)  # mirrord's default for http_filter.ports
 
-
-# ---------------------------------------------------------------------------------------------
-# The matcher
-# ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Condition:
@@ -117,91 +103,3 @@ def request_path(target: str) -> str:
     if m:
         return target[m.end():] or "/"
     return target
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands (router -> driver)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Connect:
-    """Open the connection to ``dest`` (LOCAL or TARGET); later commands may write to it."""
-    dest: str
-
-
-@dataclass(frozen=True)
-class Send:
-    dest: str  # LOCAL, TARGET or CLIENT
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """Half-close: no more bytes will be written to ``dest`` (TCP FIN), reading goes on."""
-    dest: str
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close ``dest``; Close(CLIENT) ends the whole relay."""
-    dest: str
-
-
-@dataclass(frozen=True)
-class Passthrough:
-    """From now on bytes are relayed unchanged between the client and ``dest`` (informational)."""
-    dest: str
-
-
-Command = Connect | Send | Shutdown | Close | Passthrough
-
-
-class RawRouter:
-    """Bytes unchanged both ways between the client and one destination, half-closes included."""
-
-    def __init__(self, dest: str = TARGET, connect: bool = True) -> None:
-        self.dest = dest
-        self.connect = connect
-        self.eof = {CLIENT: False, dest: False}
-
-    def start(self) -> list[Command]:
-        return ([Connect(self.dest)] if self.connect else []) + [Passthrough(self.dest)]
-
-    def client_data(self, data: bytes) -> list[Command]:
-        return [Send(self.dest, data)] if data else []
-
-    def upstream_data(self, dest: str, data: bytes) -> list[Command]:
-        return [Send(CLIENT, data)] if dest == self.dest and data else []
-
-    def client_eof(self) -> list[Command]:
-        return self._eof(CLIENT, self.dest)
-
-    def upstream_eof(self, dest: str) -> list[Command]:
-        return self._eof(self.dest, CLIENT) if dest == self.dest else []
-
-    def _eof(self, side: str, other: str) -> list[Command]:
-        if self.eof[side]:
-            return []
-        self.eof[side] = True
-        if all(self.eof.values()):
-            return [Shutdown(other), Close(self.dest), Close(CLIENT)]
-        return [Shutdown(other)]
-
-    def connect_failed(self, dest: str, reason: str = "") -> list[Command]:
-        return [Close(CLIENT)] if dest == self.dest else []
-
-
-
-
-def coalesce(commands: list[Command]) -> list[Command]:
-    """Join consecutive Sends to the same destination: fewer writes, readable playbooks."""
-    out: list[Command] = []
-    for command in commands:
-        if isinstance(command, Send) and out and isinstance(out[-1], Send) \
-                and out[-1].dest == command.dest:
-            out[-1] = Send(command.dest, out[-1].data + command.data)
-        else:
-            out.append(command)
-    return out
-
-

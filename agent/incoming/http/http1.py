@@ -1,10 +1,13 @@
-"""HTTP/1.x requests routed one at a time by the filter (sans-IO, over h11); see httpfilter."""
+"""HTTP/1.x requests routed one at a time by the filter (sans-IO, over h11); see ``filter``."""
 from __future__ import annotations
 
 import h11
 
-from podtwin.agent.incoming.http.filter import (CLIENT, LOCAL, TARGET, Close, Command, Connect, HttpFilter, RawRouter,
-                         Send, coalesce, request_path)
+from podtwin.agent.incoming.http.commands import (CLIENT, LOCAL, TARGET, Close, Command, Connect,
+                                                  ConnectFailed, DataReceived, EofReceived, Event,
+                                                  Send, Start)
+from podtwin.agent.incoming.http.filter import HttpFilter, request_path
+from podtwin.agent.incoming.http.raw import RawRouter
 
 
 class Http1Router:
@@ -30,32 +33,41 @@ class Http1Router:
         self.raw: RawRouter | None = None
         self.out: list[Command] = []
 
-    def start(self) -> list[Command]:
-        return []
+    def handle(self, event: Event) -> list[Command]:
+        if self.raw:
+            return self.raw.handle(event)
+        if isinstance(event, DataReceived):
+            if event.source == CLIENT:
+                self._client_data(event.data)
+            else:
+                self._upstream_data(event.source, event.data)
+        elif isinstance(event, EofReceived):
+            if event.source == CLIENT:
+                self._client_eof()
+            else:
+                self._upstream_eof(event.source)
+        elif isinstance(event, ConnectFailed):
+            self._connect_failed(event.dest, event.reason)
+        # Start and Woken: nothing to do (the client speaks first; nothing here waits)
+        return self._take()
 
     def _take(self) -> list[Command]:
         out, self.out = self.out, []
-        return coalesce(out)
+        return _coalesce(out)
 
     # -- client side ----------------------------------------------------------------------
-    def client_data(self, data: bytes) -> list[Command]:
-        if self.raw:
-            return self.raw.client_data(data)
+    def _client_data(self, data: bytes) -> None:
         if self.closed:
-            return []
+            return
         self.client.receive_data(data)
         self._pump_client()
-        return self._take()
 
-    def client_eof(self) -> list[Command]:
-        if self.raw:
-            return self.raw.client_eof()
+    def _client_eof(self) -> None:
         if self.closed or self.client_eof_seen:
-            return []
+            return
         self.client_eof_seen = True
         self.client.receive_data(b"")
         self._pump_client()
-        return self._take()
 
     def _pump_client(self) -> None:
         while not self.closed and not self.raw:
@@ -122,30 +134,21 @@ class Http1Router:
             self.out.append(Send(dest, data))
 
     # -- upstream side --------------------------------------------------------------------
-    def upstream_data(self, dest: str, data: bytes) -> list[Command]:
-        if self.raw:
-            return self.raw.upstream_data(dest, data)
+    def _upstream_data(self, dest: str, data: bytes) -> None:
         if dest in self.upstreams and not self.closed:
             self.upstreams[dest].receive_data(data)
             self._pump_upstream(dest)
-        return self._take()
 
-    def upstream_eof(self, dest: str) -> list[Command]:
-        if self.raw:
-            return self.raw.upstream_eof(dest)
+    def _upstream_eof(self, dest: str) -> None:
         if dest in self.upstreams and not self.closed:
             self.upstreams[dest].receive_data(b"")
             self._pump_upstream(dest)
             if dest in self.upstreams:  # still there: it closed before finishing a response
                 self._upstream_failed(dest, "the connection closed before a response")
-        return self._take()
 
-    def connect_failed(self, dest: str, reason: str = "") -> list[Command]:
-        if self.raw:
-            return self.raw.connect_failed(dest, reason)
+    def _connect_failed(self, dest: str, reason: str) -> None:
         if dest in self.upstreams:
             self._upstream_failed(dest, f"cannot connect to {dest}: {reason}")
-        return self._take()
 
     def _pump_upstream(self, dest: str) -> None:
         up = self.upstreams[dest]
@@ -242,15 +245,15 @@ class Http1Router:
         for other in [d for d in self.upstreams if d != dest]:
             self._drop_upstream(other)
         self.raw = RawRouter(dest, connect=False)
-        self.out += self.raw.start()
+        self.out += self.raw.handle(Start())
         if client_rest:
             self.out.append(Send(dest, client_rest))
         if up_rest:
             self.out.append(Send(CLIENT, up_rest))
         if client_closed or self.client_eof_seen:
-            self.out += self.raw.client_eof()
+            self.out += self.raw.handle(EofReceived(CLIENT))
         if up_closed:
-            self.out += self.raw.upstream_eof(dest)
+            self.out += self.raw.handle(EofReceived(dest))
 
 
 def _without_h2c(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -273,3 +276,13 @@ def _without_h2c(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _coalesce(commands: list[Command]) -> list[Command]:
+    """Join consecutive Sends to the same destination: fewer writes, readable playbooks."""
+    out: list[Command] = []
+    for command in commands:
+        if isinstance(command, Send) and out and isinstance(out[-1], Send) \
+                and out[-1].dest == command.dest:
+            out[-1] = Send(command.dest, out[-1].data + command.data)
+        else:
+            out.append(command)
+    return out

@@ -1,5 +1,5 @@
 """HTTP/2 streams routed one at a time by the filter (sans-IO, over h2; gRPC is HTTP/2); see
-httpfilter."""
+``filter``."""
 from __future__ import annotations
 
 from collections import deque
@@ -12,8 +12,10 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
-from podtwin.agent.incoming.http.filter import (CLIENT, LOCAL, TARGET, Close, Command, Connect, HttpFilter,
-                         Send, request_path)
+from podtwin.agent.incoming.http.commands import (CLIENT, LOCAL, TARGET, Close, Command, Connect,
+                                                  ConnectFailed, DataReceived, EofReceived, Event,
+                                                  Send, Start)
+from podtwin.agent.incoming.http.filter import HttpFilter, request_path
 
 
 @dataclass
@@ -73,8 +75,21 @@ class Http2Router:
         self.out: list[Command] = []
         self.closing = False       # Close(CLIENT) goes out after the pending bytes
 
-    def start(self) -> list[Command]:
-        self.client.initiate_connection()
+    def handle(self, event: Event) -> list[Command]:
+        if isinstance(event, Start):
+            self.client.initiate_connection()  # our SETTINGS
+        elif isinstance(event, DataReceived):
+            if event.source == CLIENT:
+                self._client_data(event.data)
+            else:
+                self._upstream_data(event.source, event.data)
+        elif isinstance(event, EofReceived):
+            if event.source == CLIENT:
+                self.closing = True
+            else:
+                self._upstream_closed(event.source)
+        elif isinstance(event, ConnectFailed):
+            self._upstream_closed(event.dest)
         return self._take()
 
     def _take(self) -> list[Command]:
@@ -95,19 +110,14 @@ class Http2Router:
         return out
 
     # -- client side ----------------------------------------------------------------------
-    def client_data(self, data: bytes) -> list[Command]:
+    def _client_data(self, data: bytes) -> None:
         try:
             events = self.client.receive_data(data)
         except h2.exceptions.ProtocolError:  # h2 queued a GOAWAY for the client
             self.closing = True
-            return self._take()
+            return
         for event in events:
             self._client_event(event)
-        return self._take()
-
-    def client_eof(self) -> list[Command]:
-        self.closing = True
-        return self._take()
 
     def _client_event(self, event) -> None:
         E = h2.events
@@ -175,31 +185,27 @@ class Http2Router:
         self.streams[stream.csid] = up.streams[usid] = stream
 
     # -- upstream side --------------------------------------------------------------------
-    def upstream_data(self, dest: str, data: bytes) -> list[Command]:
+    def _upstream_data(self, dest: str, data: bytes) -> None:
         up = self.upstreams.get(dest)
         if up is None:
-            return self._take()
+            return
         try:
             events = up.conn.receive_data(data)
         except h2.exceptions.ProtocolError:
             self._upstream_gone(up, "protocol error")
-            return self._take()
+            return
         for event in events:
             self._upstream_event(up, event)
         if up.goaway_last is not None:
             # h2 allows nothing on a connection after a GOAWAY: give up on it now; the next
             # request for this destination opens a fresh connection.
             self._upstream_gone(up, "goaway")
-        return self._take()
 
-    def upstream_eof(self, dest: str) -> list[Command]:
+    def _upstream_closed(self, dest: str) -> None:
+        """An end of file, or a connection that never opened: the same for its streams."""
         up = self.upstreams.get(dest)
         if up is not None:
             self._upstream_gone(up, "closed")
-        return self._take()
-
-    def connect_failed(self, dest: str, reason: str = "") -> list[Command]:
-        return self.upstream_eof(dest)
 
     def _upstream_event(self, up: _Upstream, event) -> None:
         E = h2.events

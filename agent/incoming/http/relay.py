@@ -1,10 +1,11 @@
 """The asyncio driver for one stolen client connection with an HTTP filter.
 
-All socket I/O for filtered incoming traffic happens here; the decisions are made by the sans-IO
-routers in ``httprouter``, ``http1`` and ``http2``. One reader task per open stream (client, local, target) turns bytes
-and end of file into events on one bounded queue; a single loop feeds them to the router and
-executes the commands it returns, in order. The bounded queue is the backpressure: when the loop
-is waiting for a slow writer to drain, the readers stop reading.
+All socket I/O and timing for filtered incoming traffic happens here; the decisions are made by
+the sans-IO routers (``router``, ``http1``, ``http2``, ``raw``) through the interface in
+``commands``. One reader task per open stream (client, local, target) turns bytes and end of
+file into events on one bounded queue, and so does a timer task for each Wake; a single loop
+feeds them to the router and executes the commands it returns, in order. The bounded queue is
+the backpressure: when the loop is waiting for a slow writer to drain, the readers stop reading.
 
 Upstream connections are opened lazily, at most one per destination at a time, by awaiting the
 caller's ``open_local`` / ``open_target`` (they return ``(reader, writer)`` streams; asyncssh's
@@ -18,9 +19,12 @@ import contextlib
 import logging
 from typing import Awaitable, Callable
 
-from podtwin.agent.incoming.http.filter import (CLIENT, LOCAL, TARGET, Close, Command, Connect, HttpFilter, Passthrough,
-                         Send, Shutdown)
-from podtwin.agent.incoming.http.router import ConnectionRouter
+from podtwin.agent.incoming.http.commands import (CLIENT, LOCAL, TARGET, Close, Command, Connect,
+                                                  ConnectFailed, DataReceived, EofReceived, Event,
+                                                  Passthrough, Router, Send, Shutdown, Start, Wake,
+                                                  Woken)
+from podtwin.agent.incoming.http.filter import HttpFilter
+from podtwin.agent.incoming.http.router import DETECT_TIMEOUT, ConnectionRouter
 
 log = logging.getLogger("podtwin.agent.incoming.http.relay")
 
@@ -29,7 +33,6 @@ Opener = Callable[[], Awaitable[tuple]]
 READ_SIZE = 65536
 QUEUE_SIZE = 32          # events in flight (each at most READ_SIZE bytes)
 CONNECT_TIMEOUT = 10.0
-DETECT_TIMEOUT = 3.0     # a silent client may be waiting for a server-speaks-first greeting
 CLOSE_TIMEOUT = 2.0
 
 
@@ -41,53 +44,39 @@ async def relay_filtered(client_reader, client_writer, http_filter: HttpFilter,
     ``detect_timeout``: if the client has not sent enough to tell HTTP from something else
     within this many seconds, the connection is passed to the target unchanged.
     """
-    relay = _Relay(client_reader, client_writer, http_filter,
+    relay = _Relay(client_reader, client_writer, ConnectionRouter(http_filter, detect_timeout),
                    {TARGET: open_target, LOCAL: open_local})
     try:
-        await relay.run(detect_timeout)
+        await relay.run()
     except Exception:  # a bug on one connection must not take the agent down
         log.exception("%s: relay failed", relay.name)
 
 
 class _Relay:
-    def __init__(self, client_reader, client_writer, http_filter: HttpFilter,
+    def __init__(self, client_reader, client_writer, router: Router,
                  openers: dict[str, Opener]) -> None:
-        self.router = ConnectionRouter(http_filter)
+        self.router = router
         self.openers = openers
         self.writers = {CLIENT: client_writer}
         self.readers: dict[str, asyncio.Task] = {}
+        self.timers: set[asyncio.Task] = set()
         self.generation = {CLIENT: 0, LOCAL: 0, TARGET: 0}  # tells stale reader events apart
-        self.events: asyncio.Queue = asyncio.Queue(QUEUE_SIZE)
+        # (event, generation of the stream it was read from, or None from a timer)
+        self.events: asyncio.Queue[tuple[Event, int | None]] = asyncio.Queue(QUEUE_SIZE)
         self.done = False
         peer = client_writer.get_extra_info("peername") if client_writer else None
         self.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "client"
         self._spawn_reader(CLIENT, client_reader)
 
-    async def run(self, detect_timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        detect_deadline = loop.time() + detect_timeout
+    async def run(self) -> None:
         try:
-            await self._execute(self.router.start())
+            await self._execute(self.router.handle(Start()))
             while not self.done:
-                if self.router.protocol is None:
-                    try:
-                        event = await asyncio.wait_for(
-                            self.events.get(), max(0.0, detect_deadline - loop.time()))
-                    except asyncio.TimeoutError:
-                        await self._execute(self.router.detection_timeout())
-                        continue
-                else:
-                    event = await self.events.get()
-                source, generation, data = event
-                if generation != self.generation[source] or source not in self.writers:
-                    continue  # from a connection already closed
-                if source == CLIENT:
-                    commands = self.router.client_data(data) if data else self.router.client_eof()
-                elif data:
-                    commands = self.router.upstream_data(source, data)
-                else:
-                    commands = self.router.upstream_eof(source)
-                await self._execute(commands)
+                event, generation = await self.events.get()
+                if generation is not None and (generation != self.generation[event.source]
+                                               or event.source not in self.writers):
+                    continue  # read from a connection already closed
+                await self._execute(self.router.handle(event))
         finally:
             await self._shutdown()
 
@@ -101,7 +90,7 @@ class _Relay:
                 if error is not None:
                     # What the router queued for that connection is moot; it will answer 502.
                     pending = _drop_until_connect(pending, command.dest)
-                    pending += self.router.connect_failed(command.dest, error)
+                    pending += self.router.handle(ConnectFailed(command.dest, error))
             elif isinstance(command, Send):
                 await self._write(command.dest, command.data)
             elif isinstance(command, Shutdown):
@@ -117,6 +106,8 @@ class _Relay:
                     await self._close_upstream(command.dest)
             elif isinstance(command, Passthrough):
                 log.debug("%s: passthrough to %s", self.name, command.dest)
+            elif isinstance(command, Wake):
+                self._spawn_timer(command.after)
 
     async def _open(self, dest: str) -> str | None:
         await self._close_upstream(dest)  # a Connect replaces any previous connection
@@ -165,15 +156,28 @@ class _Relay:
             except Exception as exc:  # reset by peer, asyncssh channel errors: an end of file
                 log.debug("%s: read from %s failed: %r", self.name, source, exc)
                 data = b""
-            await self.events.put((source, generation, data))
+            await self.events.put((DataReceived(source, data) if data else EofReceived(source),
+                                   generation))
             if not data:
                 return
+
+    # -- timers ---------------------------------------------------------------------------
+    def _spawn_timer(self, after: float) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._wake(after), name=f"httprelay:{self.name}:wake")
+        self.timers.add(task)
+        task.add_done_callback(self.timers.discard)
+
+    async def _wake(self, after: float) -> None:
+        await asyncio.sleep(after)
+        await self.events.put((Woken(), None))
 
     # -- the end --------------------------------------------------------------------------
     async def _shutdown(self) -> None:
         self.done = True
-        tasks = list(self.readers.values())
+        tasks = [*self.readers.values(), *self.timers]
         self.readers.clear()
+        self.timers.clear()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -189,7 +193,7 @@ def _drop_until_connect(commands: list[Command], dest: str) -> list[Command]:
     for command in commands:
         if isinstance(command, Connect) and command.dest == dest:
             dropping = False
-        if dropping and command.dest == dest and not isinstance(command, Passthrough):
+        if dropping and isinstance(command, (Send, Shutdown, Close)) and command.dest == dest:
             continue
         kept.append(command)
     return kept

@@ -1,16 +1,25 @@
-"""Which router a stolen connection gets: the protocol is detected from its first bytes."""
+"""Which router a stolen connection gets: the protocol is detected from its first bytes.
+
+A client that has not sent enough to tell within ``detect_timeout`` goes to the target
+unchanged. The deadline is a Wake command like any other, so the driver knows nothing of
+detection.
+"""
 from __future__ import annotations
 
 import re
 
+from podtwin.agent.incoming.http.commands import (CLIENT, TARGET, Close, Command, DataReceived,
+                                                  EofReceived, Event, Router, Start, Wake, Woken)
+from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.http1 import Http1Router
 from podtwin.agent.incoming.http.http2 import Http2Router
-from podtwin.agent.incoming.http.filter import CLIENT, TARGET, Close, Command, HttpFilter, RawRouter
+from podtwin.agent.incoming.http.raw import RawRouter
 
 # ---------------------------------------------------------------------------------------------
 # Protocol detection
 # ---------------------------------------------------------------------------------------------
 
+DETECT_TIMEOUT = 3.0  # seconds; a silent client may be waiting for a server-speaks-first greeting
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_REQUEST_LINE = 8192
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -45,27 +54,38 @@ def detect(first_bytes: bytes) -> str | None:
     return "other"
 
 
-
-
 class ConnectionRouter:
     """Buffers the first bytes until ``detect`` decides, then delegates to the right router.
 
     Anything that is not HTTP/1.x or HTTP/2 prior knowledge goes to the TARGET unchanged. So
-    does a connection whose client sends nothing for a while (``detection_timeout``, driven by
-    the driver's clock): a protocol where the server speaks first must reach the target.
+    does a connection whose client has not sent enough to decide ``detect_timeout`` seconds
+    after the start (a Wake): a protocol where the server speaks first must reach the target.
     """
 
-    def __init__(self, http_filter: HttpFilter) -> None:
+    def __init__(self, http_filter: HttpFilter, detect_timeout: float = DETECT_TIMEOUT) -> None:
         self.filter = http_filter
+        self.detect_timeout = detect_timeout
         self.buffer = b""
-        self.router: RawRouter | Http1Router | Http2Router | None = None
-        self.protocol: str | None = None
+        self.router: Router | None = None
 
-    def start(self) -> list[Command]:
-        return []
+    def handle(self, event: Event) -> list[Command]:
+        if self.router is not None:
+            return self.router.handle(event)
+        if isinstance(event, Start):
+            return [Wake(self.detect_timeout)]
+        if isinstance(event, DataReceived) and event.source == CLIENT:
+            self.buffer += event.data
+            protocol = detect(self.buffer)
+            return [] if protocol is None else self._choose(protocol)
+        if isinstance(event, Woken):  # the client has not said enough in time
+            return self._choose("other")
+        if isinstance(event, EofReceived) and event.source == CLIENT:
+            if not self.buffer:
+                return [Close(CLIENT)]
+            return self._choose("other") + self.router.handle(event)
+        return []  # nothing is connected before the choice: no upstream events
 
     def _choose(self, protocol: str) -> list[Command]:
-        self.protocol = protocol
         if protocol == "http2":
             self.router = Http2Router(self.filter)
         elif protocol == "http1":
@@ -73,32 +93,7 @@ class ConnectionRouter:
         else:
             self.router = RawRouter(TARGET)
         data, self.buffer = self.buffer, b""
-        return self.router.start() + self.router.client_data(data)
-
-    def client_data(self, data: bytes) -> list[Command]:
-        if self.router is not None:
-            return self.router.client_data(data)
-        self.buffer += data
-        protocol = detect(self.buffer)
-        return [] if protocol is None else self._choose(protocol)
-
-    def detection_timeout(self) -> list[Command]:
-        """The client stayed silent: maybe a server-speaks-first protocol; hand it to the target."""
-        return [] if self.router is not None else self._choose("other")
-
-    def client_eof(self) -> list[Command]:
-        if self.router is None:
-            if not self.buffer:
-                return [Close(CLIENT)]
-            return self._choose("other") + self.router.client_eof()
-        return self.router.client_eof()
-
-    def upstream_data(self, dest: str, data: bytes) -> list[Command]:
-        return self.router.upstream_data(dest, data) if self.router else []
-
-    def upstream_eof(self, dest: str) -> list[Command]:
-        return self.router.upstream_eof(dest) if self.router else []
-
-    def connect_failed(self, dest: str, reason: str = "") -> list[Command]:
-        return self.router.connect_failed(dest, reason) if self.router else []
-
+        commands = self.router.handle(Start())
+        if data:
+            commands += self.router.handle(DataReceived(CLIENT, data))
+        return commands
