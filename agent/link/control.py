@@ -40,7 +40,7 @@ class _UdpFlow(asyncio.DatagramProtocol):
 
 class ControlHandler:
     def __init__(self, target: TargetProcess, send: Callable[[bytes], None],
-                 on_hello: Callable[[dict], None], subscribe=None) -> None:
+                 on_hello: Callable[[wire.Hello], None], subscribe=None) -> None:
         self.target = target
         self.send = send
         self.on_hello = on_hello
@@ -77,32 +77,31 @@ class ControlHandler:
         for msg in self.decoder.feed(data):
             log.debug("<- %s (%d bytes)", msg.name, len(msg.payload))
             if not self.greeted:
-                body = wire.check_hello(msg, expected=wire.HELLO)
+                hello = wire.check_hello(msg, expected=wire.Hello)
                 self.greeted = True
-                self.send(wire.encode_json(wire.HELLO_OK, {"version": wire.PROTOCOL_VERSION,
-                                                           "agent": "podtwin-agent"}))
-                self.on_hello(body)
+                self.send(wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent").encode())
+                self.on_hello(hello)
                 continue
             self._dispatch(msg)
 
     def _dispatch(self, msg: wire.Message) -> None:
         if msg.type == wire.INFO_REQUEST:
-            self.send(wire.encode_json(wire.INFO, self.target.info()))
+            self.send(self.target.info().encode())
         elif msg.type == wire.PING:
             self.send(wire.encode(wire.PONG, msg.payload))
         elif msg.type == wire.DNS_QUERY:
             ident, query = msg.split_id()
             self._spawn(self._dns(ident, query), f"dns-{ident}")
         elif msg.type == wire.UDP_OPEN:
-            ident, rest = msg.split_id()
-            dest = wire.Message(wire.UDP_OPEN, rest).json()
+            dest = wire.UdpOpen.decode(msg)
+            ident = dest.flow
             if len(self.flows) >= MAX_UDP_FLOWS:
                 self.send(wire.encode_id(wire.UDP_CLOSED, ident, b"too many UDP flows"))
                 return
             self._close_flow(ident, notify=False)  # a reused id replaces the old flow entirely
             # Register now: UDP_SEND for this flow may be in the same read, before the socket exists.
             flow = self.flows[ident] = _UdpFlow(self, ident)
-            self._spawn(self._udp_open(flow, str(dest["host"]), int(dest["port"])), f"udp-open-{ident}")
+            self._spawn(self._udp_open(flow, dest.host, dest.port), f"udp-open-{ident}")
         elif msg.type == wire.UDP_SEND:
             ident, data = msg.split_id()
             flow = self.flows.get(ident)
@@ -117,9 +116,8 @@ class ControlHandler:
             ident, _ = msg.split_id()
             self._close_flow(ident, notify=False)
         elif msg.type == wire.INCOMING_SUBSCRIBE:
-            body = msg.json()
-            self._spawn(self._subscribe(int(body["port"]), str(body.get("mode", "steal")),
-                                        body.get("http_filter")), f"subscribe-{body['port']}")
+            sub = wire.IncomingSubscribe.decode(msg)
+            self._spawn(self._subscribe(sub.port, sub.mode, sub.http_filter), f"subscribe-{sub.port}")
         else:
             raise wire.ProtocolError(f"unexpected message {msg.name}")
 
@@ -128,7 +126,7 @@ class ControlHandler:
             error = "this agent was started without incoming traffic (agent --incoming)"
         else:
             error = await self.subscribe(port, mode, http_filter)
-        self.send(wire.encode_json(wire.INCOMING_REPLY, {"port": port, "error": error}))
+        self.send(wire.IncomingReply(port, error).encode())
 
     # -- DNS and UDP ----------------------------------------------------------------------
     async def _dns(self, ident: int, query: bytes) -> None:

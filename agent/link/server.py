@@ -44,7 +44,7 @@ class Agent:
     def notify(self, level: str, message: str) -> None:
         """Tell the runner (the owner) something the user should see."""
         if self.owner is not None and self.owner.control is not None:
-            self.owner.control._send(wire.encode_json(wire.NOTICE, {"level": level, "message": message}))
+            self.owner.control._send(wire.Notice(level, message).encode())
 
     def stop(self, reason: str) -> None:
         if not self.shutdown.is_set():
@@ -130,8 +130,8 @@ class AgentConnection(asyncssh.SSHServer):
     def session_requested(self):
         return ControlSession(self)
 
-    def hello(self, body: dict) -> None:
-        self.role = str(body.get("role", "?"))
+    def hello(self, hello: wire.Hello) -> None:
+        self.role = hello.role
         log.info("%s connected", self.role)
         if self.role == "runner" and self.agent.owner is None:
             self.agent.owner = self
@@ -170,7 +170,7 @@ class ControlSession(asyncssh.SSHServerSession):
             self.handler.feed(data)
         except (wire.ProtocolError, KeyError, ValueError, TypeError) as exc:
             log.error("control channel: %s", exc)
-            self._send(wire.encode_json(wire.ERROR, {"message": str(exc)}))
+            self._send(wire.Error(str(exc)).encode())
             if self.chan is not None:
                 self.chan.close()
 

@@ -74,5 +74,5 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
             if why:
                 raise AgentError(f"{transport.what} to the agent failed: {why}", transport.hint) from exc
             raise
-        progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
-        return app.run(session, opts, cfg, remote["env"], sidecar_id, teardown)
+        progress(f"agent ready; target process {remote.pid} has {len(remote.env)} environment variables")
+        return app.run(session, opts, cfg, remote.env, sidecar_id, teardown)

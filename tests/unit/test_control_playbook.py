@@ -24,10 +24,10 @@ class FakeTarget:
         self.files = files or {}
         self.info_calls = 0
 
-    def info(self) -> dict:
+    def info(self) -> wire.Info:
         self.info_calls += 1
-        return {"pid": 4242, "env": {"APP_ENV": "staging", "EMPTY": ""}, "hostname": "demo-api",
-                "resolv_conf": self.files.get("/etc/resolv.conf", ""), "hosts": "10.0.0.5\tdb\n"}
+        return wire.Info(pid=4242, env={"APP_ENV": "staging", "EMPTY": ""}, hostname="demo-api",
+                         resolv_conf=self.files.get("/etc/resolv.conf", ""), hosts="10.0.0.5\tdb\n")
 
     def read_text(self, path: str, default: str = "") -> str:
         return self.files.get(path, default)
@@ -124,7 +124,7 @@ def test_hello_ok_is_the_reply_to_hello():
         assert book.types() == ["HELLO_OK"]
         assert book.sent[0].json() == {"version": wire.PROTOCOL_VERSION, "agent": "podtwin-agent"}
         assert wire.check_hello(book.sent[0])  # what the client will check
-        assert book.hellos == [{"version": wire.PROTOCOL_VERSION, "role": "sidecar"}]
+        assert book.hellos == [wire.Hello(wire.PROTOCOL_VERSION, "sidecar")]
     play(scenario)
 
 
@@ -165,7 +165,7 @@ def test_info_reply_is_the_targets_info():
     async def scenario(book: Playbook) -> None:
         book.feed(HELLO, wire.encode(wire.INFO_REQUEST))
         assert book.types() == ["HELLO_OK", "INFO"]
-        assert book.sent[1].json() == book.target.info()
+        assert wire.Info.decode(book.sent[1]) == book.target.info()
         assert book.sent[1].json()["env"] == {"APP_ENV": "staging", "EMPTY": ""}
     play(scenario)
 
