@@ -4,9 +4,9 @@
   namespace (it runs there), so the connection leaves from the target.
 * the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP (see ``wire``).
 
-Lifetime: the first client that says HELLO with role ``runner`` owns the agent. When the owner's
-connection drops (runner exited, was killed, or the link broke past the keepalive), or no owner
-arrived within the startup timeout, or the target process is gone, the agent shuts down.
+Lifetime: the first client that says HELLO with role ``runner`` owns the agent (``Agent.runner``).
+When that connection drops (runner exited, was killed, or the link broke past the keepalive), or
+no runner arrived within the startup timeout, or the target process is gone, the agent shuts down.
 """
 from __future__ import annotations
 
@@ -36,15 +36,15 @@ class Agent:
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 2
     incoming: "IncomingServer | None" = None
-    owner: "AgentConnection | None" = None
+    runner: "AgentConnection | None" = None   # the runner's connection: the agent lives as long as it
     connections: set = field(default_factory=set)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
 
     def notify(self, level: str, message: str) -> None:
-        """Tell the runner (the owner) something the user should see."""
-        if self.owner is not None and self.owner.control is not None:
-            self.owner.control._send(wire.Notice(level, message).encode())
+        """Tell the runner something the user should see."""
+        if self.runner is not None and self.runner.control is not None:
+            self.runner.control.notify(level, message)
 
     def stop(self, reason: str) -> None:
         if not self.shutdown.is_set():
@@ -70,11 +70,11 @@ class Agent:
             sock.close()
 
     async def watch(self) -> None:
-        """Stop when no owner came in time or the target process exited."""
+        """Stop when no runner came in time or the target process exited."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.startup_timeout
         while not self.shutdown.is_set():
-            if self.owner is None and loop.time() > deadline:
+            if self.runner is None and loop.time() > deadline:
                 self.stop(f"no client connected within {self.startup_timeout:.0f}s")
             if not self.target.exists():
                 self.stop(f"target process {self.target.pid} exited")
@@ -85,6 +85,9 @@ class Agent:
 
 
 class AgentConnection(asyncssh.SSHServer):
+    """One client's SSH connection (the runner's or the sidecar's); to the incoming service, the
+    ``Subscriber`` its subscribed ports' connections are forwarded to."""
+
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -99,8 +102,8 @@ class AgentConnection(asyncssh.SSHServer):
         self.agent.connections.discard(self)
         log.info("%s disconnected%s", self.role, f": {exc}" if exc else "")
         if self.agent.incoming is not None:
-            self.agent.incoming.drop_owner(self)
-        if self.agent.owner is self:
+            self.agent.incoming.drop_subscriber(self)
+        if self.agent.runner is self:
             self.agent.stop("the runner's connection closed")
 
     def begin_auth(self, username: str) -> bool:
@@ -127,19 +130,24 @@ class AgentConnection(asyncssh.SSHServer):
             self.agent.notify("fatal", error)  # the session cannot do what it was asked to
         return error
 
+    async def open_forwarded(self, port: int, peer: tuple[str, int]):
+        """A forwarded-tcpip channel to this client for a connection to ``port`` from ``peer``."""
+        assert self.conn is not None
+        return await self.conn.open_connection(INCOMING_HOST, port, peer[0], peer[1], encoding=None)
+
     def session_requested(self):
         return ControlSession(self)
 
     def hello(self, hello: wire.Hello) -> None:
         self.role = hello.role
         log.info("%s connected", self.role)
-        if self.role == "runner" and self.agent.owner is None:
-            self.agent.owner = self
+        if self.role == "runner" and self.agent.runner is None:
+            self.agent.runner = self
 
 
 class ControlSession(asyncssh.SSHServerSession):
-    def __init__(self, owner: AgentConnection) -> None:
-        self.owner = owner
+    def __init__(self, connection: AgentConnection) -> None:
+        self.connection = connection
         self.chan: asyncssh.SSHServerChannel | None = None
         self.handler: ControlHandler | None = None
 
@@ -156,9 +164,13 @@ class ControlSession(asyncssh.SSHServerSession):
         return False
 
     def session_started(self) -> None:
-        self.owner.control = self
-        self.handler = ControlHandler(self.owner.agent.target, self._send, self.owner.hello,
-                                      subscribe=self.owner.subscribe)
+        self.connection.control = self
+        self.handler = ControlHandler(self.connection.agent.target, self._send, self.connection.hello,
+                                      subscribe=self.connection.subscribe)
+
+    def notify(self, level: str, message: str) -> None:
+        """A notice for the client to show the user."""
+        self._send(wire.Notice(level, message).encode())
 
     def _send(self, data: bytes) -> None:
         if self.chan is not None and not self.chan.is_closing():
