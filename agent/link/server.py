@@ -2,7 +2,8 @@
 
 * direct-tcpip channels: the agent makes the TCP connection itself, inside the target's network
   namespace (it runs there), so the connection leaves from the target.
-* the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP (see ``wire``).
+* the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP, incoming subscriptions
+  (``control_session``; the messages are in ``wire``).
 
 Lifetime: the first client that says HELLO with role ``runner`` owns the agent (``Agent.runner``).
 When that connection drops (runner exited, was killed, or the link broke past the keepalive), or
@@ -20,7 +21,7 @@ from typing import Callable
 import asyncssh
 
 from podtwin.agent.link import wire
-from podtwin.agent.link.control import ControlHandler
+from podtwin.agent.link.control_session import ControlSession
 from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
 from podtwin.agent.target.process import TargetProcess
 
@@ -92,7 +93,7 @@ class AgentConnection(asyncssh.SSHServer):
         self.agent = agent
         self.conn: asyncssh.SSHServerConnection | None = None
         self.role = "?"
-        self.control: "ControlSession | None" = None
+        self.control: ControlSession | None = None   # its control channel, once started
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -138,57 +139,11 @@ class AgentConnection(asyncssh.SSHServer):
     def session_requested(self):
         return ControlSession(self)
 
-    def hello(self, hello: wire.Hello) -> None:
+    def greeted(self, hello: wire.Hello) -> None:
         self.role = hello.role
         log.info("%s connected", self.role)
         if self.role == "runner" and self.agent.runner is None:
             self.agent.runner = self
-
-
-class ControlSession(asyncssh.SSHServerSession):
-    def __init__(self, connection: AgentConnection) -> None:
-        self.connection = connection
-        self.chan: asyncssh.SSHServerChannel | None = None
-        self.handler: ControlHandler | None = None
-
-    def connection_made(self, chan) -> None:
-        self.chan = chan
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return subsystem == wire.CONTROL_SUBSYSTEM
-
-    def shell_requested(self) -> bool:
-        return False
-
-    def exec_requested(self, command: str) -> bool:
-        return False
-
-    def session_started(self) -> None:
-        self.connection.control = self
-        self.handler = ControlHandler(self.connection.agent.target, self._send, self.connection.hello,
-                                      subscribe=self.connection.subscribe)
-
-    def notify(self, level: str, message: str) -> None:
-        """A notice for the client to show the user."""
-        self._send(wire.Notice(level, message).encode())
-
-    def _send(self, data: bytes) -> None:
-        if self.chan is not None and not self.chan.is_closing():
-            self.chan.write(data)
-
-    def data_received(self, data: bytes, datatype) -> None:
-        assert self.handler is not None
-        try:
-            self.handler.feed(data)
-        except (wire.ProtocolError, KeyError, ValueError, TypeError) as exc:
-            log.error("control channel: %s", exc)
-            self._send(wire.Error(str(exc)).encode())
-            if self.chan is not None:
-                self.chan.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.handler is not None:
-            self.handler.close()
 
 
 def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:

@@ -20,7 +20,7 @@ import json
 import struct
 import types
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Self, get_args, get_origin, get_type_hints
 
 PROTOCOL_VERSION = 2
 CONTROL_SUBSYSTEM = "podtwin-control"
@@ -151,7 +151,7 @@ class Payload:
         return encode_id(self.TYPE, getattr(self, self.ID), _json_bytes(body))
 
     @classmethod
-    def decode(cls, msg: Message) -> Any:
+    def decode(cls, msg: Message) -> Self:
         """The payload of ``msg``, which must be a ``TYPE`` message with exactly these fields."""
         if msg.type != cls.TYPE:
             raise ProtocolError(f"expected {NAMES[cls.TYPE]}, got {msg.name}")
@@ -252,7 +252,7 @@ class Error(Payload):
     message: str
 
 
-def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -> Any:
+def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -> Hello | HelloOk:
     """Validate the peer's greeting (the agent expects ``Hello``, a client ``HelloOk``): the
     message type and the protocol version must match exactly, then the payload's fields."""
     if msg.type != expected.TYPE:
