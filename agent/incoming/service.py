@@ -3,7 +3,8 @@
 A client (the sidecar) subscribes a port on its control channel, then asks for SSH remote
 forwarding of ``(INCOMING_HOST, port)``. The agent adds a REDIRECT for that port to its own
 listener; each connection arriving there is forwarded back to the subscriber as a
-``forwarded-tcpip`` channel, whose other end is the app's port in the app's namespace.
+``forwarded-tcpip`` channel, whose other end is the app's port in the app's namespace. This
+module knows the subscriber only as a ``Subscriber``: something that opens such a channel.
 
 Several sessions may steal one port if each has an HTTP filter. The newest session's chain is
 entered first; what its filter does not match it passes to the next session's agent on the
@@ -18,7 +19,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import asyncssh
 
@@ -27,6 +28,7 @@ from podtwin.agent.incoming.http.relay import relay_filtered
 from podtwin.agent.incoming.steal.nat import NatState, Redirect, SessionRules, liveness_name
 from podtwin.agent.sockopts import original_dst
 from podtwin.agent.streams import splice
+from podtwin.agent.tasks import TaskSet
 
 log = logging.getLogger("podtwin.agent.incoming.service")
 INCOMING_HOST = "podtwin-incoming"
@@ -38,11 +40,19 @@ HOPS_TTL = 1.0            # seconds a port's next hops are trusted before the na
 Address = tuple[str, int]
 
 
+class Subscriber(Protocol):
+    """The client a subscribed port's connections go to (the agent's SSH connection to it)."""
+
+    async def open_forwarded(self, port: int, peer: Address) -> tuple[asyncio.StreamReader, Any]:
+        """A channel to the client for one connection to ``port`` from ``peer``: (reader, writer).
+        Raises ``asyncssh.Error`` or ``OSError`` when the client does not take it."""
+
+
 @dataclass
 class Subscription:
     port: int
     mode: str
-    owner: Any                      # the AgentConnection that subscribed
+    subscriber: Subscriber
     http_filter: dict | None = None
     active: bool = False
     filter: HttpFilter | None = None
@@ -120,7 +130,7 @@ class IncomingServer:
     rules: SessionRules | None = None
     _listener: socket.socket | None = None
     _liveness: socket.socket | None = None
-    _tasks: set = field(default_factory=set)
+    tasks: TaskSet = field(default_factory=lambda: TaskSet("incoming"))
     _mirror: Any = None
     _next_hops: dict = field(default_factory=dict)   # port -> (read at, listener ports of later sessions)
     _stolen_ever: set = field(default_factory=set)   # ports this session has redirected
@@ -134,20 +144,15 @@ class IncomingServer:
         self._liveness.bind(liveness_name(self.session_id))
         self._liveness.listen(8)
         self._liveness.setblocking(False)
-        self._spawn(self._accept(), "incoming:accept")
-        self._spawn(self._hold_liveness(), "incoming:liveness")
-
-    def _spawn(self, coro, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(self._accept(), "accept")
+        self.tasks.spawn(self._hold_liveness(), "liveness")
 
     async def _hold_liveness(self) -> None:
         """Accept guards' connections and keep them open: they see EOF when the agent dies."""
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._liveness)
-            self._spawn(self._hold(conn), "incoming:liveness-conn")
+            self.tasks.spawn(self._hold(conn), "liveness-conn")
 
     @staticmethod
     async def _hold(conn: socket.socket) -> None:
@@ -159,16 +164,17 @@ class IncomingServer:
             conn.close()
 
     # -- subscriptions (called from the control channel and the SSH server) ----------------
-    async def subscribe(self, owner, port: int, mode: str, http_filter: dict | None) -> str | None:
+    async def subscribe(self, subscriber: Subscriber, port: int, mode: str,
+                        http_filter: dict | None) -> str | None:
         """Validate a subscription; None if accepted, else the reason it is refused."""
         if mode not in MODES:
             return f"incoming mode {mode!r} is not supported by this agent"
         if not 0 < port < 65536:
             return f"port {port} is out of range"
         current = self.subs.get(port)
-        if current is not None and current.owner is not owner:
+        if current is not None and current.subscriber is not subscriber:
             return f"port {port} is already taken by another client of this session"
-        sub = Subscription(port, mode, owner, http_filter)
+        sub = Subscription(port, mode, subscriber, http_filter)
         if http_filter:
             if mode != "steal":
                 return "an HTTP filter works with mode steal"
@@ -184,14 +190,14 @@ class IncomingServer:
         self.subs[port] = sub
         return None
 
-    def activate(self, owner, port: int) -> PortListener | None:
+    def activate(self, subscriber: Subscriber, port: int) -> PortListener | None:
         """The client's remote-forwarding request for a subscribed port: install the rule."""
         sub = self.subs.get(port)
-        if sub is None or sub.owner is not owner:
+        if sub is None or sub.subscriber is not subscriber:
             return None
         if sub.mode == "mirror":
             sub.active = True
-            self._spawn(self._mirror_ports(), f"mirror:{port}")
+            self.tasks.spawn(self._mirror_ports(), f"mirror:{port}")
             self.notify("info", f"mirroring port {port}")
         else:
             filtered = self._filters(sub)
@@ -200,35 +206,36 @@ class IncomingServer:
             self._next_hops.clear()
             sub.active = True
             self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
-        return PortListener(lambda: self.unsubscribe(owner, port), port)
+        return PortListener(lambda: self.unsubscribe(subscriber, port), port)
 
     @staticmethod
     def _filters(sub: Subscription) -> bool:
         return sub.filter is not None and sub.filter.filters_port(sub.port)
 
-    def unsubscribe(self, owner, port: int) -> None:
+    def unsubscribe(self, subscriber: Subscriber, port: int) -> None:
         sub = self.subs.get(port)
-        if sub is not None and sub.owner is owner:
+        if sub is not None and sub.subscriber is subscriber:
             del self.subs[port]
             if sub.mode == "mirror":
-                self._spawn(self._mirror_ports(), f"mirror-release:{port}")
+                self.tasks.spawn(self._mirror_ports(), f"mirror-release:{port}")
             else:
                 self.rules.remove(port)
                 self._next_hops.clear()
             if sub.active:
                 self.notify("info", f"port {port} released")
 
-    def drop_owner(self, owner) -> None:
+    def drop_subscriber(self, subscriber: Subscriber) -> None:
+        """Its connection is gone: release every port it holds."""
         for port, sub in list(self.subs.items()):
-            if sub.owner is owner:
-                self.unsubscribe(owner, port)
+            if sub.subscriber is subscriber:
+                self.unsubscribe(subscriber, port)
 
     # -- connections -----------------------------------------------------------------------
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, peer = await loop.sock_accept(self._listener)
-            self._spawn(self._handle(conn, peer), "incoming:conn")
+            self.tasks.spawn(self._handle(conn, peer), "conn")
 
     async def _handle(self, conn: socket.socket, peer) -> None:
         try:
@@ -259,8 +266,7 @@ class IncomingServer:
             await self._filtered(sub, reader, writer, original, peer)
             return
         try:
-            r_reader, r_writer = await sub.owner.conn.open_connection(
-                INCOMING_HOST, port, peer[0], peer[1], encoding=None)
+            r_reader, r_writer = await sub.subscriber.open_forwarded(port, peer)
         except (asyncssh.Error, OSError) as exc:
             log.info("port %d: the client did not take the connection: %s", port, exc)
             writer.close()
@@ -345,15 +351,13 @@ class IncomingServer:
             return await self.open_next(peer, original)
 
         async def open_local():
-            return await sub.owner.conn.open_connection(INCOMING_HOST, sub.port, peer[0], peer[1],
-                                                        encoding=None)
+            return await sub.subscriber.open_forwarded(sub.port, peer)
         await relay_filtered(reader, writer, sub.filter, open_target, open_local)
 
     def close(self) -> None:
         if self._mirror is not None:
             self._mirror.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self.tasks.cancel_all()
         if self.rules is not None:
             self.rules.remove_all()
         for sock in (self._listener, self._liveness):
@@ -375,13 +379,12 @@ class _MirrorSink:
             return
         if self.writer is None:
             try:
-                reader, self.writer = await self.sub.owner.conn.open_connection(
-                    INCOMING_HOST, self.sub.port, self.client[0], self.client[1], encoding=None)
+                reader, self.writer = await self.sub.subscriber.open_forwarded(self.sub.port, self.client)
             except (asyncssh.Error, OSError) as exc:
                 log.info("mirror of port %d: the client did not take it: %s", self.sub.port, exc)
                 self.failed = True
                 return
-            self.server._spawn(_discard(reader), "mirror:discard")
+            self.server.tasks.spawn(_discard(reader), "mirror:discard")
         self.writer.write(data)
         await self.writer.drain()
 

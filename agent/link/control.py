@@ -1,172 +1,160 @@
-"""The agent's side of the control channel: one instance per SSH control channel.
+"""The agent's side of the control channel, as a protocol core: one instance per channel.
 
-Sans-IO at heart: ``ControlHandler.feed(data)`` decodes frames and dispatches them; replies go
-through the ``send`` callable it was built with. The asyncio parts it needs (DNS forwarding, UDP
-sockets) are started as named tasks owned by the handler and cancelled when the channel closes.
+Sans-IO: ``feed(data)`` takes the channel's bytes and ``handle(event)`` everything else it must
+know (``control_events``); both return the commands that follow, in order. It keeps the
+handshake, the UDP flows' state (which are open, which datagrams wait for their socket, when each
+was last used) and the rules of the protocol; it opens no socket, starts no task and reads no
+clock. ``control_session.ControlSession`` drives it with asyncio.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Callable
+from dataclasses import dataclass, field
 
 from podtwin.agent.link import wire
-from podtwin.agent.dns import Forwarder
-from podtwin.agent.outgoing import UDP_IDLE_SECONDS
-from podtwin.agent.target.process import TargetProcess
+from podtwin.agent.link.control_events import (
+    ChannelClosed, CloseUdp, Command, DnsAnswered, Event, Fatal, ForwardDns, Greeted, NoticeFromAgent,
+    OpenUdp, ReadTargetInfo, Reply, SendUdp, Subscribe, SubscribeDone, TargetInfoRead, Tick, UdpOpened,
+    UdpOpenFailed, UdpReceived)
 
 log = logging.getLogger("podtwin.agent.link.control")
 
 MAX_UDP_FLOWS = 1024
+AGENT_NAME = "podtwin-agent"
 
 
-class _UdpFlow(asyncio.DatagramProtocol):
-    def __init__(self, handler: "ControlHandler", flow_id: int) -> None:
-        self.handler = handler
-        self.flow_id = flow_id
-        self.transport: asyncio.DatagramTransport | None = None
-        self.early: list[bytes] = []  # datagrams sent before the socket was ready
-        self.last_used = asyncio.get_running_loop().time()
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.last_used = asyncio.get_running_loop().time()
-        self.handler.send(wire.encode_id(wire.UDP_RECV, self.flow_id, data))
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and the like: the app would see ECONNREFUSED on a connected
-        # socket, but a datagram flow cannot carry that; drop silently like the network would.
-        log.debug("udp flow %d: %r", self.flow_id, exc)
+@dataclass
+class _Flow:
+    # The time of the last Tick before it carried a datagram: flows expire only at a Tick, so
+    # the time between two Ticks needs no finer clock.
+    last_used: float
+    opened: bool = False
+    early: list[bytes] = field(default_factory=list)  # sent before its socket was open
 
 
 class ControlHandler:
-    def __init__(self, target: TargetProcess, send: Callable[[bytes], None],
-                 on_hello: Callable[[dict], None], subscribe=None) -> None:
-        self.target = target
-        self.send = send
-        self.on_hello = on_hello
-        # async (port, mode, http_filter) -> None or the reason it is refused; None: no incoming
-        self.subscribe = subscribe
+    def __init__(self, now: float, udp_idle: float, max_udp_flows: int = MAX_UDP_FLOWS) -> None:
+        """``now``: the driver's clock, as later ``Tick`` events give it; ``udp_idle``: seconds
+        after which a flow that carried nothing is forgotten."""
+        self.now = now
+        self.udp_idle = udp_idle
+        self.max_udp_flows = max_udp_flows
         self.decoder = wire.FrameDecoder()
         self.greeted = False
-        self.dns = Forwarder(lambda: target.read_text("/etc/resolv.conf"))
-        self.flows: dict[int, _UdpFlow] = {}
-        self.tasks: set[asyncio.Task] = set()
-        self._spawn(self._expire_flows(), "udp-expiry")
+        self.failed = False      # the client broke the protocol: no more input is taken
+        self.closed = False
+        self.flows: dict[int, _Flow] = {}
 
-    # -- plumbing -------------------------------------------------------------------------
-    def _spawn(self, coro, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"control:{name}")
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed: %r", task.get_name(), task.exception())
-
-    def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        for flow in self.flows.values():
-            if flow.transport is not None:
-                flow.transport.close()
-        self.flows.clear()
-
-    # -- input ----------------------------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        for msg in self.decoder.feed(data):
-            log.debug("<- %s (%d bytes)", msg.name, len(msg.payload))
-            if not self.greeted:
-                body = wire.check_hello(msg, expected=wire.HELLO)
-                self.greeted = True
-                self.send(wire.encode_json(wire.HELLO_OK, {"version": wire.PROTOCOL_VERSION,
-                                                           "agent": "podtwin-agent"}))
-                self.on_hello(body)
-                continue
-            self._dispatch(msg)
-
-    def _dispatch(self, msg: wire.Message) -> None:
-        if msg.type == wire.INFO_REQUEST:
-            self.send(wire.encode_json(wire.INFO, self.target.info()))
-        elif msg.type == wire.PING:
-            self.send(wire.encode(wire.PONG, msg.payload))
-        elif msg.type == wire.DNS_QUERY:
-            ident, query = msg.split_id()
-            self._spawn(self._dns(ident, query), f"dns-{ident}")
-        elif msg.type == wire.UDP_OPEN:
-            ident, rest = msg.split_id()
-            dest = wire.Message(wire.UDP_OPEN, rest).json()
-            if len(self.flows) >= MAX_UDP_FLOWS:
-                self.send(wire.encode_id(wire.UDP_CLOSED, ident, b"too many UDP flows"))
-                return
-            self._close_flow(ident, notify=False)  # a reused id replaces the old flow entirely
-            # Register now: UDP_SEND for this flow may be in the same read, before the socket exists.
-            flow = self.flows[ident] = _UdpFlow(self, ident)
-            self._spawn(self._udp_open(flow, str(dest["host"]), int(dest["port"])), f"udp-open-{ident}")
-        elif msg.type == wire.UDP_SEND:
-            ident, data = msg.split_id()
-            flow = self.flows.get(ident)
-            if flow is None:
-                return
-            flow.last_used = asyncio.get_running_loop().time()
-            if flow.transport is not None:
-                flow.transport.sendto(data)
-            else:
-                flow.early.append(data)
-        elif msg.type == wire.UDP_CLOSE:
-            ident, _ = msg.split_id()
-            self._close_flow(ident, notify=False)
-        elif msg.type == wire.INCOMING_SUBSCRIBE:
-            body = msg.json()
-            self._spawn(self._subscribe(int(body["port"]), str(body.get("mode", "steal")),
-                                        body.get("http_filter")), f"subscribe-{body['port']}")
-        else:
-            raise wire.ProtocolError(f"unexpected message {msg.name}")
-
-    async def _subscribe(self, port: int, mode: str, http_filter: dict | None) -> None:
-        if self.subscribe is None:
-            error = "this agent was started without incoming traffic (agent --incoming)"
-        else:
-            error = await self.subscribe(port, mode, http_filter)
-        self.send(wire.encode_json(wire.INCOMING_REPLY, {"port": port, "error": error}))
-
-    # -- DNS and UDP ----------------------------------------------------------------------
-    async def _dns(self, ident: int, query: bytes) -> None:
-        answer = await self.dns.forward(query)
-        self.send(wire.encode_id(wire.DNS_ANSWER, ident, answer))
-
-    async def _udp_open(self, flow: _UdpFlow, host: str, port: int) -> None:
-        ident = flow.flow_id
+    # -- the channel's bytes ------------------------------------------------------------------
+    def feed(self, data: bytes) -> list[Command]:
+        if self.failed or self.closed:
+            return []
+        out: list[Command] = []
         try:
-            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: flow, remote_addr=(host, port))
-        except (OSError, OverflowError, ValueError) as exc:  # refused, unresolvable, bad port
-            if self.flows.get(ident) is flow:
+            for msg in self.decoder.feed(data):
+                log.debug("<- %s (%d bytes)", msg.name, len(msg.payload))
+                out += self._message(msg)
+        except wire.ProtocolError as exc:
+            self.failed = True
+            out += [Reply(wire.Error(str(exc)).encode()), Fatal(str(exc))]
+        return out
+
+    def _message(self, msg: wire.Message) -> list[Command]:
+        if not self.greeted:
+            hello = wire.check_hello(msg, expected=wire.Hello)
+            self.greeted = True
+            return [Reply(wire.HelloOk(wire.PROTOCOL_VERSION, AGENT_NAME).encode()), Greeted(hello)]
+        if msg.type == wire.INFO_REQUEST:
+            return [ReadTargetInfo()]
+        if msg.type == wire.PING:
+            return [Reply(wire.encode(wire.PONG, msg.payload))]
+        if msg.type == wire.DNS_QUERY:
+            return [ForwardDns(*msg.split_id())]
+        if msg.type == wire.UDP_OPEN:
+            return self._udp_open(wire.UdpOpen.decode(msg))
+        if msg.type == wire.UDP_SEND:
+            return self._udp_send(*msg.split_id())
+        if msg.type == wire.UDP_CLOSE:
+            return self._close_flow(msg.split_id()[0])
+        if msg.type == wire.INCOMING_SUBSCRIBE:
+            sub = wire.IncomingSubscribe.decode(msg)
+            return [Subscribe(sub.port, sub.mode, sub.http_filter)]
+        raise wire.ProtocolError(f"unexpected message {msg.name}")
+
+    def _udp_open(self, dest: wire.UdpOpen) -> list[Command]:
+        if len(self.flows) >= self.max_udp_flows:
+            return [_udp_closed(dest.flow, "too many UDP flows")]
+        out = self._close_flow(dest.flow)  # a reused id replaces the old flow entirely
+        if not 0 <= dest.port <= 0xFFFF:
+            return out + [_udp_closed(dest.flow, f"port {dest.port} is out of range")]
+        # Known from now on: UDP_SEND for this flow may come in the same read, before its socket.
+        self.flows[dest.flow] = _Flow(self.now)
+        return out + [OpenUdp(dest.flow, dest.host, dest.port)]
+
+    def _udp_send(self, ident: int, data: bytes) -> list[Command]:
+        flow = self.flows.get(ident)
+        if flow is None:  # closed, expired or never opened: dropped, as the network would
+            return []
+        flow.last_used = self.now
+        if not flow.opened:
+            flow.early.append(data)
+            return []
+        return [SendUdp(ident, data)]
+
+    def _close_flow(self, ident: int) -> list[Command]:
+        return [CloseUdp(ident)] if self.flows.pop(ident, None) is not None else []
+
+    # -- everything else ----------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Command]:
+        if isinstance(event, ChannelClosed):
+            # The client is gone (one that broke the protocol too): every socket goes.
+            self.closed = True
+            out: list[Command] = [CloseUdp(ident) for ident in self.flows]
+            self.flows.clear()
+            return out
+        if self.closed or self.failed:
+            return []
+        match event:
+            case Tick(now):
+                self.now = now
+                return self._expire()
+            case TargetInfoRead(info):
+                return [Reply(info.encode())]
+            case DnsAnswered(ident, answer):
+                return [Reply(wire.encode_id(wire.DNS_ANSWER, ident, answer))]
+            case UdpOpened(ident):
+                flow = self.flows.get(ident)
+                if flow is None or flow.opened:
+                    return []
+                flow.opened = True
+                early, flow.early = flow.early, []
+                return [SendUdp(ident, data) for data in early]
+            case UdpOpenFailed(ident, reason):
+                if ident not in self.flows:
+                    return []
                 del self.flows[ident]
-                self.send(wire.encode_id(wire.UDP_CLOSED, ident, str(exc).encode()))
-            return
-        if self.flows.get(ident) is not flow:  # closed while we were opening
-            transport.close()
-            return
-        flow.transport = transport
-        for data in flow.early:
-            transport.sendto(data)
-        flow.early.clear()
+                return [_udp_closed(ident, reason)]
+            case UdpReceived(ident, data):
+                flow = self.flows.get(ident)
+                if flow is None:
+                    return []
+                flow.last_used = self.now
+                return [Reply(wire.encode_id(wire.UDP_RECV, ident, data))]
+            case SubscribeDone(port, error):
+                return [Reply(wire.IncomingReply(port, error).encode())]
+            case NoticeFromAgent(level, message):
+                return [Reply(wire.Notice(level, message).encode())]
+        raise TypeError(f"not a control event: {event!r}")
 
-    def _close_flow(self, ident: int, notify: bool, reason: bytes = b"") -> None:
-        flow = self.flows.pop(ident, None)
-        if flow is None:
-            return
-        if flow.transport is not None:
-            flow.transport.close()
-        if notify:
-            self.send(wire.encode_id(wire.UDP_CLOSED, ident, reason))
+    def _expire(self) -> list[Command]:
+        """UDP has no end of its own: a flow that carried nothing for ``udp_idle`` is forgotten
+        (the client's end forgets it after as long), and the client is told."""
+        out: list[Command] = []
+        for ident, flow in list(self.flows.items()):
+            if self.now - flow.last_used > self.udp_idle:
+                out += self._close_flow(ident) + [_udp_closed(ident, "idle")]
+        return out
 
-    async def _expire_flows(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(UDP_IDLE_SECONDS / 4)
-            now = loop.time()
-            for ident, flow in list(self.flows.items()):
-                if now - flow.last_used > UDP_IDLE_SECONDS:
-                    self._close_flow(ident, notify=True, reason=b"idle")
+
+def _udp_closed(ident: int, reason: str) -> Reply:
+    return Reply(wire.encode_id(wire.UDP_CLOSED, ident, reason.encode()))

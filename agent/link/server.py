@@ -2,11 +2,12 @@
 
 * direct-tcpip channels: the agent makes the TCP connection itself, inside the target's network
   namespace (it runs there), so the connection leaves from the target.
-* the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP (see ``wire``).
+* the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP, incoming subscriptions
+  (``control_session``; the messages are in ``wire``).
 
-Lifetime: the first client that says HELLO with role ``runner`` owns the agent. When the owner's
-connection drops (runner exited, was killed, or the link broke past the keepalive), or no owner
-arrived within the startup timeout, or the target process is gone, the agent shuts down.
+Lifetime: the first client that says HELLO with role ``runner`` owns the agent (``Agent.runner``).
+When that connection drops (runner exited, was killed, or the link broke past the keepalive), or
+no runner arrived within the startup timeout, or the target process is gone, the agent shuts down.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable
 import asyncssh
 
 from podtwin.agent.link import wire
-from podtwin.agent.link.control import ControlHandler
+from podtwin.agent.link.control_session import ControlSession
 from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
 from podtwin.agent.target.process import TargetProcess
 
@@ -36,15 +37,15 @@ class Agent:
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 2
     incoming: "IncomingServer | None" = None
-    owner: "AgentConnection | None" = None
+    runner: "AgentConnection | None" = None   # the runner's connection: the agent lives as long as it
     connections: set = field(default_factory=set)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
 
     def notify(self, level: str, message: str) -> None:
-        """Tell the runner (the owner) something the user should see."""
-        if self.owner is not None and self.owner.control is not None:
-            self.owner.control._send(wire.encode_json(wire.NOTICE, {"level": level, "message": message}))
+        """Tell the runner something the user should see."""
+        if self.runner is not None and self.runner.control is not None:
+            self.runner.control.notify(level, message)
 
     def stop(self, reason: str) -> None:
         if not self.shutdown.is_set():
@@ -70,11 +71,11 @@ class Agent:
             sock.close()
 
     async def watch(self) -> None:
-        """Stop when no owner came in time or the target process exited."""
+        """Stop when no runner came in time or the target process exited."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.startup_timeout
         while not self.shutdown.is_set():
-            if self.owner is None and loop.time() > deadline:
+            if self.runner is None and loop.time() > deadline:
                 self.stop(f"no client connected within {self.startup_timeout:.0f}s")
             if not self.target.exists():
                 self.stop(f"target process {self.target.pid} exited")
@@ -85,11 +86,14 @@ class Agent:
 
 
 class AgentConnection(asyncssh.SSHServer):
+    """One client's SSH connection (the runner's or the sidecar's); to the incoming service, the
+    ``Subscriber`` its subscribed ports' connections are forwarded to."""
+
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.conn: asyncssh.SSHServerConnection | None = None
         self.role = "?"
-        self.control: "ControlSession | None" = None
+        self.control: ControlSession | None = None   # its control channel, once started
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -99,8 +103,8 @@ class AgentConnection(asyncssh.SSHServer):
         self.agent.connections.discard(self)
         log.info("%s disconnected%s", self.role, f": {exc}" if exc else "")
         if self.agent.incoming is not None:
-            self.agent.incoming.drop_owner(self)
-        if self.agent.owner is self:
+            self.agent.incoming.drop_subscriber(self)
+        if self.agent.runner is self:
             self.agent.stop("the runner's connection closed")
 
     def begin_auth(self, username: str) -> bool:
@@ -127,56 +131,19 @@ class AgentConnection(asyncssh.SSHServer):
             self.agent.notify("fatal", error)  # the session cannot do what it was asked to
         return error
 
+    async def open_forwarded(self, port: int, peer: tuple[str, int]):
+        """A forwarded-tcpip channel to this client for a connection to ``port`` from ``peer``."""
+        assert self.conn is not None
+        return await self.conn.open_connection(INCOMING_HOST, port, peer[0], peer[1], encoding=None)
+
     def session_requested(self):
         return ControlSession(self)
 
-    def hello(self, body: dict) -> None:
-        self.role = str(body.get("role", "?"))
+    def greeted(self, hello: wire.Hello) -> None:
+        self.role = hello.role
         log.info("%s connected", self.role)
-        if self.role == "runner" and self.agent.owner is None:
-            self.agent.owner = self
-
-
-class ControlSession(asyncssh.SSHServerSession):
-    def __init__(self, owner: AgentConnection) -> None:
-        self.owner = owner
-        self.chan: asyncssh.SSHServerChannel | None = None
-        self.handler: ControlHandler | None = None
-
-    def connection_made(self, chan) -> None:
-        self.chan = chan
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return subsystem == wire.CONTROL_SUBSYSTEM
-
-    def shell_requested(self) -> bool:
-        return False
-
-    def exec_requested(self, command: str) -> bool:
-        return False
-
-    def session_started(self) -> None:
-        self.owner.control = self
-        self.handler = ControlHandler(self.owner.agent.target, self._send, self.owner.hello,
-                                      subscribe=self.owner.subscribe)
-
-    def _send(self, data: bytes) -> None:
-        if self.chan is not None and not self.chan.is_closing():
-            self.chan.write(data)
-
-    def data_received(self, data: bytes, datatype) -> None:
-        assert self.handler is not None
-        try:
-            self.handler.feed(data)
-        except (wire.ProtocolError, KeyError, ValueError, TypeError) as exc:
-            log.error("control channel: %s", exc)
-            self._send(wire.encode_json(wire.ERROR, {"message": str(exc)}))
-            if self.chan is not None:
-                self.chan.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.handler is not None:
-            self.handler.close()
+        if self.role == "runner" and self.agent.runner is None:
+            self.agent.runner = self
 
 
 def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:

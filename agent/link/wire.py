@@ -6,38 +6,45 @@ rides on one session channel opened as the subsystem ``CONTROL_SUBSYSTEM``, fram
 
     u32 length (of what follows) | u8 message type | payload
 
+Each JSON payload has a typed, frozen payload class beside its constant (``Hello`` for ``HELLO``
+...), checked field by field on both ends: a missing field, an extra one or a wrong type is a
+``ProtocolError``, never a ``KeyError`` deep inside a handler.
+
 This module is sans-IO: it only turns messages into bytes and bytes into messages. The agent
 owns these definitions; the runner is the agent's client and imports them from here.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, get_args, get_origin, get_type_hints
 
 PROTOCOL_VERSION = 2
 CONTROL_SUBSYSTEM = "podtwin-control"
 MAX_FRAME = 1 << 20  # a UDP datagram or DNS message is far smaller; anything larger is a bug
 
 # client -> agent
-HELLO = 0x01          # JSON {"version", "role"}
+HELLO = 0x01          # Hello
 INFO_REQUEST = 0x02   # empty
 DNS_QUERY = 0x03      # u32 request id + raw DNS message
-UDP_OPEN = 0x04       # u32 flow id + JSON {"host", "port"}
+UDP_OPEN = 0x04       # UdpOpen: u32 flow id + JSON
 UDP_SEND = 0x05       # u32 flow id + datagram
 UDP_CLOSE = 0x06      # u32 flow id
 PING = 0x07           # opaque bytes, echoed
-INCOMING_SUBSCRIBE = 0x08  # JSON {"port", "mode", "http_filter"}: then ask to forward (INCOMING_HOST, port)
+INCOMING_SUBSCRIBE = 0x08  # IncomingSubscribe; then ask to forward (INCOMING_HOST, port)
 # agent -> client
-HELLO_OK = 0x81       # JSON {"version", "agent"}
-INFO = 0x82           # JSON {"env", "resolv_conf", "hosts", "hostname", "pid"}
+HELLO_OK = 0x81       # HelloOk
+INFO = 0x82           # Info
 DNS_ANSWER = 0x83     # u32 request id + raw DNS message (empty: no nameserver answered)
 UDP_RECV = 0x85       # u32 flow id + datagram
 UDP_CLOSED = 0x86     # u32 flow id + utf-8 reason
 PONG = 0x87           # the PING's bytes
-INCOMING_REPLY = 0x88  # JSON {"port", "error"}: error is null when the subscription is accepted
-NOTICE = 0x89         # JSON {"level", "message"}: for the runner to show the user
-ERROR = 0xFF          # JSON {"message"}: fatal, the agent closes the channel after it
+INCOMING_REPLY = 0x88  # IncomingReply
+NOTICE = 0x89         # Notice: for the runner to show the user
+ERROR = 0xFF          # Error: fatal, the agent closes the channel after it
 
 NAMES = {value: name for name, value in globals().items()
          if name.isupper() and isinstance(value, int) and name not in ("PROTOCOL_VERSION", "MAX_FRAME")}
@@ -60,13 +67,7 @@ class Message:
         return NAMES.get(self.type, f"0x{self.type:02x}")
 
     def json(self) -> dict:
-        try:
-            value = json.loads(self.payload)
-        except ValueError as exc:
-            raise ProtocolError(f"{self.name}: payload is not JSON") from exc
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{self.name}: payload is not a JSON object")
-        return value
+        return _json_object(self.name, self.payload)
 
     def split_id(self) -> tuple[int, bytes]:
         """For messages that start with a u32 request/flow id: (id, rest)."""
@@ -82,7 +83,7 @@ def encode(msg_type: int, payload: bytes = b"") -> bytes:
 
 
 def encode_json(msg_type: int, value: dict) -> bytes:
-    return encode(msg_type, json.dumps(value, separators=(",", ":")).encode())
+    return encode(msg_type, _json_bytes(value))
 
 
 def encode_id(msg_type: int, ident: int, payload: bytes = b"") -> bytes:
@@ -114,14 +115,151 @@ class FrameDecoder:
         return len(self._buf)
 
 
-def check_hello(msg: Message, expected: int = HELLO_OK) -> dict:
-    """Validate the peer's greeting (the agent expects HELLO, a client HELLO_OK): the message
-    type and the protocol version must match exactly."""
-    if msg.type != expected:
-        raise ProtocolError(f"expected {NAMES[expected]}, got {msg.name}")
-    body = msg.json()
-    if body.get("version") != PROTOCOL_VERSION:
+def _json_bytes(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_object(name: str, data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ProtocolError(f"{name}: payload is not JSON") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{name}: payload is not a JSON object")
+    return value
+
+
+# -- typed payloads ---------------------------------------------------------------------------
+class Payload:
+    """A JSON payload as a frozen dataclass: its fields are the JSON object's keys, checked
+    against their annotations when made (so a bad value fails on the sending end too)."""
+
+    TYPE: ClassVar[int]
+    ID: ClassVar[str | None] = None   # a field sent as the u32 id before the JSON, not inside it
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value, hint = getattr(self, f.name), hints[f.name]
+            if not _conforms(value, hint):
+                raise ProtocolError(f"{NAMES[self.TYPE]}: {f.name} must be {_describe(hint)}, not {value!r}")
+
+    def encode(self) -> bytes:
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != self.ID}  # type: ignore[arg-type]
+        if self.ID is None:
+            return encode_json(self.TYPE, body)
+        return encode_id(self.TYPE, getattr(self, self.ID), _json_bytes(body))
+
+    @classmethod
+    def decode(cls, msg: Message) -> Self:
+        """The payload of ``msg``, which must be a ``TYPE`` message with exactly these fields."""
+        if msg.type != cls.TYPE:
+            raise ProtocolError(f"expected {NAMES[cls.TYPE]}, got {msg.name}")
+        ident: dict[str, int] = {}
+        data = msg.payload
+        if cls.ID is not None:
+            ident[cls.ID], data = msg.split_id()
+        body = _json_object(msg.name, data)
+        expected = {f.name for f in fields(cls)} - set(ident)  # type: ignore[arg-type]
+        if set(body) != expected:
+            raise ProtocolError(f"{msg.name}: fields {sorted(body)}, expected {sorted(expected)}")
+        return cls(**body, **ident)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is types.UnionType:
+        return any(_conforms(value, arm) for arm in get_args(hint))
+    if origin is dict:
+        key, item = get_args(hint)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item)
+                                               for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return type(value) is int  # JSON true is no port number, though Python calls bool an int
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint) if get_origin(hint) else hint.__name__
+
+
+@dataclass(frozen=True)
+class Hello(Payload):
+    TYPE = HELLO
+    version: int
+    role: str          # "runner" (owns the agent) or "sidecar"
+
+
+@dataclass(frozen=True)
+class HelloOk(Payload):
+    TYPE = HELLO_OK
+    version: int
+    agent: str
+
+
+@dataclass(frozen=True)
+class Info(Payload):
+    """The target as the app should see it."""
+    TYPE = INFO
+    pid: int
+    env: dict[str, str]
+    resolv_conf: str
+    hosts: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class UdpOpen(Payload):
+    TYPE = UDP_OPEN
+    ID = "flow"
+    flow: int          # chosen by the client; names the flow in UDP_SEND/RECV/CLOSE/CLOSED
+    host: str
+    port: int          # not range-checked here: an impossible port is the flow's failure, not a protocol error
+
+
+@dataclass(frozen=True)
+class IncomingSubscribe(Payload):
+    TYPE = INCOMING_SUBSCRIBE
+    port: int
+    mode: str                  # "steal" or "mirror"
+    http_filter: dict | None   # steal only the HTTP requests it matches (agent/incoming/http/filter.py)
+
+
+@dataclass(frozen=True)
+class IncomingReply(Payload):
+    TYPE = INCOMING_REPLY
+    port: int
+    error: str | None   # None: accepted
+
+
+@dataclass(frozen=True)
+class Notice(Payload):
+    TYPE = NOTICE
+    level: str          # "info", "warning", "error", or "fatal": the session cannot do what it was asked
+    message: str
+
+
+@dataclass(frozen=True)
+class Error(Payload):
+    TYPE = ERROR
+    message: str
+
+
+def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -> Hello | HelloOk:
+    """Validate the peer's greeting (the agent expects ``Hello``, a client ``HelloOk``): the
+    message type and the protocol version must match exactly, then the payload's fields."""
+    if msg.type != expected.TYPE:
+        raise ProtocolError(f"expected {NAMES[expected.TYPE]}, got {msg.name}")
+    version = msg.json().get("version")
+    if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version mismatch: peer speaks {body.get('version')!r}, we speak {PROTOCOL_VERSION}"
+            f"protocol version mismatch: peer speaks {version!r}, we speak {PROTOCOL_VERSION}"
             " — use the podtwin image built from the same podtwin version (`podtwin images build`)")
-    return body
+    return expected.decode(msg)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from podtwin.agent.link.wire import Info
+
 
 @dataclass(frozen=True)
 class TargetProcess:
@@ -46,11 +48,6 @@ class TargetProcess:
             return name
         return self.environ().get("HOSTNAME", "")
 
-    def info(self) -> dict:
-        return {
-            "pid": self.pid,
-            "env": self.environ(),
-            "resolv_conf": self.read_text("/etc/resolv.conf"),
-            "hosts": self.read_text("/etc/hosts"),
-            "hostname": self.hostname(),
-        }
+    def info(self) -> Info:
+        return Info(pid=self.pid, env=self.environ(), resolv_conf=self.read_text("/etc/resolv.conf"),
+                    hosts=self.read_text("/etc/hosts"), hostname=self.hostname())

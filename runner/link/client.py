@@ -35,8 +35,8 @@ class ControlChannel(asyncssh.SSHClientSession):
     def __init__(self) -> None:
         self.chan: asyncssh.SSHClientChannel | None = None
         self.decoder = wire.FrameDecoder()
-        self.hello_ok: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
-        self.info_waiters: list[asyncio.Future[dict]] = []
+        self.hello_ok: asyncio.Future[wire.HelloOk] = asyncio.get_running_loop().create_future()
+        self.info_waiters: list[asyncio.Future[wire.Info]] = []
         self.dns_waiters: dict[int, asyncio.Future[bytes]] = {}
         self.udp_handlers: dict[int, tuple[Callable[[bytes], None], Callable[[str], None]]] = {}
         self.ids = itertools.count(1)
@@ -73,7 +73,7 @@ class ControlChannel(asyncssh.SSHClientSession):
                     self.hello_ok.set_exception(exc)
         elif msg.type == wire.INFO:
             if self.info_waiters:
-                self.info_waiters.pop(0).set_result(msg.json())
+                self.info_waiters.pop(0).set_result(wire.Info.decode(msg))
         elif msg.type == wire.DNS_ANSWER:
             ident, answer = msg.split_id()
             fut = self.dns_waiters.pop(ident, None)
@@ -90,15 +90,15 @@ class ControlChannel(asyncssh.SSHClientSession):
             if handler is not None:
                 handler[1](reason.decode(errors="replace"))
         elif msg.type == wire.INCOMING_REPLY:
-            body = msg.json()
-            fut = self.incoming_waiters.pop(int(body["port"]), None)
+            reply = wire.IncomingReply.decode(msg)
+            fut = self.incoming_waiters.pop(reply.port, None)
             if fut is not None and not fut.done():
-                fut.set_result(body.get("error"))
+                fut.set_result(reply.error)
         elif msg.type == wire.NOTICE:
-            body = msg.json()
-            self.on_notice(str(body.get("level", "info")), str(body.get("message", "")))
+            notice = wire.Notice.decode(msg)
+            self.on_notice(notice.level, notice.message)
         elif msg.type == wire.ERROR:
-            log.error("agent error: %s", msg.json().get("message"))
+            log.error("agent error: %s", wire.Error.decode(msg).message)
         elif msg.type == wire.PONG:
             pass
         else:
@@ -110,12 +110,12 @@ class ControlChannel(asyncssh.SSHClientSession):
             raise ConnectionError("the link to the agent is closed")
         self.chan.write(data)
 
-    async def hello(self, role: str) -> dict:
-        self.send(wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION, "role": role}))
+    async def hello(self, role: str) -> wire.HelloOk:
+        self.send(wire.Hello(wire.PROTOCOL_VERSION, role).encode())
         return await self.hello_ok
 
-    async def info(self) -> dict:
-        fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+    async def info(self) -> wire.Info:
+        fut: asyncio.Future[wire.Info] = asyncio.get_running_loop().create_future()
         self.info_waiters.append(fut)
         self.send(wire.encode(wire.INFO_REQUEST))
         return await fut
@@ -134,15 +134,14 @@ class ControlChannel(asyncssh.SSHClientSession):
         """Ask the agent for a target port's incoming traffic; None if granted, else why not."""
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.incoming_waiters[port] = fut
-        self.send(wire.encode_json(wire.INCOMING_SUBSCRIBE,
-                                   {"port": port, "mode": mode, "http_filter": http_filter}))
+        self.send(wire.IncomingSubscribe(port, mode, http_filter).encode())
         return await fut
 
     def udp_open(self, host: str, port: int, on_data: Callable[[bytes], None],
                  on_close: Callable[[str], None]) -> int:
         ident = next(self.ids)
         self.udp_handlers[ident] = (on_data, on_close)
-        self.send(wire.encode_id(wire.UDP_OPEN, ident, wire.json.dumps({"host": host, "port": port}).encode()))
+        self.send(wire.UdpOpen(ident, host, port).encode())
         return ident
 
     def udp_send(self, ident: int, data: bytes) -> None:

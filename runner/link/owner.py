@@ -11,6 +11,7 @@ from typing import Callable
 
 import asyncssh
 
+from podtwin.agent.link import wire
 from podtwin.runner.errors import AgentError
 from podtwin.runner.link.client import Link, LinkKeys
 from podtwin.runner.link.loop import LoopThread
@@ -25,11 +26,11 @@ class OwnerLink:
         self.link: Link | None = None
         self.closing = False
 
-    def connect(self, host_key: str, timeout: float) -> dict:
+    def connect(self, host_key: str, timeout: float) -> wire.Info:
         """Connect over the session's socket; the target's info (env, pid, resolver files)."""
         keys = LinkKeys(str(self.files.client_key), host_key)
 
-        async def go() -> dict:
+        async def go() -> wire.Info:
             self.link = await Link.connect_unix(str(self.files.agent_socket), keys, role="runner")
             self.link.control.on_notice = self.on_notice
             asyncio.get_running_loop().create_task(self._watch(), name="runner:link-watch")

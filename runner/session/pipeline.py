@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from podtwin.agent.link import wire
 from podtwin.runner import backends
 from podtwin.runner.backends.base import Placement, Resolved, Transport
 from podtwin.runner.config.docker_args import ExtraRunArgs, parse_extra_args
@@ -65,7 +66,7 @@ class Bridge:
 
     session: Session
     sidecar_id: str
-    remote: dict       # the target's info: env, pid, hostname, resolver files
+    remote: wire.Info   # the target's info: env, pid, hostname, resolver files
 
 
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -76,7 +77,7 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
     app = App(engine, progress, p.extra.app)
     with Teardown(progress) as teardown:
         bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
-        return app.run(bridge.session, opts, cfg, bridge.remote["env"], bridge.sidecar_id, teardown)
+        return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown)
 
 
 def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -124,5 +125,5 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         if why:
             raise AgentError(f"{p.transport.what} to the agent failed: {why}", p.transport.hint) from exc
         raise
-    progress(f"agent ready; target process {remote['pid']} has {len(remote['env'])} environment variables")
+    progress(f"agent ready; target process {remote.pid} has {len(remote.env)} environment variables")
     return Bridge(session, sidecar_id, remote)

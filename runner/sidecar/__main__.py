@@ -89,10 +89,10 @@ async def amain(args: argparse.Namespace) -> int:
     own_resolv = Path("/etc/resolv.conf").read_text()
     local_dns = Forwarder(lambda: own_resolv, mark=BYPASS_MARK)
     if dns_enabled:
-        hosts = info.get("hosts") or "127.0.0.1\tlocalhost\n"
+        hosts = info.hosts or "127.0.0.1\tlocalhost\n"
         Path("/etc/hosts").write_text(hosts)
         names.learn_hosts(hosts)
-        Path("/etc/resolv.conf").write_text(resolv_conf_for_app(info.get("resolv_conf", "")))
+        Path("/etc/resolv.conf").write_text(resolv_conf_for_app(info.resolv_conf))
     else:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(own_resolv))
     per_connection = settings.proxy_decides()

@@ -81,9 +81,9 @@ def test_info_tcp_udp_and_owner_lifetime(agent, target):
 
         link = await Link.connect_unix(sock, keys, role="runner")
         info = await link.control.info()
-        assert info["pid"] == target.pid
-        assert info["env"]["GREETING"] == "hello from target"
-        assert info["env"]["SECRET_TOKEN"] == "s3cr3t"
+        assert info.pid == target.pid
+        assert info.env["GREETING"] == "hello from target"
+        assert info.env["SECRET_TOKEN"] == "s3cr3t"
 
         reader, writer = await link.open_tcp("127.0.0.1", tcp_port)
         writer.write(b"ping")
@@ -205,7 +205,7 @@ def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
                 lambda r, w: (w.write(b"x" * 1_000_000), w.close()), "127.0.0.1", 0)
             link = await Link.connect(ours, LinkKeys(str(tmp_path / "client_key"), ready["host_key"]), role="runner")
             info = await link.control.info()
-            assert info["env"]["GREETING"] == "hello from target"
+            assert info.env["GREETING"] == "hello from target"
             reader, writer = await link.open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
             assert len(await reader.read()) == 1_000_000   # bulk data, binary-clean, through the relay
             writer.close()

@@ -1,367 +1,320 @@
-"""The agent's control channel (agent/link/control.py) as a playbook: feed frames, read what it sends.
+"""The agent's control channel core (agent/link/control.py) as a playbook: ``>> input << commands``.
 
-No SSH and no agent process: a ControlHandler in an asyncio loop, a fake target process, and the
-frames a client would send. UDP goes to echo sockets on loopback created here.
+Each input is either bytes from the client (fed to the channel) or an event (a socket opened, a
+DNS answer, the clock); after it come the commands the core must return for it, exactly and in
+order. No sockets, no event loop, no sleeps: the I/O half is tested in test_control_session.py.
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import socket
+from typing import Any
 
 import pytest
 
-from podtwin.agent.link import control, wire
+from podtwin.agent.link import wire
 from podtwin.agent.link.control import ControlHandler
+from podtwin.agent.link.control_events import (
+    ChannelClosed, CloseUdp, DnsAnswered, Fatal, ForwardDns, Greeted, NoticeFromAgent, OpenUdp,
+    ReadTargetInfo, Reply, SendUdp, Subscribe, SubscribeDone, TargetInfoRead, Tick, UdpOpened,
+    UdpOpenFailed, UdpReceived)
 
-HELLO = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION, "role": "sidecar"})
-
-
-class FakeTarget:
-    """What ControlHandler uses of a TargetProcess."""
-
-    def __init__(self, files: dict[str, str] | None = None) -> None:
-        self.files = files or {}
-        self.info_calls = 0
-
-    def info(self) -> dict:
-        self.info_calls += 1
-        return {"pid": 4242, "env": {"APP_ENV": "staging", "EMPTY": ""}, "hostname": "demo-api",
-                "resolv_conf": self.files.get("/etc/resolv.conf", ""), "hosts": "10.0.0.5\tdb\n"}
-
-    def read_text(self, path: str, default: str = "") -> str:
-        return self.files.get(path, default)
-
-    def exists(self) -> bool:
-        return True
+IDLE = 120.0
+HELLO = wire.Hello(wire.PROTOCOL_VERSION, "sidecar")
+INFO = wire.Info(pid=4242, env={"APP_ENV": "staging", "EMPTY": ""}, resolv_conf="nameserver 10.0.0.10\n",
+                 hosts="10.0.0.5\tdb\n", hostname="demo-api")
 
 
 class Playbook:
-    """One control channel: ``feed(*frames)`` in, ``sent`` (decoded messages) out."""
+    """``Playbook() >> input << command << command >> input ...``; ``assert playbook`` plays the
+    steps not played yet, so a test can look at the core between two parts of its script."""
 
-    def __init__(self, target: FakeTarget | None = None) -> None:
-        self.target = target or FakeTarget()
-        self.sent: list[wire.Message] = []
-        self.hellos: list[dict] = []
-        self._decoder = wire.FrameDecoder()
-        self.handler = ControlHandler(self.target, self._send, self.hellos.append)
+    def __init__(self, core: ControlHandler | None = None) -> None:
+        self.core = core or ControlHandler(now=0.0, udp_idle=IDLE)
+        self.steps: list[tuple[Any, list]] = []
+        self.played = 0
 
-    def _send(self, data: bytes) -> None:
-        self.sent += self._decoder.feed(data)
+    def __rshift__(self, given) -> "Playbook":
+        self.steps.append((given, []))
+        return self
 
-    def feed(self, *frames: bytes) -> None:
-        self.handler.feed(b"".join(frames))
+    def __lshift__(self, command) -> "Playbook":
+        self.steps[-1][1].append(command)
+        return self
 
-    def types(self) -> list[str]:
-        return [m.name for m in self.sent]
-
-    def of(self, msg_type: int) -> list[wire.Message]:
-        return [m for m in self.sent if m.type == msg_type]
-
-    async def until(self, predicate, timeout: float = 5.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out; sent so far: {self.types()}")
-            await asyncio.sleep(0.01)
-
-    async def close(self) -> None:
-        self.handler.close()
-        await asyncio.sleep(0)  # let the cancelled tasks finish
+    def __bool__(self) -> bool:
+        for given, expected in self.steps[self.played:]:
+            actual = self.core.feed(given) if isinstance(given, bytes) else self.core.handle(given)
+            if actual != expected:
+                raise AssertionError(f"after >> {show(given)}\n  expected: {[show(c) for c in expected]}"
+                                     f"\n  got:      {[show(c) for c in actual]}")
+            self.played += 1
+        return True
 
 
-def play(scenario) -> None:
-    """Run ``scenario(playbook)`` in a fresh loop; the handler is always closed afterwards."""
-    async def main() -> None:
-        book = Playbook()
-        try:
-            await scenario(book)
-        finally:
-            await book.close()
-        assert not book.handler.tasks or all(t.done() for t in book.handler.tasks)
-    asyncio.run(asyncio.wait_for(main(), 20))
+def show(item) -> str:
+    """A frame as its messages' names and payloads, anything else as it is."""
+    data = item.data if isinstance(item, Reply) and isinstance(item.data, bytes) else item
+    if not isinstance(data, bytes):
+        return repr(item)
+    try:
+        msgs = wire.FrameDecoder().feed(data)
+    except wire.ProtocolError:
+        return repr(item)
+    text = ", ".join(f"{m.name} {m.payload[:60]!r}" for m in msgs)
+    return f"Reply({text})" if isinstance(item, Reply) else text
 
 
-class EchoServer(asyncio.DatagramProtocol):
-    """A UDP echo on 127.0.0.1 that records who sent what."""
+class Contains:
+    """Equal to any str or bytes that contains ``part``."""
 
-    def __init__(self, prefix: bytes = b"echo:") -> None:
-        self.prefix = prefix
-        self.received: list[tuple[bytes, tuple]] = []
-        self.transport: asyncio.DatagramTransport | None = None
+    def __init__(self, part) -> None:
+        self.part = part
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def __eq__(self, other) -> bool:
+        return isinstance(other, type(self.part)) and self.part in other
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.received.append((data, addr))
-        self.transport.sendto(self.prefix + data, addr)
-
-    @property
-    def port(self) -> int:
-        return self.transport.get_extra_info("sockname")[1]
+    def __repr__(self) -> str:
+        return f"Contains({self.part!r})"
 
 
-async def echo_server(prefix: bytes = b"echo:") -> EchoServer:
-    loop = asyncio.get_running_loop()
-    _, proto = await loop.create_datagram_endpoint(lambda: EchoServer(prefix), local_addr=("127.0.0.1", 0))
-    return proto
+# -- frames the client sends, and the agent's replies ------------------------------------------
+def frame(msg_type: int, payload: bytes = b"") -> bytes:
+    return wire.encode(msg_type, payload)
 
 
 def udp_open(flow: int, host: str, port: int) -> bytes:
-    return wire.encode_id(wire.UDP_OPEN, flow, json.dumps({"host": host, "port": port}).encode())
+    return wire.UdpOpen(flow, host, port).encode()
 
 
 def udp_send(flow: int, data: bytes) -> bytes:
     return wire.encode_id(wire.UDP_SEND, flow, data)
 
 
+def udp_close(flow: int) -> bytes:
+    return wire.encode_id(wire.UDP_CLOSE, flow)
+
+
+def reply(payload: wire.Payload) -> Reply:
+    return Reply(payload.encode())
+
+
+def reply_id(msg_type: int, ident: int, data: bytes = b"") -> Reply:
+    return Reply(wire.encode_id(msg_type, ident, data))
+
+
+def greeted() -> Playbook:
+    """A playbook past the handshake."""
+    book = Playbook() >> HELLO.encode() << reply(wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent")) << Greeted(HELLO)
+    assert book
+    return book
+
+
+def open_flow(book: Playbook, flow: int, port: int = 9999) -> Playbook:
+    """``flow`` to 127.0.0.1:``port``, its socket open."""
+    assert (book >> udp_open(flow, "127.0.0.1", port) << OpenUdp(flow, "127.0.0.1", port)
+            >> UdpOpened(flow))
+    return book
+
+
 # -- handshake ----------------------------------------------------------------------------------
 def test_hello_ok_is_the_reply_to_hello():
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO)
-        assert book.types() == ["HELLO_OK"]
-        assert book.sent[0].json() == {"version": wire.PROTOCOL_VERSION, "agent": "podtwin-agent"}
-        assert wire.check_hello(book.sent[0])  # what the client will check
-        assert book.hellos == [{"version": wire.PROTOCOL_VERSION, "role": "sidecar"}]
-    play(scenario)
+    book = greeted()
+    (msg,) = wire.FrameDecoder().feed(book.steps[0][1][0].data)
+    assert wire.check_hello(msg) == wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent")  # what the client checks
+    assert book.core.greeted
 
 
-@pytest.mark.parametrize("first", [
-    wire.encode(wire.INFO_REQUEST),
-    wire.encode(wire.PING, b"x"),
-    udp_open(1, "127.0.0.1", 9),
-    wire.encode(0x42),
+@pytest.mark.parametrize("first, name", [
+    (frame(wire.INFO_REQUEST), "INFO_REQUEST"),
+    (frame(wire.PING, b"x"), "PING"),
+    (udp_open(1, "127.0.0.1", 9), "UDP_OPEN"),
+    (frame(0x42), "0x42"),
 ])
-def test_anything_but_hello_first_is_a_protocol_error(first):
-    async def scenario(book: Playbook) -> None:
-        with pytest.raises(wire.ProtocolError, match="expected HELLO"):
-            book.feed(first, HELLO)
-        assert book.sent == [] and book.hellos == [] and book.handler.flows == {}
-        assert book.target.info_calls == 0
-    play(scenario)
+def test_anything_but_hello_first_is_fatal(first, name):
+    message = f"expected HELLO, got {name}"
+    book = Playbook() >> first + HELLO.encode() << reply(wire.Error(message)) << Fatal(message)
+    assert book
+    assert book.core.flows == {} and not book.core.greeted
+    assert book >> HELLO.encode() >> frame(wire.PING)   # no input is taken after a fatal error
 
 
 def test_hello_with_another_version_is_refused():
-    async def scenario(book: Playbook) -> None:
-        with pytest.raises(wire.ProtocolError, match="protocol version mismatch"):
-            book.feed(wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION + 1, "role": "runner"}))
-        assert book.sent == [] and book.hellos == []
-    play(scenario)
+    other = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION + 1, "role": "runner"})
+    assert (Playbook() >> other
+            << Reply(Contains(b"protocol version mismatch: peer speaks 3, we speak 2"))
+            << Fatal(Contains("protocol version mismatch: peer speaks 3, we speak 2")))
 
 
-def test_a_second_hello_is_a_protocol_error():
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO)
-        with pytest.raises(wire.ProtocolError, match="unexpected message HELLO"):
-            book.feed(HELLO)
-        assert book.types() == ["HELLO_OK"] and len(book.hellos) == 1
-    play(scenario)
+def test_hello_without_a_role_is_refused():
+    bare = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION})
+    message = "HELLO: fields ['version'], expected ['role', 'version']"
+    assert Playbook() >> bare << reply(wire.Error(message)) << Fatal(message)
+
+
+def test_a_second_hello_is_fatal():
+    message = "unexpected message HELLO"
+    assert greeted() >> HELLO.encode() << reply(wire.Error(message)) << Fatal(message)
 
 
 # -- requests and replies -----------------------------------------------------------------------
 def test_info_reply_is_the_targets_info():
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO, wire.encode(wire.INFO_REQUEST))
-        assert book.types() == ["HELLO_OK", "INFO"]
-        assert book.sent[1].json() == book.target.info()
-        assert book.sent[1].json()["env"] == {"APP_ENV": "staging", "EMPTY": ""}
-    play(scenario)
+    assert (greeted() >> frame(wire.INFO_REQUEST) << ReadTargetInfo()
+            >> TargetInfoRead(INFO) << reply(INFO))
 
 
 @pytest.mark.parametrize("payload", [b"", b"beat-1", bytes(range(256)) * 4])
 def test_ping_is_echoed_as_pong(payload):
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO, wire.encode(wire.PING, payload))
-        assert book.types() == ["HELLO_OK", "PONG"]
-        assert book.sent[1].payload == payload
-    play(scenario)
+    assert greeted() >> frame(wire.PING, payload) << Reply(frame(wire.PONG, payload))
 
 
-def test_frames_split_byte_by_byte_give_the_same_replies_in_order():
-    async def scenario(book: Playbook) -> None:
-        stream = b"".join([HELLO, wire.encode(wire.PING, b"a"), wire.encode(wire.INFO_REQUEST),
-                           wire.encode(wire.PING, b"b")])
-        for i in range(len(stream)):
-            book.feed(stream[i:i + 1])
-        assert book.types() == ["HELLO_OK", "PONG", "INFO", "PONG"]
-        assert [m.payload for m in book.of(wire.PONG)] == [b"a", b"b"]
-    play(scenario)
+def test_frames_split_byte_by_byte_give_the_same_commands_in_order():
+    book = Playbook()
+    script = [
+        (HELLO.encode(), [reply(wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent")), Greeted(HELLO)]),
+        (frame(wire.PING, b"a"), [Reply(frame(wire.PONG, b"a"))]),
+        (frame(wire.INFO_REQUEST), [ReadTargetInfo()]),
+        (frame(wire.PING, b"b"), [Reply(frame(wire.PONG, b"b"))]),
+    ]
+    for data, commands in script:
+        for i in range(len(data)):
+            book >> data[i:i + 1]   # nothing comes out until a frame's last byte
+        for command in commands:
+            book << command
+    assert book
 
 
 @pytest.mark.parametrize("msg_type", [0x42, wire.HELLO_OK, wire.INFO, wire.UDP_RECV, wire.PONG, wire.ERROR])
-def test_unknown_or_agent_only_types_are_protocol_errors(msg_type):
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO)
-        with pytest.raises(wire.ProtocolError, match="unexpected message"):
-            book.feed(wire.encode(msg_type, b"{}"))
-    play(scenario)
+def test_unknown_or_agent_only_types_are_fatal(msg_type):
+    message = f"unexpected message {wire.Message(msg_type).name}"
+    assert greeted() >> frame(msg_type, b"{}") << reply(wire.Error(message)) << Fatal(message)
 
 
-def test_oversize_frame_is_a_protocol_error():
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO)
-        with pytest.raises(wire.ProtocolError, match="out of range"):
-            book.feed((wire.MAX_FRAME + 1).to_bytes(4, "big") + bytes([wire.UDP_SEND]))
-    play(scenario)
+def test_oversize_frame_is_fatal():
+    message = f"frame length {wire.MAX_FRAME + 1} out of range"
+    assert (greeted() >> (wire.MAX_FRAME + 1).to_bytes(4, "big") + bytes([wire.UDP_SEND])
+            << reply(wire.Error(message)) << Fatal(message))
 
 
-def test_dns_query_with_no_nameserver_answering_gets_an_empty_answer_with_its_id():
-    """The target's resolv.conf points at a loopback address nothing listens on: refused at once."""
-    async def scenario(book: Playbook) -> None:
-        book.target.files["/etc/resolv.conf"] = "nameserver 127.0.0.10\noptions timeout:1 attempts:1\n"
-        query = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01x\x00\x00\x01\x00\x01"
-        book.feed(HELLO, wire.encode_id(wire.DNS_QUERY, 77, query))
-        await book.until(lambda: book.of(wire.DNS_ANSWER))
-        assert book.of(wire.DNS_ANSWER)[0].split_id() == (77, b"")
-    play(scenario)
+def test_a_malformed_payload_is_fatal_and_earlier_frames_still_count():
+    message = "INCOMING_SUBSCRIBE: fields ['port'], expected ['http_filter', 'mode', 'port']"
+    assert (greeted() >> frame(wire.PING, b"1") + wire.encode_json(wire.INCOMING_SUBSCRIBE, {"port": 80})
+            << Reply(frame(wire.PONG, b"1")) << reply(wire.Error(message)) << Fatal(message))
+
+
+def test_dns_answers_carry_their_querys_id_in_any_order():
+    assert (greeted()
+            >> wire.encode_id(wire.DNS_QUERY, 77, b"query-a") + wire.encode_id(wire.DNS_QUERY, 78, b"query-b")
+            << ForwardDns(77, b"query-a") << ForwardDns(78, b"query-b")
+            >> DnsAnswered(78, b"answer-b") << reply_id(wire.DNS_ANSWER, 78, b"answer-b")
+            >> DnsAnswered(77, b"") << reply_id(wire.DNS_ANSWER, 77))   # empty: no nameserver answered
+
+
+def test_subscribe_is_asked_of_the_incoming_service_and_its_answer_sent_back():
+    steal = wire.IncomingSubscribe(8080, "steal", {"header_filter": "x-user: me"})
+    assert (greeted() >> steal.encode() << Subscribe(8080, "steal", {"header_filter": "x-user: me"})
+            >> SubscribeDone(8080, "port 8080 is already stolen by podtwin session 1a2b")
+            << reply(wire.IncomingReply(8080, "port 8080 is already stolen by podtwin session 1a2b"))
+            >> SubscribeDone(8080, None) << reply(wire.IncomingReply(8080, None)))
+
+
+def test_the_agents_notices_are_sent_as_notice():
+    assert (greeted() >> NoticeFromAgent("info", "stealing port 80")
+            << reply(wire.Notice("info", "stealing port 80")))
 
 
 # -- UDP flows ----------------------------------------------------------------------------------
-def test_udp_open_and_send_in_one_feed_get_the_reply():
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        # the socket does not exist yet when UDP_SEND is handled: the datagrams wait, in order
-        book.feed(HELLO, udp_open(5, "127.0.0.1", echo.port), udp_send(5, b"one"), udp_send(5, b"two"))
-        await book.until(lambda: len(book.of(wire.UDP_RECV)) == 2)
-        assert [m.split_id() for m in book.of(wire.UDP_RECV)] == [(5, b"echo:one"), (5, b"echo:two")]
-        assert [data for data, _ in echo.received] == [b"one", b"two"]
-        assert len({addr for _, addr in echo.received}) == 1  # one socket per flow
-        book.feed(udp_send(5, b"three"))                     # now the socket is open
-        await book.until(lambda: len(book.of(wire.UDP_RECV)) == 3)
-        assert book.of(wire.UDP_RECV)[2].split_id() == (5, b"echo:three")
-        assert not book.of(wire.UDP_CLOSED)
-        echo.transport.close()
-    play(scenario)
+def test_udp_open_and_send_in_one_feed_wait_for_the_socket_in_order():
+    assert (greeted() >> udp_open(5, "127.0.0.1", 9999) + udp_send(5, b"one") + udp_send(5, b"two")
+            << OpenUdp(5, "127.0.0.1", 9999)
+            >> UdpOpened(5) << SendUdp(5, b"one") << SendUdp(5, b"two")
+            >> udp_send(5, b"three") << SendUdp(5, b"three")     # now the socket is open
+            >> UdpReceived(5, b"echo:one") << reply_id(wire.UDP_RECV, 5, b"echo:one"))
 
 
 def test_two_flows_are_kept_apart():
-    async def scenario(book: Playbook) -> None:
-        a, b = await echo_server(b"A:"), await echo_server(b"B:")
-        book.feed(HELLO, udp_open(1, "127.0.0.1", a.port), udp_open(2, "127.0.0.1", b.port),
-                  udp_send(2, b"to-b"), udp_send(1, b"to-a"))
-        await book.until(lambda: len(book.of(wire.UDP_RECV)) == 2)
-        assert sorted(m.split_id() for m in book.of(wire.UDP_RECV)) == [(1, b"A:to-a"), (2, b"B:to-b")]
-        for server in (a, b):
-            server.transport.close()
-    play(scenario)
+    assert (greeted() >> udp_open(1, "127.0.0.1", 1001) + udp_open(2, "127.0.0.1", 1002)
+            + udp_send(2, b"to-b") + udp_send(1, b"to-a")
+            << OpenUdp(1, "127.0.0.1", 1001) << OpenUdp(2, "127.0.0.1", 1002)
+            >> UdpOpened(2) << SendUdp(2, b"to-b")
+            >> UdpOpened(1) << SendUdp(1, b"to-a")
+            >> UdpReceived(2, b"B:to-b") << reply_id(wire.UDP_RECV, 2, b"B:to-b")
+            >> UdpReceived(1, b"A:to-a") << reply_id(wire.UDP_RECV, 1, b"A:to-a"))
 
 
 def test_udp_close_stops_delivery_and_sending():
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        book.feed(HELLO, udp_open(9, "127.0.0.1", echo.port), udp_send(9, b"hi"))
-        await book.until(lambda: book.of(wire.UDP_RECV))
-        flow_addr = echo.received[0][1]
-        book.feed(wire.encode_id(wire.UDP_CLOSE, 9))
-        assert 9 not in book.handler.flows
-        # the server still answers the flow's old address, and the client sends on the closed flow
-        echo.transport.sendto(b"late reply", flow_addr)
-        book.feed(udp_send(9, b"after close"))
-        await asyncio.sleep(0.2)
-        assert [m.split_id() for m in book.of(wire.UDP_RECV)] == [(9, b"echo:hi")]
-        assert [data for data, _ in echo.received] == [b"hi"]
-        assert not book.of(wire.UDP_CLOSED)   # the client closed it: no notice back
-        echo.transport.close()
-    play(scenario)
+    book = open_flow(greeted(), 9)
+    assert (book >> udp_close(9) << CloseUdp(9)
+            >> UdpReceived(9, b"late reply")        # nothing: not to the client
+            >> udp_send(9, b"after close"))         # nothing: not to the socket
+    assert book.core.flows == {}                    # and the client closed it: no UDP_CLOSED back
 
 
 def test_udp_close_before_the_socket_is_open():
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        book.feed(HELLO, udp_open(3, "127.0.0.1", echo.port), udp_send(3, b"early"),
-                  wire.encode_id(wire.UDP_CLOSE, 3))
-        await asyncio.sleep(0.2)
-        assert echo.received == [] and book.types() == ["HELLO_OK"] and book.handler.flows == {}
-        echo.transport.close()
-    play(scenario)
+    book = greeted()
+    assert (book >> udp_open(3, "127.0.0.1", 9999) + udp_send(3, b"early") + udp_close(3)
+            << OpenUdp(3, "127.0.0.1", 9999) << CloseUdp(3)
+            >> UdpOpened(3))                        # a late report of the closed socket: nothing sent
+    assert book.core.flows == {}
 
 
 def test_udp_open_that_fails_is_reported_as_udp_closed():
-    async def scenario(book: Playbook) -> None:
-        # connect() to the broadcast address fails (no route, or no SO_BROADCAST); nothing is sent
-        book.feed(HELLO, udp_open(4, "255.255.255.255", 9), udp_send(4, b"x"))
-        await book.until(lambda: book.of(wire.UDP_CLOSED))
-        ident, reason = book.of(wire.UDP_CLOSED)[0].split_id()
-        assert ident == 4 and reason
-        assert 4 not in book.handler.flows
-    play(scenario)
+    book = greeted()
+    assert (book >> udp_open(4, "255.255.255.255", 9) + udp_send(4, b"x")
+            << OpenUdp(4, "255.255.255.255", 9)
+            >> UdpOpenFailed(4, "[Errno 13] Permission denied") << reply_id(wire.UDP_CLOSED, 4, b"[Errno 13] Permission denied")
+            >> udp_send(4, b"y"))
+    assert book.core.flows == {}
 
 
-def test_udp_open_with_an_impossible_port_is_reported_as_udp_closed():
-    async def scenario(book: Playbook) -> None:
-        book.feed(HELLO, udp_open(8, "127.0.0.1", 70000), udp_send(8, b"x"))
-        await book.until(lambda: book.of(wire.UDP_CLOSED), timeout=1)
-        assert book.of(wire.UDP_CLOSED)[0].split_id()[0] == 8
-        assert 8 not in book.handler.flows
-    play(scenario)
+@pytest.mark.parametrize("port", [70000, -1])
+def test_udp_open_with_an_impossible_port_is_reported_as_udp_closed(port):
+    book = greeted()
+    assert (book >> udp_open(8, "127.0.0.1", port) + udp_send(8, b"x")
+            << reply_id(wire.UDP_CLOSED, 8, f"port {port} is out of range".encode()))
+    assert book.core.flows == {}
 
 
-def test_too_many_flows(monkeypatch):
-    monkeypatch.setattr(control, "MAX_UDP_FLOWS", 2)
-
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        book.feed(HELLO, *(udp_open(i, "127.0.0.1", echo.port) for i in (1, 2, 3)))
-        assert [m.split_id() for m in book.of(wire.UDP_CLOSED)] == [(3, b"too many UDP flows")]
-        assert sorted(book.handler.flows) == [1, 2]
-        echo.transport.close()
-    play(scenario)
+def test_too_many_flows():
+    book = Playbook(ControlHandler(now=0.0, udp_idle=IDLE, max_udp_flows=2))
+    assert (book >> HELLO.encode() << reply(wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent")) << Greeted(HELLO)
+            >> b"".join(udp_open(i, "127.0.0.1", 9999) for i in (1, 2, 3))
+            << OpenUdp(1, "127.0.0.1", 9999) << OpenUdp(2, "127.0.0.1", 9999)
+            << reply_id(wire.UDP_CLOSED, 3, b"too many UDP flows"))
+    assert sorted(book.core.flows) == [1, 2]
 
 
-def test_idle_flows_expire_with_notice(monkeypatch):
-    monkeypatch.setattr(control, "UDP_IDLE_SECONDS", 0.2)
-
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        book.feed(HELLO, udp_open(6, "127.0.0.1", echo.port), udp_send(6, b"once"))
-        await book.until(lambda: book.of(wire.UDP_RECV))
-        await book.until(lambda: book.of(wire.UDP_CLOSED), timeout=3)
-        assert book.of(wire.UDP_CLOSED)[0].split_id() == (6, b"idle")
-        assert book.handler.flows == {}
-        echo.transport.close()
-    play(scenario)
+def test_idle_flows_expire_with_notice():
+    book = open_flow(open_flow(greeted(), 6), 7)      # both at time 0
+    assert (book >> Tick(IDLE / 2) >> udp_send(7, b"still here") << SendUdp(7, b"still here")
+            >> Tick(IDLE)                              # 6 has been idle for exactly IDLE: not yet
+            >> Tick(IDLE * 5 / 4) << CloseUdp(6) << reply_id(wire.UDP_CLOSED, 6, b"idle")
+            >> UdpReceived(7, b"answer") << reply_id(wire.UDP_RECV, 7, b"answer")
+            >> Tick(IDLE * 3 / 2)                      # 7 was used at IDLE * 5 / 4
+            >> Tick(IDLE * 5 / 2) << CloseUdp(7) << reply_id(wire.UDP_CLOSED, 7, b"idle"))
+    assert book.core.flows == {}
 
 
-def test_close_stops_every_flow_and_task():
-    async def scenario(book: Playbook) -> None:
-        echo = await echo_server()
-        book.feed(HELLO, udp_open(1, "127.0.0.1", echo.port), udp_send(1, b"x"))
-        await book.until(lambda: book.of(wire.UDP_RECV))
-        addr = echo.received[0][1]
-        await book.close()
-        assert book.handler.flows == {}
-        assert all(t.done() for t in book.handler.tasks)
-        echo.transport.sendto(b"after channel close", addr)
-        await asyncio.sleep(0.2)
-        assert len(book.of(wire.UDP_RECV)) == 1
-        echo.transport.close()
-    play(scenario)
+def test_channel_closed_closes_every_flow_and_ends_the_script():
+    book = open_flow(greeted(), 1)
+    assert (book >> udp_open(2, "127.0.0.1", 9999) << OpenUdp(2, "127.0.0.1", 9999)
+            >> ChannelClosed() << CloseUdp(1) << CloseUdp(2)
+            >> UdpReceived(1, b"after channel close")
+            >> UdpOpened(2)
+            >> DnsAnswered(5, b"late")
+            >> Tick(IDLE * 10)
+            >> frame(wire.PING, b"x"))
+    assert book.core.flows == {}
+
+
+def test_a_fatal_error_keeps_the_flows_until_the_channel_closes():
+    book = open_flow(greeted(), 1)
+    assert (book >> frame(0x42) << reply(wire.Error("unexpected message 0x42")) << Fatal("unexpected message 0x42")
+            >> UdpReceived(1, b"x")                    # nothing more is sent to a broken client
+            >> ChannelClosed() << CloseUdp(1))
 
 
 def test_reusing_a_flow_id_closes_the_old_socket():
-    async def scenario(book: Playbook) -> None:
-        first, second = await echo_server(b"first:"), await echo_server(b"second:")
-        book.feed(HELLO, udp_open(1, "127.0.0.1", first.port), udp_send(1, b"a"))
-        await book.until(lambda: book.of(wire.UDP_RECV))
-        old_addr, old_flow = first.received[0][1], book.handler.flows[1]
-        try:
-            book.feed(udp_open(1, "127.0.0.1", second.port), udp_send(1, b"b"))
-            await book.until(lambda: len(book.of(wire.UDP_RECV)) == 2)
-            await book.close()
-            first.transport.sendto(b"stale", old_addr)   # to the first flow's socket
-            await asyncio.sleep(0.2)
-            assert [m.payload[4:] for m in book.of(wire.UDP_RECV)] == [b"first:a", b"second:b"]
-        finally:
-            old_flow.transport.close()  # what close() should have done: no socket left to the GC
-            for server in (first, second):
-                server.transport.close()
-    play(scenario)
-
-
-def test_loopback_is_up():
-    """The UDP tests need 127.0.0.1 (under `unshare --net`, `ip link set lo up` first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.connect(("127.0.0.1", 9))
+    book = open_flow(greeted(), 1, port=1001)
+    assert (book >> udp_send(1, b"a") << SendUdp(1, b"a")
+            >> udp_open(1, "127.0.0.1", 1002) + udp_send(1, b"b")
+            << CloseUdp(1) << OpenUdp(1, "127.0.0.1", 1002)
+            >> UdpOpened(1) << SendUdp(1, b"b"))

@@ -125,8 +125,8 @@ def test_json_payload_errors_are_protocol_errors():
 
 def test_check_hello_accepts_the_same_version():
     hello = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION, "role": "sidecar"})
-    body = wire.check_hello(wire.FrameDecoder().feed(hello)[0], expected=wire.HELLO)
-    assert body["role"] == "sidecar"
+    body = wire.check_hello(wire.FrameDecoder().feed(hello)[0], expected=wire.Hello)
+    assert body == wire.Hello(wire.PROTOCOL_VERSION, "sidecar")
 
 
 def test_check_hello_version_mismatch_names_both_versions_and_the_fix():
@@ -141,14 +141,14 @@ def test_check_hello_version_mismatch_names_both_versions_and_the_fix():
 
 def test_check_hello_missing_version_and_wrong_type():
     with pytest.raises(wire.ProtocolError, match="peer speaks None"):
-        wire.check_hello(wire.Message(wire.HELLO, b"{}"), expected=wire.HELLO)
+        wire.check_hello(wire.Message(wire.HELLO, b"{}"), expected=wire.Hello)
     with pytest.raises(wire.ProtocolError, match="expected HELLO, got PING"):
-        wire.check_hello(wire.Message(wire.PING, b""), expected=wire.HELLO)
+        wire.check_hello(wire.Message(wire.PING, b""), expected=wire.Hello)
     # each side accepts only the other side's greeting: a client's HELLO is no agent's HELLO_OK
     with pytest.raises(wire.ProtocolError, match="expected HELLO_OK, got HELLO"):
         wire.check_hello(wire.Message(wire.HELLO, b'{"version": 1}'))
     with pytest.raises(wire.ProtocolError, match="expected HELLO, got HELLO_OK"):
-        wire.check_hello(wire.Message(wire.HELLO_OK, b'{"version": 1}'), expected=wire.HELLO)
+        wire.check_hello(wire.Message(wire.HELLO_OK, b'{"version": 1}'), expected=wire.Hello)
 
 
 def test_names_cover_every_message_constant():
@@ -161,3 +161,76 @@ def test_names_cover_every_message_constant():
     assert all(0 <= v <= 0xFF for v in constants.values())  # the type is one byte on the wire
     assert wire.Message(wire.UDP_RECV).name == "UDP_RECV"
     assert wire.Message(0x42).name == "0x42"
+
+
+# -- typed payloads ---------------------------------------------------------------------------
+PAYLOADS = [
+    wire.Hello(wire.PROTOCOL_VERSION, "runner"),
+    wire.HelloOk(wire.PROTOCOL_VERSION, "podtwin-agent"),
+    wire.Info(pid=7, env={"A": "1", "EMPTY": ""}, resolv_conf="nameserver 10.0.0.10\n",
+              hosts="127.0.0.1\tlocalhost\n", hostname="demo"),
+    wire.UdpOpen(0xFFFFFFFF, "10.0.0.10", 53),
+    wire.IncomingSubscribe(8080, "steal", {"header_filter": "x-user: me"}),
+    wire.IncomingSubscribe(80, "mirror", None),
+    wire.IncomingReply(80, None),
+    wire.IncomingReply(80, "port 80 is already stolen"),
+    wire.Notice("info", "stealing port 80"),
+    wire.Error("unexpected message PING"),
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)
+def test_every_payload_survives_the_wire(payload):
+    (msg,) = wire.FrameDecoder().feed(payload.encode())
+    assert msg.type == payload.TYPE
+    assert type(payload).decode(msg) == payload
+
+
+def test_payload_bytes_are_the_documented_json():
+    assert wire.Hello(2, "runner").encode() == wire.encode(wire.HELLO, b'{"version":2,"role":"runner"}')
+    assert wire.UdpOpen(5, "10.0.0.1", 53).encode() == wire.encode_id(
+        wire.UDP_OPEN, 5, b'{"host":"10.0.0.1","port":53}')
+    assert wire.IncomingReply(80, None).encode() == wire.encode(wire.INCOMING_REPLY, b'{"port":80,"error":null}')
+
+
+def test_every_json_message_has_its_payload_class():
+    classes = {cls.TYPE for cls in vars(wire).values()
+               if isinstance(cls, type) and issubclass(cls, wire.Payload) and cls is not wire.Payload}
+    assert classes == {wire.HELLO, wire.HELLO_OK, wire.INFO, wire.UDP_OPEN, wire.INCOMING_SUBSCRIBE,
+                       wire.INCOMING_REPLY, wire.NOTICE, wire.ERROR}
+
+
+@pytest.mark.parametrize("cls, payload, complaint", [
+    (wire.Hello, b'{"version":2}', r"fields \['version'\], expected \['role', 'version'\]"),
+    (wire.Hello, b'{"version":2,"role":"runner","extra":1}', "fields"),
+    (wire.Hello, b'{"version":"2","role":"runner"}', "version must be int, not '2'"),
+    (wire.Hello, b'{"version":true,"role":"runner"}', "version must be int, not True"),
+    (wire.Notice, b'{"level":"info","message":null}', "message must be str, not None"),
+    (wire.IncomingReply, b'{"port":80,"error":5}', "error must be str | None, not 5"),
+    (wire.IncomingSubscribe, b'{"port":80,"mode":"steal","http_filter":[]}', "http_filter must be dict | None"),
+    (wire.Info, b'{"pid":1,"env":{"A":1},"resolv_conf":"","hosts":"","hostname":""}',
+     r"env must be dict\[str, str\]"),
+    (wire.Error, b'["not", "an", "object"]', "not a JSON object"),
+])
+def test_a_payload_that_is_not_what_its_type_says_is_a_protocol_error(cls, payload, complaint):
+    with pytest.raises(wire.ProtocolError, match=complaint):
+        cls.decode(wire.Message(cls.TYPE, payload))
+
+
+def test_udp_open_carries_the_flow_as_its_id():
+    with pytest.raises(wire.ProtocolError, match="UDP_OPEN: too short for an id"):
+        wire.UdpOpen.decode(wire.Message(wire.UDP_OPEN, b"\x00"))
+    with pytest.raises(wire.ProtocolError, match=r"fields \['flow', 'host', 'port'\]"):
+        wire.UdpOpen.decode(wire.Message(wire.UDP_OPEN, b"\x00\x00\x00\x01" + b'{"flow":1,"host":"h","port":1}'))
+    # an impossible port is the flow's failure (UDP_CLOSED), not the channel's
+    assert wire.UdpOpen.decode(wire.Message(wire.UDP_OPEN, b"\x00\x00\x00\x01" + b'{"host":"h","port":70000}')).port == 70000
+
+
+def test_a_payload_of_another_message_is_refused():
+    with pytest.raises(wire.ProtocolError, match="expected NOTICE, got ERROR"):
+        wire.Notice.decode(wire.Message(wire.ERROR, b'{"message":"x"}'))
+
+
+def test_a_bad_payload_fails_on_the_sending_end_too():
+    with pytest.raises(wire.ProtocolError, match="INCOMING_SUBSCRIBE: port must be int"):
+        wire.IncomingSubscribe("80", "steal", None)
