@@ -136,7 +136,7 @@ class Bench:
         loop = LoopThread("bench-link")
         quiet = lambda message: None  # noqa: E731
         try:
-            session.write_keys()
+            session.write_keys(agent_host_key=placement.runner_makes_host_key)
             placement.setup(session, quiet)
             ready = placement.wait_ready(quiet)
             stream.setup(session, ready, loop)

@@ -15,7 +15,6 @@ others pass around it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ import asyncssh
 
 from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.relay import relay_filtered
-from podtwin.agent.incoming.steal.nat import NatState, Redirect, SessionRules, liveness_name
+from podtwin.agent.incoming.steal.nat import NatState, SessionRules, liveness_name, steal_conflict
+from podtwin.agent.incoming.steal.proxyline import PROXY_LINE_MAX, parse_proxy_line, proxy_line
 from podtwin.agent.sockopts import original_dst
 from podtwin.agent.streams import splice
 from podtwin.agent.tasks import TaskSet
@@ -34,7 +34,6 @@ log = logging.getLogger("podtwin.agent.incoming.service")
 INCOMING_HOST = "podtwin-incoming"
 STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
-PROXY_LINE_MAX = 107      # the PROXY protocol v1 limit, CRLF included
 PROXY_TIMEOUT = 3.0
 HOPS_TTL = 1.0            # seconds a port's next hops are trusted before the nat table is read again
 Address = tuple[str, int]
@@ -80,23 +79,6 @@ class PortListener(asyncssh.SSHListener):
         await self._closed.wait()
 
 
-def proxy_line(client: Address, original: Address) -> bytes:
-    """The PROXY protocol v1 header one agent sends another when passing a connection on."""
-    return f"PROXY TCP4 {client[0]} {original[0]} {client[1]} {original[1]}\r\n".encode()
-
-
-def parse_proxy_line(line: bytes) -> tuple[Address, Address]:
-    """(client, original destination) from a PROXY v1 line; ValueError if it is not one."""
-    parts = line.rstrip(b"\r\n").decode("ascii", "replace").split(" ")
-    if len(parts) != 6 or parts[0] != "PROXY" or parts[1] != "TCP4" or not line.endswith(b"\r\n"):
-        raise ValueError(f"not a PROXY v1 TCP4 line: {line[:PROXY_LINE_MAX]!r}")
-    ipaddress.IPv4Address(parts[2]), ipaddress.IPv4Address(parts[3])  # ValueError if not
-    client, original = (parts[2], int(parts[4])), (parts[3], int(parts[5]))
-    if not (0 < client[1] < 65536 and 0 < original[1] < 65536):
-        raise ValueError(f"bad port in PROXY line {line!r}")
-    return client, original
-
-
 def _is_local(address: str) -> bool:
     """Whether ``address`` belongs to this network namespace (it can be bound here)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -105,21 +87,6 @@ def _is_local(address: str) -> bool:
             return True
         except OSError:
             return False
-
-
-def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | None:
-    """Why a steal of ``port`` cannot be shared with the sessions already on it (None if it can):
-    sessions share a port only when every one of them takes just the requests its filter matches."""
-    if not others:
-        return None
-    whole = [r.session for r in others if not r.filtered]
-    if whole:
-        return f"port {port} is already stolen by podtwin session {whole[0]}"
-    if not filtered:
-        names = ", ".join(sorted({r.session for r in others}))
-        return (f"port {port} is already stolen with an HTTP filter by podtwin session {names}; "
-                f"a whole-port steal would take its requests (give this session an http_filter too)")
-    return None
 
 
 @dataclass

@@ -72,6 +72,12 @@ class KubeEngine:
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
+        # Port-forward and exec streams: the client's stream() swaps its ApiClient's call_api for a
+        # WebSocket one while it opens a stream, so streams get an ApiClient of their own (a
+        # Job deletion on another thread must not go out as a WebSocket request), opened one at
+        # a time.
+        self.streams = client.CoreV1Api(client.ApiClient())
+        self.streams_lock = threading.Lock()
         _, active = config.list_kube_config_contexts(config_file=kubeconfig)
         self.default_namespace = (active.get("context") or {}).get("namespace") or "default"
         try:
@@ -321,7 +327,8 @@ class KubeEngine:
     def port_forward(self, ns: str, pod: str, port: int = AGENT_PORT):
         """A connected socket to ``port`` on the pod's loopback, through the API server."""
         try:
-            pf = portforward(self.core.connect_get_namespaced_pod_portforward, pod, ns, ports=str(port))
+            with self.streams_lock:
+                pf = portforward(self.streams.connect_get_namespaced_pod_portforward, pod, ns, ports=str(port))
         except ApiException as exc:
             raise self._error(exc, f"port-forward to pod {pod}") from exc
         sock = pf.socket(port)
@@ -423,8 +430,9 @@ class KubeEngine:
         exec'd there (no TTY)."""
         command = ["python", "-m", "podtwin.agent.link.stdio_relay", address]
         try:
-            ws = stream(self.core.connect_get_namespaced_pod_exec, pod, ns, container=container, command=command,
-                        stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True)
+            with self.streams_lock:
+                ws = stream(self.streams.connect_get_namespaced_pod_exec, pod, ns, container=container,
+                            command=command, stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True)
         except ApiException as exc:
             raise self._error(exc, f"exec in pod {pod}") from exc
         relay = ExecStream(ws)

@@ -64,6 +64,9 @@ class Placement(ABC):
 
     name: ClassVar[str]
     what: ClassVar[str] = "agent"
+    # Whether the runner makes the agent's host key (and the agent reads it from the session
+    # directory), or the agent makes its own and announces it in its READY line.
+    runner_makes_host_key: ClassVar[bool] = False
 
     def __init__(self, target: "Target", cfg: "PodtwinConfig", image: str) -> None:
         self.target, self.cfg = target, cfg

@@ -15,6 +15,7 @@ from podtwin.runner.targets import DockerTarget
 
 class DockerContainerAgent(Placement):
     name = "docker-container"
+    runner_makes_host_key = True   # so the sidecar can start before the agent announces itself
 
     def __init__(self, target: DockerTarget, cfg, image: str, engine: DockerEngine) -> None:
         super().__init__(target, cfg, image)

@@ -40,7 +40,10 @@ class _KubeAgent(Placement):
     def _announce(self, line: str, **where: str) -> AgentReady:
         """The agent made its own host key: the clients accept that one only."""
         ready = AgentReady.parse(line, **where)
-        self.session.files.agent_host_public_key.write_text(ready.host_key + "\n")
+        path = self.session.files.agent_host_public_key
+        partial = path.with_name(path.name + ".new")   # the sidecar waits for it: never half-written
+        partial.write_text(ready.host_key + "\n")
+        partial.replace(path)
         return ready
 
 

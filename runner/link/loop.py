@@ -24,6 +24,19 @@ class LoopThread:
             self.loop.call_soon_threadsafe(callback, *args)
 
     def stop(self) -> None:
-        if self.thread.is_alive():
+        """Cancel what still runs on the loop (e.g. a relay still opening a stream for a client
+        that went away), let it finish, then stop the loop."""
+        if not self.thread.is_alive():
+            return
+        try:
+            self.run(_cancel_others(), timeout=5)
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
+
+
+async def _cancel_others() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -104,7 +104,7 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
     session = Session.create(str(p.target))
     teardown.add("session directory", session.remove_dir)
     reaper.spawn(session.id, session.runner_pid, session.dir)
-    session.write_keys()
+    session.write_keys(agent_host_key=p.placement.runner_makes_host_key)
     teardown.setup(p.placement, session, progress)
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)

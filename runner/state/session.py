@@ -67,9 +67,10 @@ class Session:
             LABEL_HOST: socket.gethostname(),
         }
 
-    def write_keys(self) -> None:
+    def write_keys(self, agent_host_key: bool = True) -> None:
         """Fresh ed25519 keys for this session only: the client key (the agent accepts nothing
-        else) and the agent's host key (the clients accept nothing else)."""
+        else) and, unless the agent makes its own (``agent_host_key=False``), the agent's host key
+        (the clients accept nothing else)."""
         import asyncssh  # heavy import, only when a session really starts
 
         key = asyncssh.generate_private_key("ssh-ed25519", comment=f"podtwin-{self.id}")
@@ -77,6 +78,8 @@ class Session:
         files.client_key.write_bytes(key.export_private_key())
         files.client_key.chmod(0o600)
         files.client_public_key.write_bytes(key.export_public_key())
+        if not agent_host_key:
+            return
         host = asyncssh.generate_private_key("ssh-ed25519", comment=f"podtwin-agent-{self.id}")
         files.agent_host_key.write_bytes(host.export_private_key())
         files.agent_host_key.chmod(0o600)

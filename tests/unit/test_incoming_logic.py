@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.agent.incoming.service import parse_proxy_line, proxy_line, steal_conflict
+from podtwin.agent.incoming.steal.nat import steal_conflict
+from podtwin.agent.incoming.steal.proxyline import parse_proxy_line, proxy_line
 from podtwin.agent.incoming.steal.nat import NatState
 from podtwin.runner.sidecar.incoming.ports import listening_ports
 from podtwin.runner.sidecar.settings import IncomingSettings

@@ -134,6 +134,24 @@ def sweep_dead_sessions(except_session: str | None = None) -> list[str]:
     return removed
 
 
+def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | None:
+    """Why a steal of ``port`` cannot be shared with the sessions already on it (None if it can):
+    sessions share a port only when every one of them takes just the requests its filter matches."""
+    if not others:
+        return None
+    whole = [r.session for r in others if not r.filtered]
+    if whole:
+        return f"port {port} is already stolen by podtwin session {whole[0]}"
+    if not filtered:
+        names = ", ".join(sorted({r.session for r in others}))
+        return (f"port {port} is already stolen with an HTTP filter by podtwin session {names}; "
+                f"a whole-port steal would take its requests (give this session an http_filter too)")
+    return None
+
+
+@dataclass
+
+
 class SessionRules:
     """The rules of one live session; the agent owns one."""
 
