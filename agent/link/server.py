@@ -24,6 +24,7 @@ from podtwin.agent.link import wire
 from podtwin.agent.link.control_session import ControlSession
 from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
 from podtwin.agent.target.process import TargetProcess
+from podtwin.agent.tasks import TaskSet
 
 log = logging.getLogger("podtwin.agent")
 
@@ -179,7 +180,7 @@ async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], Non
     ``exec_socket`` (path, listener, cleanup): a second, unix listener for relays exec'd in the
     agent's container (the exec transport), announced in the READY line as ``exec_socket``."""
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()
+    tasks = TaskSet("agent")
     ready = {"version": wire.PROTOCOL_VERSION, "host_key": agent.host_key.export_public_key().decode().strip()}
     if listener.family in (socket.AF_INET, socket.AF_INET6):
         ready["port"] = listener.getsockname()[1]  # what the kernel chose for tcp:127.0.0.1:0
@@ -192,18 +193,15 @@ async def serve(agent: Agent, listener: socket.socket, cleanup: Callable[[], Non
     async def accept_forever(sock_listener: socket.socket) -> None:
         while True:
             sock, _ = await loop.sock_accept(sock_listener)
-            task = loop.create_task(agent.handle(sock), name="agent:handshake")
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks.spawn(agent.handle(sock), "handshake")
 
-    acceptors = [loop.create_task(accept_forever(sock), name="agent:accept") for sock, _ in listeners]
-    watcher = loop.create_task(agent.watch(), name="agent:watch")
+    for sock, _ in listeners:
+        tasks.spawn(accept_forever(sock), "accept")
+    tasks.spawn(agent.watch(), "watch")
     try:
         await agent.shutdown.wait()
     finally:
-        for acceptor in acceptors:
-            acceptor.cancel()
-        watcher.cancel()
+        tasks.cancel_all()   # accepting, watching, and handshakes still under way
         if agent.incoming is not None:
             agent.incoming.close()  # removes this session's rules before anything else
         for sock, remove in listeners:
