@@ -78,3 +78,17 @@ def test_doctor_on_a_working_and_a_broken_setup(podtwin, tmp_path):
                                      "KUBECONFIG": str(tmp_path / "none")})
     assert bad.returncode == 1
     assert "FAIL  the Docker engine does not answer" in bad.stdout and "make setup" in bad.stdout
+
+
+def test_command_not_in_the_image_exits_127_as_docker_run(podtwin, staging):
+    result = podtwin.run("container", "run", "-q", "--target", f"container/{staging.target}", APP_IMAGE, "/no-such-command")
+    assert result.returncode == 127, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("podtwin: the app's command could not be started in ") and "/no-such-command" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_network_host_is_refused_before_anything_starts(podtwin, staging):
+    line = one_error_line(podtwin.run("container", "run", "--network", "host", "--target",
+                                      f"container/{staging.target}", APP_IMAGE, "true"), CONFIG)
+    assert "--network host cannot be used" in line

@@ -50,6 +50,19 @@ def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig,
     return cfg, target
 
 
+def check_config(config_file: Path | None, profile: str | None, cwd: Path,
+                 target: str | None = None) -> tuple[PodtwinConfig, list[str]]:
+    """Load and check the configuration exactly as a session would, touching nothing (no Docker,
+    no cluster): the config, the warnings for keys podtwin does not act on."""
+    from podtwin.runner.session.pipeline import derived_settings
+
+    cfg, warnings = load_config(config_file, profile, cwd)
+    if target:
+        parse_target(target)
+    derived_settings(cfg)
+    return cfg, warnings
+
+
 def run(opts: RunOptions) -> int:
     """One session (``session.pipeline``); the app's exit code."""
     progress = Progress(opts.quiet)
@@ -64,4 +77,4 @@ def run(opts: RunOptions) -> int:
     return pipeline.run(opts, cfg, target, DockerEngine(), podtwin_image_name(), progress)
 
 
-__all__ = ["RunOptions", "run", "list_sessions", "clean", "kube_for_listing", "PodtwinError"]
+__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "kube_for_listing", "PodtwinError"]

@@ -101,6 +101,27 @@ def config_schema() -> None:
     click.echo(json.dumps(schema(), indent=2))
 
 
+@config.command("check")
+@click.option("-f", "--config-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Config file to check (default: the one a session would find in this directory).")
+@click.option("--profile", help="A ready-made profile to apply first, as `container run --profile`.")
+@click.option("--target", metavar="TARGET", help="A target string to check too.")
+def config_check(config_file, profile, target) -> None:
+    """Load the configuration exactly as a session would and print the effective settings.
+
+    Keys podtwin does not act on are named on stderr; a bad file is one line and exit code 2,
+    so editors and CI can call it. Touches neither Docker nor the cluster.
+
+    \b
+    Example:
+      podtwin config check -f .mirrord/mirrord.json
+    """
+    cfg, warnings = api.check_config(config_file, profile, Path.cwd(), target)
+    for warning in warnings:
+        click.echo(warning if warning.startswith("podtwin") else f"podtwin: {warning}", err=True)
+    click.echo(json.dumps(cfg.model_dump(mode="json", exclude_none=True), indent=2))
+
+
 @config.command("profiles")
 def config_profiles() -> None:
     """List the ready-made profiles."""

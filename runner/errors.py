@@ -7,7 +7,8 @@ Exit codes (README "Exit codes"): the app's own code when the session ran; other
 ``EXIT_CONFIG`` (2) for a bad flag, config file or profile, ``EXIT_TARGET`` (3) for a target that
 cannot be parsed, found or used, and ``EXIT_INFRA`` (125, what ``docker run`` uses for its own
 failures) for everything podtwin runs on: the Docker engine, images, the cluster, the agent, the
-link. 130 after Ctrl-C or SIGTERM.
+link. 126 or 127 when the app's command cannot be run or is not in its image (``AppStartError``,
+as ``docker run``). 130 after Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ class ImageMissing(PodtwinError):
 
 class AgentError(PodtwinError):
     """The agent did not start, or the link to it failed."""
+
+
+class AppStartError(PodtwinError):
+    """The app's command could not be started in its image (exit code as docker run's)."""
+
+    def __init__(self, message: str, hint: str | None, exit_code: int) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
 
 
 class SessionError(PodtwinError):

@@ -247,6 +247,17 @@ class DockerEngine:
             if "already in progress" not in str(exc):
                 raise SessionError(f"cannot remove container {container_id[:12]}: {_short(exc)}") from exc
 
+    def start_failure(self, container_id: str) -> tuple[int, str] | None:
+        """(exit code, why) when the container could not be started at all (its command is not
+        in the image: 127, not executable: 126, as the daemon records them); None otherwise."""
+        try:
+            state = self.client.containers.get(container_id).attrs.get("State", {})
+        except docker.errors.NotFound:
+            return None
+        if not state.get("Error"):
+            return None
+        return int(state.get("ExitCode") or 125), str(state["Error"])
+
     def is_running(self, container_id: str) -> bool:
         try:
             return self.client.containers.get(container_id).status == "running"

@@ -71,6 +71,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}",
                           "check the -f path") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                          "save it as UTF-8") from exc
     try:
         if suffix == ".json":
             data = json.loads(text)
@@ -91,6 +94,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
                           "fix the syntax") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}", "fix the syntax") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path} is nested too deeply to be a config file", _HINT) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -185,8 +190,10 @@ def load_config(path: Path | None, profile: str | None, cwd: Path,
         layers.append((f"profile {profile!r}", load_profile(profile)))
     if path is not None:
         file: Path | None = Path(path) if Path(path).is_absolute() else cwd / path
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError(f"config file {file} not found", "check the -f path")
+        if not file.is_file():
+            raise ConfigError(f"config file {file} is not a regular file", "give -f a JSON, YAML or TOML file")
     else:
         file = find_config_file(cwd)
     if file is not None:

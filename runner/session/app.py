@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.env import apply_env
-from podtwin.runner.errors import SessionError
+from podtwin.runner.errors import AppStartError, SessionError
 from podtwin.runner.progress import Progress
 from podtwin.runner.session.teardown import Teardown
 from podtwin.runner.state.session import Session
@@ -74,6 +74,11 @@ class App:
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
         code = attach(self.engine, app_id, opts.interactive)
+        failed = self.engine.start_failure(app_id) if code != 0 else None
+        if failed is not None:
+            exit_code, why = failed
+            raise AppStartError(f"the app's command could not be started in {opts.image}: {_exec_reason(why)}",
+                                "check the command and the image's entrypoint (--entrypoint)", exit_code)
         if self.fatal:
             raise SessionError(self.fatal[0], "stop the other session (`podtwin sessions`), or use "
                                "feature.network.incoming.port_mapping/ignore_ports")
@@ -116,3 +121,9 @@ def _die_with_parent() -> None:
     holds the terminal (the guard then removes the container)."""
     PR_SET_PDEATHSIG = 1
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def _exec_reason(error: str) -> str:
+    """The runtime's reason without its wrapping ("... exec: "x": stat x: no such file ...")."""
+    _, found, rest = error.partition("exec: ")
+    return (rest if found else error).removesuffix(": unknown").strip()

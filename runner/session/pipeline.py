@@ -20,7 +20,7 @@ from podtwin.agent.link import wire
 from podtwin.runner import backends
 from podtwin.runner.backends.base import Placement, Resolved, Transport
 from podtwin.runner.config.docker_args import ExtraRunArgs, parse_extra_args
-from podtwin.runner.errors import AgentError
+from podtwin.runner.errors import AgentError, ConfigError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
 from podtwin.runner.session import reaper
@@ -84,8 +84,8 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
          image: str, progress: Progress) -> Plan:
     """Everything that can be refused before anything is made: the config, the backends, the
     images, the target."""
-    settings = SidecarSettings.from_config(cfg)
-    extra = parse_extra_args(cfg.container.cli_extra_args)
+    check_options(opts)
+    settings, extra = derived_settings(cfg)
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
         kubeconfig=opts.kubeconfig, context=opts.context or cfg.kube_context)
@@ -95,6 +95,25 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
     if opts.network:
         engine.require_network(opts.network)
     return Plan(opts, cfg, target, placement, transport, found, settings, extra)
+
+
+def derived_settings(cfg: "PodtwinConfig") -> tuple[SidecarSettings, ExtraRunArgs]:
+    """What a session derives from its config (and may refuse): the sidecar's settings, and
+    container.cli_extra_args split between the sidecar and the app."""
+    return SidecarSettings.from_config(cfg), parse_extra_args(cfg.container.cli_extra_args)
+
+
+def check_options(opts: SessionOptions) -> None:
+    """The run options that no target could make work."""
+    if not opts.image.strip():
+        raise ConfigError("no image given", "write the app's IMAGE after the options, e.g. myimage:dev")
+    network = opts.network or ""
+    if network in ("host", "none") or network.startswith("container:"):
+        why = {"host": "the sidecar would put its rules on this machine's own network",
+               "none": "the app would have no network to reach the target through"}.get(
+                   network, "the app shares the sidecar's network namespace, not another container's")
+        raise ConfigError(f"--network {network} cannot be used: {why}",
+                          "leave --network out, or name a Docker network to reach local services on")
 
 
 def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: Teardown,

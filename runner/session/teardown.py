@@ -10,7 +10,11 @@ from podtwin.runner.progress import Progress
 
 
 class Backend(Protocol):
+    """A placement or a transport: ``setup`` and the ``restore`` that undoes it."""
+
     what: str
+
+    def setup(self, *args, **kwargs) -> object: ...
 
     def restore(self) -> None: ...
 
@@ -26,7 +30,7 @@ class Teardown:
     def setup(self, backend: Backend, *args, **kwargs):
         """Record the backend's restore, then set it up: a setup that fails half-way is undone too."""
         self.add(backend.what, backend.restore)
-        return backend.setup(*args, **kwargs)  # type: ignore[attr-defined]
+        return backend.setup(*args, **kwargs)
 
     def __enter__(self) -> "Teardown":
         return self

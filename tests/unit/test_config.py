@@ -333,3 +333,34 @@ def test_docs_list_every_key() -> None:
                 walk(type(default), f"{dotted}.")
 
     walk(PodtwinConfig, "")
+
+
+# -- files that are not config files: one line each, never a traceback ---------------------------
+@pytest.mark.parametrize("name,text", [("c.json", '{"target": "container/x"}'), ("c.yaml", "target: container/x\n"),
+                                       ("c.toml", 'target = "container/x"\n')])
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text, encoding="utf-16")
+    with pytest.raises(ConfigError) as err:
+        load_config(Path(name), None, tmp_path)
+    assert "is not UTF-8 text" in err.value.message and name in err.value.message
+    assert err.value.hint == "save it as UTF-8"
+
+
+@pytest.mark.parametrize("name,text", [("deep.json", "[" * 5000 + "]" * 5000),
+                                       ("deep2.json", '{"a":' * 5000 + "1" + "}" * 5000),
+                                       ("deep.yaml", "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 3000)))])
+def test_a_file_nested_thousands_deep_is_refused(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(Path(name), None, tmp_path)
+    assert err.value.message == f"{tmp_path / name} is nested too deeply to be a config file"
+
+
+def test_a_device_or_fifo_is_not_a_config_file(tmp_path: Path) -> None:
+    import os
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/null"), fifo):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, None, tmp_path)
+        assert "is not a regular file" in err.value.message
