@@ -4,6 +4,8 @@
   namespace (it runs there), so the connection leaves from the target.
 * the ``podtwin-control`` subsystem: handshake, target info, DNS, UDP, incoming subscriptions
   (``control_session``; the messages are in ``wire``).
+* the ``sftp`` subsystem: the target's exported files (``agent/files``), rooted at
+  ``/proc/<target pid>/root``; the exports come in the channel's environment.
 
 Lifetime: the first client that says HELLO with role ``runner`` owns the agent (``Agent.runner``).
 When that connection drops (runner exited, was killed, or the link broke past the keepalive), or
@@ -19,7 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import asyncssh
+from asyncssh.stream import SSHServerStreamSession
 
+from podtwin.agent.files.root import TargetRoot
+from podtwin.agent.files.sftp import TargetSFTPServer
 from podtwin.agent.link import wire
 from podtwin.agent.link.control_session import ControlSession
 from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
@@ -138,13 +143,85 @@ class AgentConnection(asyncssh.SSHServer):
         return await self.conn.open_connection(INCOMING_HOST, port, peer[0], peer[1], encoding=None)
 
     def session_requested(self):
-        return ControlSession(self)
+        return LinkSession(self)
 
     def greeted(self, hello: wire.Hello) -> None:
         self.role = hello.role
         log.info("%s connected", self.role)
         if self.role == "runner" and self.agent.runner is None:
             self.agent.runner = self
+
+
+class LinkSession(asyncssh.SSHServerSession):
+    """A session channel of the link, which becomes what its subsystem asks for: the control
+    channel (``ControlSession``) or the file server (asyncssh's stream session running
+    ``TargetSFTPServer``); once chosen, every callback goes to that one.
+
+    Not ``run_server(sftp_factory=...)``: with it set, asyncssh makes every session channel itself
+    and never asks ``session_requested``, so the control subsystem would be refused. The choice
+    is made here, per channel, when the client names the subsystem (after its env requests)."""
+
+    def __init__(self, connection: AgentConnection) -> None:
+        self.connection = connection
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.inner: asyncssh.SSHServerSession | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == wire.CONTROL_SUBSYSTEM:
+            self.inner = ControlSession(self.connection)
+        elif subsystem == wire.SFTP_SUBSYSTEM:
+            self.inner = self._file_server()
+        if self.inner is None:
+            return False
+        self.inner.connection_made(self.chan)
+        return self.inner.subsystem_requested(subsystem)
+
+    def _file_server(self) -> SSHServerStreamSession | None:
+        """The sftp session for the exports this channel asked for, on the target's root; None
+        (refused) when it asked for none, or wrongly, or the root cannot be opened. The root is
+        opened now, not in the factory: asyncssh starts the session straight after this answer,
+        and a failure here is the client's clear "subsystem refused"."""
+        assert self.chan is not None
+        try:
+            exports = wire.FsExports.decode(self.chan.get_environment().get(wire.FS_EXPORTS_ENV))
+            root = TargetRoot.at(self.connection.agent.target.root)
+        except (wire.ProtocolError, OSError) as exc:
+            log.warning("refused an sftp channel: %s", exc)
+            return None
+        # SFTP v3 (what sshfs speaks) is all this server offers
+        return SSHServerStreamSession(None, lambda chan: TargetSFTPServer(chan, root, exports), sftp_version=3)
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        assert self.inner is not None
+        self.inner.session_started()
+
+    def data_received(self, data, datatype) -> None:
+        assert self.inner is not None
+        self.inner.data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        return self.inner.eof_received() if self.inner is not None else False
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
 
 
 def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:

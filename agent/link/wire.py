@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import posixpath
 import struct
 import types
 from dataclasses import dataclass, fields
@@ -25,6 +26,8 @@ from typing import Any, ClassVar, Self, get_args, get_origin, get_type_hints
 PROTOCOL_VERSION = 2
 CONTROL_SUBSYSTEM = "podtwin-control"
 MAX_FRAME = 1 << 20  # a UDP datagram or DNS message is far smaller; anything larger is a bug
+SFTP_SUBSYSTEM = "sftp"   # the target's files (agent/files): the name sshfs and every SFTP client ask for
+FS_EXPORTS_ENV = "PODTWIN_FS_EXPORTS"   # an sftp channel's environment: its FsExports, as JSON
 
 # client -> agent
 HELLO = 0x01          # Hello
@@ -250,6 +253,53 @@ class Notice(Payload):
 class Error(Payload):
     TYPE = ERROR
     message: str
+
+
+@dataclass(frozen=True)
+class FsExport:
+    """One path of the target an sftp channel may serve: a directory (and all below it) or a file."""
+    path: str      # absolute and normalised, as the target sees it; never "/" (the whole root)
+    write: bool    # False: every change is refused
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not isinstance(self.write, bool):
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: an export is a path (string) and write (boolean)")
+        if (not self.path.startswith("/") or self.path.startswith("//") or "\0" in self.path
+                or posixpath.normpath(self.path) != self.path):
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: {self.path!r} is not an absolute, normalised path")
+        if self.path == "/":
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: the whole root cannot be exported, only paths in it")
+
+
+@dataclass(frozen=True)
+class FsExports:
+    """What one sftp channel serves, sent by the client in the channel's environment
+    (``FS_EXPORTS_ENV``) as ``[{"path": "/etc/config", "write": false}, ...]``: per channel, so
+    each mount can ask for its own set, and checked like every payload here."""
+    exports: tuple[FsExport, ...]
+
+    def __post_init__(self) -> None:
+        if not self.exports:
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: no exports")
+        paths = [export.path for export in self.exports]
+        if len(set(paths)) != len(paths):
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: a path is exported twice")
+
+    def encode(self) -> str:
+        return json.dumps([{"path": e.path, "write": e.write} for e in self.exports], separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | bytes | None) -> Self:
+        if text is None:
+            raise ProtocolError(f"{FS_EXPORTS_ENV} is not set on the channel: nothing to serve")
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: not JSON") from exc
+        if not isinstance(value, list) or not all(isinstance(item, dict) and set(item) == {"path", "write"}
+                                                  for item in value):
+            raise ProtocolError(f'{FS_EXPORTS_ENV}: expected a list of {{"path", "write"}} objects')
+        return cls(tuple(FsExport(item["path"], item["write"]) for item in value))
 
 
 def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -> Hello | HelloOk:

@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from podtwin.agent.link import wire
 from podtwin.runner.link.client import Link, LinkKeys
 
 
@@ -223,3 +224,46 @@ def test_exec_stdio_relay_carries_the_link_to_the_agent(tmp_path, target, door):
                 proc.kill()
                 proc.wait()
         agent.stdout.close()
+
+
+def test_sftp_serves_the_exports_on_the_link(agent, tmp_path):
+    """An sftp channel beside the control channel on the same link: the target here is a host
+    process (its root is /), so the export is a tmp directory. A symlink in it to an absolute
+    path outside it is resolved beneath the export: the in-export file is served, not the other."""
+    proc, sock, keys, _ = agent
+    export, outside = tmp_path / "export", tmp_path / "outside"
+    (export / "sub").mkdir(parents=True)
+    (export / "app.conf").write_text("exported")
+    outside.mkdir()
+    (outside / "secret").write_text("agent secret")
+    (export / "link").symlink_to(outside / "secret")
+    in_export = export / str(outside / "secret").lstrip("/")
+    in_export.parent.mkdir(parents=True)
+    in_export.write_text("the in-export file")
+    exports = wire.FsExports((wire.FsExport(str(export), False),))
+
+    async def scenario():
+        link = await Link.connect_unix(sock, keys, role="runner")
+        assert (await link.control.info()).pid > 0     # the control channel still works beside it
+        async with link.conn.start_sftp_client(env={wire.FS_EXPORTS_ENV: exports.encode()}) as sftp:
+            async with sftp.open(f"{export}/app.conf", "rb") as f:
+                assert await f.read() == b"exported"
+            assert sorted(await sftp.listdir(str(export))) == [".", "..", "app.conf", "link", "sub", "tmp"]
+            assert await sftp.readlink(f"{export}/link") == str(outside / "secret")
+            async with sftp.open(f"{export}/link", "rb") as f:
+                assert await f.read() == b"the in-export file"
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await sftp.open(str(outside / "secret"), "rb")
+            with pytest.raises(asyncssh.SFTPNoSuchFile):
+                await sftp.stat("/etc/passwd")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.open(f"{export}/app.conf", "wb")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.mkdir(f"{export}/new")
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await link.conn.start_sftp_client()        # no exports asked for: refused
+        link.close()
+
+    run(scenario())
+    assert (export / "app.conf").read_text() == "exported"
+    assert proc.wait(timeout=10) == 0
