@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from pydantic import field_validator, model_validator
 
 from podtwin.runner.env import split_patterns
@@ -18,7 +18,8 @@ from podtwin.runner.errors import TargetError
 from podtwin.runner.sidecar.outgoing.policy import parse_filter_entry
 from podtwin.runner.targets import Target, parse_target, target_from_mirrord_path
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+# Strict: a string is not a bool ("yes"), a bool is not a number (true), as mirrord's own parser.
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
 def _shorthand(expand: Callable[[Any], Any], accepted: str, input_type: Any) -> BeforeValidator:
@@ -84,7 +85,7 @@ class TargetConfig(_Model):
 
 
 class EnvConfig(_Model):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         True, description="Copy the target's environment variables into the local container.")
     include: Patterns = Field(
         None, description="Copy only these variables: a list or `;`-separated names; `*` and `?` are wildcards.")
@@ -211,16 +212,16 @@ def _outgoing(value: Any) -> Any:
 
 
 class OutgoingConfig(_Model):
-    tcp: bool = Field(True, description="Send outgoing TCP connections through the target.")
-    udp: bool = Field(True, description="Send outgoing UDP traffic through the target.")
-    ignore_localhost: bool = Field(
+    tcp: StrictBool = Field(True, description="Send outgoing TCP connections through the target.")
+    udp: StrictBool = Field(True, description="Send outgoing UDP traffic through the target.")
+    ignore_localhost: StrictBool = Field(
         False, description="mirrord compatibility; in podtwin loopback traffic always stays local.")
     filter: AddressFilterConfig | None = Field(
         None, description="{remote: [...]} or {local: [...]}: entries like host:port, CIDR, :port, tcp://CIDR:port.")
 
 
 class DnsConfig(_Model):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         True, description="Resolve names with the target's DNS (its resolv.conf and search domains).")
     filter: DnsFilterConfig | None = Field(
         None, description="{remote: [...]} or {local: [...]}: names, IPs, CIDRs, optional :port.")
@@ -304,19 +305,19 @@ def _image(value: Any) -> Any:
 class AgentConfig(_Model):
     image: Annotated[str | None, BeforeValidator(_image)] = Field(
         None, description="Agent image (or mirrord's {registry, tag}); default: podtwin's agent of this version.")
-    ttl: int = Field(
-        1, ge=0, description="Seconds the agent pod is kept after the agent exits (to read its logs).")
-    startup_timeout: int = Field(
-        60, ge=1, description="Seconds to wait for the agent to become ready.")
-    communication_timeout: int = Field(
-        10, ge=2, description="Seconds the agent waits without hearing from podtwin before it exits.")
+    ttl: StrictInt = Field(
+        1, ge=0, le=86400, description="Seconds the agent pod is kept after the agent exits (to read its logs).")
+    startup_timeout: StrictInt = Field(
+        60, ge=1, le=3600, description="Seconds to wait for the agent to become ready.")
+    communication_timeout: StrictInt = Field(
+        10, ge=2, le=3600, description="Seconds the agent waits without hearing from podtwin before it exits.")
     namespace: str | None = Field(
         None, description="Namespace for the agent Job; default: the target's namespace.")
-    ephemeral: bool = Field(
+    ephemeral: StrictBool = Field(
         False, description="Run the agent as an ephemeral container in the target pod instead of a Job.")
     transport: Literal["port-forward", "exec"] = Field(
         "port-forward", description="How podtwin reaches the agent through the API server: port-forward, or exec (a relay's stdin/stdout).")
-    privileged: bool = Field(
+    privileged: StrictBool = Field(
         False, description="Run the agent container privileged (needed on some hardened nodes).")
     labels: StrMap = Field(
         default_factory=dict, description="Extra labels for the agent Job and pod.")

@@ -364,3 +364,19 @@ def test_a_device_or_fifo_is_not_a_config_file(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_config(path, None, tmp_path)
         assert "is not a regular file" in err.value.message
+
+
+@pytest.mark.parametrize("config,key", [
+    ({"feature": {"network": {"outgoing": {"tcp": "yes"}}}}, "feature.network.outgoing.tcp"),
+    ({"agent": {"startup_timeout": True}}, "agent.startup_timeout"),
+    ({"agent": {"startup_timeout": 1e30}}, "agent.startup_timeout"),
+    ({"agent": {"startup_timeout": 3601}}, "agent.startup_timeout"),
+    ({"agent": {"communication_timeout": "10"}}, "agent.communication_timeout"),
+    ({"agent": {"ephemeral": 1}}, "agent.ephemeral"),
+    ({"feature": {"network": {"incoming": {"mode": "steal", "ports": [True]}}}}, "feature.network.incoming.ports[0]"),
+])
+def test_values_of_the_wrong_type_or_out_of_bounds_are_refused(tmp_path: Path, config: dict, key: str) -> None:
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as err:
+        load_config(Path("c.json"), None, tmp_path)
+    assert f": {key}: " in err.value.message, err.value.message
