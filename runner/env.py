@@ -64,6 +64,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"cannot read env_file {path}: {exc.strerror or exc}",
                           "fix feature.env.env_file or create the file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"env_file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                          "save it as UTF-8") from exc
     values: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

@@ -186,7 +186,7 @@ def load_config(path: Path | None, profile: str | None, cwd: Path,
     Returns the config and the warnings for mirrord keys podtwin ignores.
     """
     layers: list[tuple[str, dict[str, Any]]] = []
-    if profile:
+    if profile is not None:   # --profile '' is a mistake to name, not "no profile"
         layers.append((f"profile {profile!r}", load_profile(profile)))
     if path is not None:
         file: Path | None = Path(path) if Path(path).is_absolute() else cwd / path

@@ -6,11 +6,12 @@ merges the files these models validate.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from pydantic import field_validator, model_validator
 
 from podtwin.runner.env import split_patterns
@@ -107,12 +108,32 @@ class EnvConfig(_Model):
         return self
 
 
+def _regex(value: Any) -> Any:
+    """A filter regex must compile here, at load, as the agent will compile it (Python's re)."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex ({exc})") from None
+    return value
+
+
+def _method(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+        raise ValueError("an HTTP method is a non-empty token, e.g. GET or POST")
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_regex)]
+Method = Annotated[str, AfterValidator(_method)]
+
+
 class HttpFilterRule(_Model):
-    header: str | None = Field(
+    header: Regex | None = Field(
         None, description="Regex searched in each `name: value` header line (name lowercased, value as sent).")
-    path: str | None = Field(
+    path: Regex | None = Field(
         None, description="Regex searched in the request path with its query string.")
-    method: str | None = Field(None, description="HTTP method to match, case-insensitive.")
+    method: Method | None = Field(None, description="HTTP method to match, case-insensitive.")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,11 +147,11 @@ class HttpFilterRule(_Model):
 
 
 class HttpFilterConfig(_Model):
-    header_filter: str | None = Field(
+    header_filter: Regex | None = Field(
         None, description="Steal requests with a `name: value` header line (name lowercased) matching this regex.")
-    path_filter: str | None = Field(
+    path_filter: Regex | None = Field(
         None, description="Steal requests whose path (with query string) matches this regex.")
-    method_filter: str | None = Field(
+    method_filter: Method | None = Field(
         None, description="Steal requests with this HTTP method (case-insensitive).")
     any_of: list[HttpFilterRule] | None = Field(
         None, description="Requests matching at least one of these rules are mirrored/stolen.")
@@ -177,6 +198,11 @@ class IncomingConfig(_Model):
     def _ports(self) -> IncomingConfig:
         if self.ports is not None and self.ignore_ports:
             raise ValueError("ports and ignore_ports are mutually exclusive; set only one")
+        remotes = [remote for _, remote in self.port_mapping]
+        twice = sorted({r for r in remotes if remotes.count(r) > 1})
+        if twice:
+            raise ValueError(f"port_mapping maps several local ports to remote port {twice[0]}; "
+                             "one remote port goes to one local port")
         return self
 
 

@@ -20,6 +20,7 @@ from podtwin.agent.link import wire
 from podtwin.runner import backends
 from podtwin.runner.backends.base import Placement, Resolved, Transport
 from podtwin.runner.config.docker_args import ExtraRunArgs, parse_extra_args
+from podtwin.runner.env import read_env_file
 from podtwin.runner.errors import AgentError, ConfigError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
@@ -99,7 +100,10 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
 
 def derived_settings(cfg: "PodtwinConfig") -> tuple[SidecarSettings, ExtraRunArgs]:
     """What a session derives from its config (and may refuse): the sidecar's settings, and
-    container.cli_extra_args split between the sidecar and the app."""
+    container.cli_extra_args split between the sidecar and the app. An env_file is read here
+    too, so a bad one is refused before anything starts (the app's start reads it again)."""
+    if cfg.feature.env.env_file is not None:
+        read_env_file(cfg.feature.env.env_file)
     return SidecarSettings.from_config(cfg), parse_extra_args(cfg.container.cli_extra_args)
 
 

@@ -15,8 +15,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from podtwin.runner.errors import ConfigError
 from podtwin.runner.state.files import SessionFiles
 
+MAX_UNIX_PATH = 107   # sun_path holds 108 bytes, the terminating NUL included
 LABEL_SESSION = "podtwin.session"
 LABEL_ROLE = "podtwin.role"
 LABEL_TARGET = "podtwin.target"
@@ -44,7 +46,14 @@ class Session:
     def create(cls, target: str) -> "Session":
         sid = secrets.token_hex(4)
         path = sessions_dir() / sid
-        path.mkdir(parents=True, mode=0o700)
+        if len(bytes(SessionFiles(path).agent_socket)) > MAX_UNIX_PATH:
+            raise ConfigError(f"the state directory {state_dir()} is too long a path for the session's unix socket",
+                              "set PODTWIN_STATE_DIR to a shorter path")
+        try:
+            path.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot use the state directory {state_dir()} ({exc.strerror or exc})",
+                              "set PODTWIN_STATE_DIR to a writable directory") from exc
         path.chmod(0o700)
         session = cls(sid, target, path)
         session.files.owner.write_text(json.dumps(session.labels("runner")))

@@ -380,3 +380,23 @@ def test_values_of_the_wrong_type_or_out_of_bounds_are_refused(tmp_path: Path, c
     with pytest.raises(ConfigError) as err:
         load_config(Path("c.json"), None, tmp_path)
     assert f": {key}: " in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("incoming,key,says", [
+    ({"mode": "steal", "http_filter": {"header_filter": "("}}, "feature.network.incoming.http_filter.header_filter", "not a valid regex"),
+    ({"mode": "steal", "http_filter": {"path_filter": "[z-a]"}}, "feature.network.incoming.http_filter.path_filter", "not a valid regex"),
+    ({"mode": "steal", "http_filter": {"method_filter": ""}}, "feature.network.incoming.http_filter.method_filter", "non-empty token"),
+    ({"mode": "steal", "http_filter": {"any_of": [{"header": "x-a"}, {"path": "(("}]}},
+     "feature.network.incoming.http_filter.any_of[1].path", "not a valid regex"),
+    ({"mode": "steal", "port_mapping": [[8080, 80], [9090, 80]]}, "feature.network.incoming", "remote port 80"),
+])
+def test_http_filters_and_port_mappings_are_checked_at_load(tmp_path: Path, incoming: dict, key: str, says: str) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(Path("c.json"), None, tmp_path)
+    assert f": {key}: " in err.value.message and says in err.value.message, err.value.message
+
+
+def test_an_empty_profile_name_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown profile ''"):
+        load_config(None, "", tmp_path)

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from podtwin.runner.state import session as s
 
 
@@ -40,3 +42,18 @@ def test_session_directory_is_private_and_owned(tmp_path, monkeypatch):
     assert (sess.dir / "client_key.pub").read_text().startswith("ssh-ed25519 ")
     sess.remove_dir()
     assert not sess.dir.exists()
+
+
+def test_a_state_dir_that_is_a_file_or_too_long_is_one_line(tmp_path, monkeypatch):
+    from podtwin.runner.errors import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PODTWIN_STATE_DIR", str(blocker))
+    with pytest.raises(ConfigError, match="cannot use the state directory"):
+        s.Session.create("container/x")
+    deep = tmp_path / ("d" * 100)
+    monkeypatch.setenv("PODTWIN_STATE_DIR", str(deep))
+    with pytest.raises(ConfigError, match="too long a path"):
+        s.Session.create("container/x")
+    assert not deep.exists()   # refused before anything was made
