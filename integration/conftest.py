@@ -153,11 +153,12 @@ class Podtwin:
         return proc
 
     def objects(self) -> list[tuple[str, str]]:
-        """(kind, name) of the podtwin containers and networks of the runners started here."""
+        """(kind, name) of the podtwin containers, networks and volumes of the runners started here."""
         found = []
-        for kind, listing in (("container", ["ps", "-a"]), ("network", ["network", "ls"])):
+        for kind, listing in (("container", ["ps", "-a"]), ("network", ["network", "ls"]),
+                              ("volume", ["volume", "ls"])):
             out = docker(*listing, "--filter", "label=podtwin.session", "--format",
-                         "\t".join(("{{.Name}}" if kind == "network" else "{{.Names}}", *RUNNER_LABELS))).stdout
+                         "\t".join(("{{.Names}}" if kind == "container" else "{{.Name}}", *RUNNER_LABELS))).stdout
             for line in out.splitlines():
                 name, *runner = line.split("\t")
                 if tuple(runner) in self.runners:
@@ -176,7 +177,8 @@ class Podtwin:
     def remove_leftovers(self) -> None:
         """What `podtwin clean --all` would do, for this test's sessions only."""
         for kind, name in self.objects():
-            docker(*(["rm", "-f"] if kind == "container" else ["network", "rm"]), name, check=False)
+            docker(*({"container": ["rm", "-f"], "network": ["network", "rm"], "volume": ["volume", "rm", "-f"]}[kind]),
+                   name, check=False)
         sessions = self.state_dir / "sessions"
         if sessions.is_dir():
             for path in sessions.iterdir():

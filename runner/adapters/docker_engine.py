@@ -17,6 +17,7 @@ import docker
 import docker.errors
 from docker.types import Mount
 
+from podtwin.runner.config.image import podtwin_image_name
 from podtwin.runner.errors import AgentError, DockerUnavailable, ImageMissing, SessionError, TargetError
 from podtwin.runner.state.files import MOUNT_POINT, SessionFiles
 from podtwin.runner.state.session import LABEL_ROLE, LABEL_SESSION, Session
@@ -29,11 +30,15 @@ class DockerTargetInfo:
     id: str
     name: str
     hostname: str
+    mounts: tuple[tuple[str, bool], ...] = ()   # (path in the container, writable): binds and volumes
+
+
+FILES_MOUNT = "/podtwin/fs"   # in the sidecar: the session volume, shared (rshared) with the daemon
 
 
 @dataclass(frozen=True)
 class LeftoverObject:
-    kind: str  # "container" or "network"
+    kind: str  # "container", "network" or "volume"
     id: str
     name: str
     labels: dict
@@ -69,7 +74,9 @@ class DockerEngine:
         if c.status != "running":
             raise TargetError(f"target container {name!r} is not running (it is {c.status})",
                               f"start it with `docker start {name}`")
-        return DockerTargetInfo(c.id, c.name, c.attrs["Config"].get("Hostname", ""))
+        mounts = tuple((m["Destination"], bool(m.get("RW", True))) for m in c.attrs.get("Mounts") or []
+                       if m.get("Type") in ("bind", "volume") and m.get("Destination", "/") != "/")
+        return DockerTargetInfo(c.id, c.name, c.attrs["Config"].get("Hostname", ""), mounts)
 
     # -- session containers ---------------------------------------------------------------
     def _session_mount(self, session: Session) -> Mount:
@@ -141,18 +148,58 @@ class DockerEngine:
         self.remove(container_id)
 
     def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None,
-                      ports: dict | None = None) -> str:
+                      ports: dict | None = None, files_volume: str | None = None) -> str:
         """The sidecar owns the app's network namespace: on ``network`` (docker's default bridge
         if None), so local services on that network stay reachable with a local filter; it
-        publishes ``ports`` (SDK form) for the app, which listens in its namespace."""
+        publishes ``ports`` (SDK form) for the app, which listens in its namespace. With
+        ``files_volume`` (a session volume's path on the daemon's side) it also mounts the
+        target's files there with FUSE: /dev/fuse, SYS_ADMIN for the mount, AppArmor's default
+        profile (which denies mount) lifted, and the volume bound rshared so the mounts reach
+        the daemon, which binds them into the app."""
+        caps, extra = ["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], {}
+        mounts = [self._session_mount(session)]
+        if files_volume:
+            caps.append("SYS_ADMIN")
+            extra = {"devices": ["/dev/fuse:/dev/fuse:rwm"], "security_opt": ["apparmor=unconfined"]}
+            mounts.append(Mount(target=FILES_MOUNT, source=files_volume, type="bind", propagation="rshared"))
         container = self._run(
             image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
             name=session.name("sidecar"), labels=session.labels("sidecar"),
             hostname=hostname or None, network=network, ports=ports or None,
-            cap_add=["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], cap_drop=["ALL"],
-            mounts=[self._session_mount(session)],
+            cap_add=caps, cap_drop=["ALL"], mounts=mounts, **extra,
         )
         return container.id
+
+    # -- the session volume for the target's files ---------------------------------------------
+    def create_files_volume(self, session: Session) -> str:
+        """A local volume of the session's; its path lies on the daemon's data root, which the
+        daemon makes a shared mount: FUSE mounts made there by the sidecar reach the daemon's
+        namespace, and so binds into the app. Returns that path."""
+        try:
+            volume = self.client.volumes.create(session.name("fs"), labels=session.labels("files"))
+        except docker.errors.APIError as exc:
+            raise SessionError(f"cannot create the session's files volume: {_short(exc)}") from exc
+        return volume.attrs["Mountpoint"]
+
+    def remove_files_volume(self, name: str, image: str) -> None:
+        """Remove a session's files volume. A FUSE mount left on it by a killed sidecar stays in
+        the daemon's namespace and keeps it busy: a one-off container with the same shared bind
+        lazily unmounts it first (the unmount propagates back)."""
+        try:
+            volume = self.client.volumes.get(name)
+        except docker.errors.NotFound:
+            return
+        try:
+            volume.remove(force=True)
+            return
+        except docker.errors.APIError:
+            pass
+        self.client.containers.run(
+            image, ["sh", "-c", f"for m in {FILES_MOUNT}/*; do umount -l \"$m\" 2>/dev/null; done; true"],
+            remove=True, cap_add=["SYS_ADMIN"], cap_drop=["ALL"], security_opt=["apparmor=unconfined"],
+            mounts=[Mount(target=FILES_MOUNT, source=volume.attrs["Mountpoint"], type="bind", propagation="rshared")],
+            labels={"podtwin.role": "files-unmount"})
+        volume.remove(force=True)
 
     def _run(self, image: str, command: list[str], **kwargs):
         try:
@@ -210,10 +257,16 @@ class DockerEngine:
     def create_app(self, session: Session, image: str, command: list[str] | None, env: dict[str, str],
                    sidecar_id: str, tty: bool, interactive: bool, entrypoint: list[str] | None = None,
                    workdir: str | None = None, user: str | None = None,
-                   volumes: list[str] | None = None, extra: dict | None = None) -> str:
+                   volumes: list[str] | None = None, extra: dict | None = None,
+                   files: list[tuple[str, str, bool]] | None = None) -> str:
         """``extra``: more SDK keywords from container.cli_extra_args (volumes and labels add to
-        the session's own)."""
+        the session's own). ``files``: (source on the daemon's side, path in the app, writable):
+        the target's files, bound rslave so a remount in the sidecar reaches the app too."""
         extra = dict(extra or {})
+        mounts = [Mount(target=dst, source=src, type="bind", read_only=not writable, propagation="rslave")
+                  for src, dst, writable in files or []]
+        if mounts:
+            extra["mounts"] = mounts
         volumes = [*(volumes or []), *extra.pop("volumes", [])]
         labels = {**extra.pop("labels", {}), **session.labels("app")}
         try:
@@ -275,12 +328,16 @@ class DockerEngine:
             out.append(LeftoverObject("container", c["Id"], name, dict(c.get("Labels") or {})))
         for n in self.client.networks.list(filters={"label": selector}):
             out.append(LeftoverObject("network", n.id, n.name, dict(n.attrs.get("Labels") or {})))
+        for v in self.client.volumes.list(filters={"label": selector}):
+            out.append(LeftoverObject("volume", v.id, v.name, dict(v.attrs.get("Labels") or {})))
         return out
 
     def remove_object(self, obj: LeftoverObject) -> None:
         try:
             if obj.kind == "container":
                 self.client.containers.get(obj.id).remove(force=True)
+            elif obj.kind == "volume":
+                self.remove_files_volume(obj.name, podtwin_image_name())
             else:
                 self.client.networks.get(obj.id).remove()
         except docker.errors.NotFound:

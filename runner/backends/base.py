@@ -31,10 +31,12 @@ READY_PREFIX = "PODTWIN_AGENT_READY "
 
 @dataclass(frozen=True)
 class Resolved:
-    """The target as found: what to call it in progress lines, and the host name the app gets."""
+    """The target as found: what to call it in progress lines, the host name the app gets, and
+    the paths of its mounted volumes (with whether the target may write them)."""
 
     description: str
     hostname: str
+    mounts: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class DockerContainerAgent(Placement):
 
     def resolve(self, progress) -> Resolved:
         self.info = self.engine.get_target(self.target.name)
-        return Resolved(str(self.target), self.info.hostname)
+        return Resolved(str(self.target), self.info.hostname, self.info.mounts)
 
     def setup(self, session, progress) -> None:
         assert self.info is not None

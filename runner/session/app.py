@@ -62,7 +62,7 @@ class App:
             self.progress(message)
 
     def run(self, session: Session, opts: AppOptions, cfg: PodtwinConfig, remote_env: dict,
-            sidecar_id: str, teardown: Teardown) -> int:
+            sidecar_id: str, teardown: Teardown, files: list[tuple[str, str, bool]] | None = None) -> int:
         """Once the sidecar has bridged the network: create the app container and run it."""
         self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         self.progress("network bridged; starting the app")
@@ -70,7 +70,7 @@ class App:
         app_id = self.engine.create_app(
             session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
             interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes), extra=self.extra)
+            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes), extra=self.extra, files=files)
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
         code = attach(self.engine, app_id, opts.interactive)

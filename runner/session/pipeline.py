@@ -28,8 +28,10 @@ from podtwin.runner.session import reaper
 from podtwin.runner.session.app import App, AppOptions
 from podtwin.runner.progress import Progress
 from podtwin.runner.session.teardown import Teardown
-from podtwin.runner.sidecar.settings import SidecarSettings
+from podtwin.runner.sidecar.settings import FilesSettings, SidecarSettings
 from podtwin.runner.state.session import Session
+
+from podtwin.runner.adapters.docker_engine import FILES_MOUNT
 
 if TYPE_CHECKING:
     from podtwin.runner.adapters.docker_engine import DockerEngine
@@ -68,6 +70,7 @@ class Bridge:
     session: Session
     sidecar_id: str
     remote: wire.Info   # the target's info: env, pid, hostname, resolver files
+    files: list[tuple[str, str, bool]]   # the target's files: (source on the daemon, path, writable)
 
 
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -78,7 +81,7 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
     app = App(engine, progress, p.extra.app)
     with Teardown(progress) as teardown:
         bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
-        return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown)
+        return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown, bridge.files)
 
 
 def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -95,6 +98,13 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
     found = placement.resolve(progress)
     if opts.network:
         engine.require_network(opts.network)
+    files = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT)
+    for key in ("read_only", "read_write", "local", "not_found", "mapping"):
+        if getattr(cfg.feature.fs, key):
+            progress.warn(f"feature.fs.{key} is not applied yet: the target's mounts are served whole")
+    if files is not None:
+        progress("the target's files: " + ", ".join(e.path + (" (writable)" if e.write else "") for e in files.exports))
+        settings = settings.model_copy(update={"files": files})
     return Plan(opts, cfg, target, placement, transport, found, settings, extra)
 
 
@@ -129,10 +139,17 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
     reaper.spawn(session.id, session.runner_pid, session.dir)
     session.write_keys(agent_host_key=p.placement.runner_makes_host_key)
     teardown.setup(p.placement, session, progress)
+    files_volume, binds = None, []
+    if p.settings.files is not None:
+        # The target's files: the sidecar mounts them on a session volume, the app binds them.
+        files_volume = engine.create_files_volume(session)
+        teardown.add("files volume", lambda: engine.remove_files_volume(session.name("fs"), p.placement.sidecar_image))
+        root = files_volume + p.settings.files.root().removeprefix(FILES_MOUNT)
+        binds = [(root + e.path, e.path, e.write) for e in p.settings.files.exports]
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)
     sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
-                                      ports=p.extra.ports)
+                                      ports=p.extra.ports, files_volume=files_volume)
     teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
     ready = p.placement.wait_ready(progress)
 
@@ -149,4 +166,4 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
             raise AgentError(f"{p.transport.what} to the agent failed: {why}", p.transport.hint) from exc
         raise
     progress(f"agent ready; target process {remote.pid} has {len(remote.env)} environment variables")
-    return Bridge(session, sidecar_id, remote)
+    return Bridge(session, sidecar_id, remote, binds)

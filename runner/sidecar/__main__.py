@@ -19,6 +19,7 @@ from podtwin.runner.sidecar.settings import SidecarSettings
 from podtwin.runner.state.files import SessionFiles
 
 from podtwin.runner.sidecar.dns.resolver import DnsServer
+from podtwin.runner.sidecar.files import FileMounts
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
 from podtwin.runner.sidecar.dns.names import NameCache
 from podtwin.runner.sidecar.outgoing.netsetup import NetSetup
@@ -114,6 +115,8 @@ async def amain(args: argparse.Namespace) -> int:
         services.append(DnsServer(link.control.dns, local_dns.forward, decider.query, names.learn_answer))
         if settings.incoming is not None:
             services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}))
+        if settings.files is not None:
+            services.append(FileMounts(link, settings.files))
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)

@@ -56,10 +56,40 @@ class IncomingSettings(_Frozen):
         return out
 
 
+class FileExport(_Frozen):
+    path: str = Field(description="the path in the target, and in the app")
+    write: bool = False
+
+
+class FilesSettings(_Frozen):
+    """The target's files the sidecar mounts (one sshfs over an sftp channel of the link) under
+    ``mount`` (the session volume), for the app to bind at their real paths."""
+
+    exports: tuple[FileExport, ...]
+    mount: str
+
+    @classmethod
+    def from_config(cls, cfg: PodtwinConfig, target_mounts: tuple[tuple[str, bool], ...],
+                    mount: str) -> "FilesSettings | None":
+        """feature.fs.mode: ``read`` serves the target's volume mounts read-only, ``write`` as
+        writable as the target has them; ``local`` and ``localwithoverrides`` serve none."""
+        mode = cfg.feature.fs.mode
+        if mode not in ("read", "write") or not target_mounts:
+            return None
+        exports = tuple(FileExport(path=path, write=mode == "write" and writable)
+                        for path, writable in sorted(target_mounts))
+        return cls(exports=exports, mount=mount)
+
+    def root(self) -> str:
+        """Where the one sshfs mount of the exports' tree sits (an export P is at root + P)."""
+        return f"{self.mount}/root"
+
+
 class SidecarSettings(_Frozen):
     outgoing: OutgoingConfig = Field(default_factory=OutgoingConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
     incoming: IncomingSettings | None = None
+    files: FilesSettings | None = None
     connect_timeout: float = Field(60.0, description="how long to wait for the agent's socket")
 
     @classmethod

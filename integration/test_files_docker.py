@@ -1,0 +1,84 @@
+"""The target's files at their real paths (feature.fs): a Docker target's bind mount and named
+volume appear in the app, through sshfs in the sidecar over the link, read-only by default."""
+from __future__ import annotations
+
+import secrets
+import signal
+
+import pytest
+
+from conftest import APP_IMAGE, docker, kill, session_containers, wait_until, write_config
+
+
+@pytest.fixture
+def files_target(tmp_path):
+    """A target with a bind-mounted config directory and a named volume it writes to."""
+    name = f"podtwin-test-files-{secrets.token_hex(3)}"
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "app.yaml").write_text("greeting: from the target's config\n")
+    (config / "secret").write_text("s3cret\n")
+    (config / "secret").chmod(0o440)
+    volume = f"{name}-data"
+    docker("volume", "create", "--label", "podtwin-test", volume)
+    docker("run", "-d", "--name", name, "--label", "podtwin-test", "-v", f"{config}:/etc/config:ro",
+           "-v", f"{volume}:/data", APP_IMAGE, "sh", "-c", "echo written-by-target > /data/state; exec sleep 3600")
+    wait_until(lambda: docker("exec", name, "cat", "/data/state", check=False).stdout.strip() == "written-by-target",
+               20, "the target to write its volume")
+    yield name, config
+    docker("rm", "-f", name, check=False)
+    docker("volume", "rm", "-f", volume, check=False)
+
+
+def test_bind_mount_and_volume_appear_read_only(podtwin, files_target):
+    name, config = files_target
+    script = ("cat /etc/config/app.yaml /data/state; ls -ln /etc/config/secret; "
+              "echo local > /data/state 2>/dev/null && echo WROTE || echo write-refused; "
+              "cat /data/state")
+    result = podtwin.run("container", "run", "-q", "--target", f"container/{name}", APP_IMAGE, "sh", "-c", script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "greeting: from the target's config"
+    assert lines[1] == "written-by-target"
+    assert lines[2].startswith("-r--r-----") and " 0 " in lines[2]        # the target's mode and owner
+    assert lines[3:] == ["write-refused", "written-by-target"]              # read mode: nothing written
+    assert docker("exec", name, "cat", "/data/state").stdout.strip() == "written-by-target"
+
+
+def test_files_are_live_and_local_mode_serves_none(podtwin, files_target, tmp_path):
+    name, config = files_target
+    proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sh", "-c",
+                         "while true; do cat /etc/config/app.yaml; sleep 0.2; done")
+    try:
+        wait_until(lambda: "from the target's config" in proc.out_path.read_text() or proc.poll() is not None,
+                   60, "the app to read the target's config")
+        assert proc.poll() is None, proc.err_path.read_text()
+        (config / "app.yaml").write_text("greeting: changed in the target\n")
+        wait_until(lambda: "changed in the target" in proc.out_path.read_text(), 15, "the change to show")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    cfg = write_config(tmp_path / "local.json", {"feature": {"fs": "local"}})
+    result = podtwin.run("container", "run", "-q", "-f", str(cfg), "--target", f"container/{name}", APP_IMAGE,
+                         "sh", "-c", "cat /etc/config/app.yaml 2>/dev/null || echo no-such-file")
+    assert result.stdout.strip() == "no-such-file", result.stderr
+
+
+def test_sigkill_of_the_runner_leaves_no_mount_and_no_volume(podtwin, files_target):
+    name, _ = files_target
+    proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sh", "-c",
+                         "cat /etc/config/app.yaml; exec sleep 600")
+    wait_until(lambda: "from the target's config" in proc.out_path.read_text() or proc.poll() is not None,
+               60, "the app to read the target's config")
+    assert proc.poll() is None, proc.err_path.read_text()
+    kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: not session_containers(runner=proc), 30, "the session's containers to go")
+    # the podtwin fixture then checks that no volume (nor anything else) of the session is left,
+    # and nothing of the session may stay mounted on the daemon's side
+    wait_until(lambda: "podtwin-" not in _daemon_fuse_mounts(), 30, "the FUSE mount to go")
+
+
+def _daemon_fuse_mounts() -> str:
+    with open("/proc/self/mountinfo") as f:
+        return "".join(line for line in f if "fuse.sshfs" in line)
