@@ -81,6 +81,17 @@ def manifests(ns: str) -> list[dict]:
                                       "command": ["python3", "/code/backend.py"],
                                       "volumeMounts": [{"name": "code", "mountPath": "/code"}]}],
                       "volumes": [{"name": "code", "configMap": {"name": "backend-code"}}]}}}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-files"},
+         "data": {"app.yaml": "greeting: from the pod's ConfigMap\n"}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "files"},
+         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "files"}},
+                  "template": {"metadata": {"labels": {"app": "files"}}, "spec": {
+                      "terminationGracePeriodSeconds": 1,
+                      "containers": [{**sleeper("files", [], {}), "volumeMounts": [
+                          {"name": "config", "mountPath": "/etc/config"},
+                          {"name": "secret", "mountPath": "/etc/secret", "readOnly": True}]}],
+                      "volumes": [{"name": "config", "configMap": {"name": "app-files"}},
+                                  {"name": "secret", "secret": {"secretName": "app-secret", "defaultMode": 0o440}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
          "spec": {"selector": {"app": "backend"}, "ports": [
              {"name": "http", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 9000, "protocol": "UDP"}]}},
@@ -97,7 +108,7 @@ def staging(cluster, namespace):
     def all_ready():
         pods = core.list_namespaced_pod(namespace).items
         apps = {p.metadata.labels.get("app") or p.metadata.labels.get("job-name") for p in pods}
-        return {"api", "db", "two", "backend", "worker"} <= apps and all(
+        return {"api", "db", "two", "backend", "worker", "files"} <= apps and all(
             p.status.phase == "Running" and all(c.ready for c in p.status.container_statuses or [])
             for p in pods)
     wait_until(all_ready, 180, "the staging workloads to run")
@@ -117,6 +128,22 @@ def agent_pods(cluster) -> list:
 
 def no_agent_left(cluster, within: float) -> None:
     wait_until(lambda: not agent_pods(cluster), within, "the agent pods to go")
+
+
+def test_the_pods_files_at_their_real_paths(cluster, staging):
+    """ConfigMap, Secret (0440) and the service-account token, mounted in the local app where the
+    pod has them, read-only."""
+    script = ("cat /etc/config/app.yaml; cat /etc/secret/API_TOKEN; echo; "
+              "cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; "
+              "ls -lnL /etc/secret/API_TOKEN; "
+              "echo x > /etc/config/new 2>/dev/null && echo WROTE || echo write-refused")
+    result = podtwin(cluster, "container", "run", "-n", staging, "--target", "deploy/files", APP, "sh", "-c", script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["greeting: from the pod's ConfigMap", "s3cr3t-token", staging]
+    assert lines[3].startswith("-r--r-----")          # the Secret's defaultMode, as in the pod
+    assert lines[4] == "write-refused"
+    assert "the target's files: /etc/config, /etc/secret, /var/run/secrets/kubernetes.io/serviceaccount" in result.stderr
 
 
 def test_deployment_target_env_dns_tcp_udp(cluster, staging):

@@ -11,6 +11,7 @@ import ast
 import difflib
 import json
 import logging
+import posixpath
 import re
 import select
 import socket
@@ -53,6 +54,7 @@ class PodTarget:
     run_as: dict | None = None   # the target container's runAsUser/runAsGroup, when its spec names them
     mesh: str | None = None      # the service-mesh proxy container in the pod, if any
     hostname: str = ""           # what the pod's containers see as their host name
+    mounts: tuple[tuple[str, bool], ...] = ()   # the container's volumeMounts: (mountPath, writable)
 
 
 def _label(value: str) -> str:
@@ -179,7 +181,9 @@ class KubeEngine:
                      if n in MESH_PROXIES), None)   # native sidecars are init containers
         return PodTarget(pod.metadata.namespace, pod.metadata.name, container, status.container_id,
                          pod.spec.node_name, pod.status.pod_ip or "", run_as, mesh,
-                         hostname=(pod.spec.hostname or pod.metadata.name)[:63])
+                         hostname=(pod.spec.hostname or pod.metadata.name)[:63],
+                         mounts=tuple((posixpath.normpath(m.mount_path), not m.read_only)
+                                      for m in spec.volume_mounts or [] if posixpath.normpath(m.mount_path) != "/"))
 
     def _close_names(self, target: KubeTarget, ns: str) -> str:
         listers = {"pod": lambda: self.core.list_namespaced_pod(ns).items,

@@ -29,7 +29,7 @@ class _KubeAgent(Placement):
                               "; incoming traffic from meshed clients is mTLS, which podtwin cannot read "
                               "(steal and mirror serve plaintext clients only; see docs/kubernetes.md)"
                               if self.incoming else ""))
-        return Resolved(f"pod {pod.namespace}/{pod.pod}", pod.hostname or pod.pod)
+        return Resolved(f"pod {pod.namespace}/{pod.pod}", pod.hostname or pod.pod, pod.mounts)
 
     def _begin(self, session) -> str:
         """For the reaper: where this session's agent lives, so it can remove it after a crash."""
