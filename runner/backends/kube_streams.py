@@ -44,7 +44,7 @@ class StreamTransport(Transport):
             self.streams.append(handle)
             return sock
 
-        async def relay(reader, writer) -> None:
+        async def carry(reader, writer) -> None:
             try:
                 sock = await asyncio.to_thread(open_socket)
             except Exception as exc:  # noqa: BLE001 - the client sees the connection close
@@ -54,6 +54,14 @@ class StreamTransport(Transport):
                 return
             f_reader, f_writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
             await splice(reader, writer, f_reader, f_writer)
+
+        async def relay(reader, writer) -> None:
+            try:
+                await carry(reader, writer)
+            except asyncio.CancelledError:
+                # The session is ending (its loop cancels what still runs). End quietly: on
+                # Python 3.11, start_server's callback logs a cancelled handler as an error.
+                writer.close()
 
         async def serve() -> None:
             self.server = await asyncio.start_unix_server(relay, str(session.files.agent_socket))
