@@ -62,6 +62,7 @@ class StreamTransport(Transport):
                 # The session is ending (its loop cancels what still runs). End quietly: on
                 # Python 3.11, start_server's callback logs a cancelled handler as an error.
                 writer.close()
+                await writer.wait_closed()
 
         async def serve() -> None:
             self.server = await asyncio.start_unix_server(relay, str(session.files.agent_socket))
@@ -81,7 +82,7 @@ class StreamTransport(Transport):
 
     def restore(self) -> None:
         if self.server is not None and self.loop is not None:
-            self.loop.call_soon(self.server.close)
+            self.loop.run(_close(self.server), timeout=5)
         for handle in self.streams:
             try:
                 handle.close()
@@ -111,6 +112,12 @@ class ExecStdio(StreamTransport):
     def stream_opener(self, ready):
         address = f"unix:{ready.exec_socket}" if ready.exec_socket else f"127.0.0.1:{ready.port}"
         return lambda: self.kube.exec_stdio(ready.namespace, ready.pod, ready.container, address)
+
+
+async def _close(server: asyncio.base_events.Server) -> None:
+    """Stop listening, on the loop's own thread. Not wait_closed(): from Python 3.12 on it waits
+    for the connections still open, and the sidecar's is open until its container goes."""
+    server.close()
 
 
 TRANSPORTS: dict[str, type[StreamTransport]] = {t.name: t for t in (PortForward, ExecStdio)}

@@ -33,6 +33,8 @@ class LoopThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()   # and with it what the loop still held (sockets, the executor)
 
 
 async def _cancel_others() -> None:
