@@ -144,7 +144,7 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         # The target's files: the sidecar mounts them on a session volume, the app binds them.
         files_volume = engine.create_files_volume(session)
         teardown.add("files volume", lambda: engine.remove_files_volume(session.name("fs"), p.placement.sidecar_image))
-        root = files_volume + p.settings.files.root().removeprefix(FILES_MOUNT)
+        root = p.settings.files.root(files_volume)
         binds = [(root + e.path, e.path, e.write) for e in p.settings.files.exports]
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)

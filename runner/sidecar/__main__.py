@@ -77,14 +77,16 @@ async def agent_host_key(files: SessionFiles, timeout: float) -> str:
 async def amain(args: argparse.Namespace) -> int:
     files = SessionFiles(Path(args.session_dir))
     settings = SidecarSettings.read(files.sidecar_settings)
-    rules, dns_enabled = settings.rules(), settings.dns.enabled
+    outgoing = settings.outgoing_filter()
+    kernel = outgoing.kernel_rules()   # what iptables decides; the rest the proxies ask per connection
+    rules, dns_enabled = settings.rules(kernel), settings.dns.enabled
     keys = LinkKeys(str(files.client_key), await agent_host_key(files, settings.connect_timeout))
     # The sidecar starts alongside the agent: wait for the agent's socket.
     link = await Link.connect_unix(str(files.agent_socket), keys, role="sidecar", wait=settings.connect_timeout)
     info = await link.control.info()
 
     names = NameCache()
-    decider = Decider(settings.outgoing_filter(), settings.dns_filter(), names)
+    decider = Decider(outgoing, settings.dns_filter(), names)
     # Our resolver answers every query: remote ones through the agent, local ones (dns off, or
     # the filter says so) from the resolver this container had, over sockets that bypass our rules.
     own_resolv = Path("/etc/resolv.conf").read_text()
@@ -96,7 +98,7 @@ async def amain(args: argparse.Namespace) -> int:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(info.resolv_conf))
     else:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(own_resolv))
-    per_connection = settings.proxy_decides()
+    per_connection = kernel.proxy_decides
 
     net = NetSetup(rules)
     stop = asyncio.Event()

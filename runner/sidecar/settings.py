@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from podtwin.runner.config.models import DnsConfig, OutgoingConfig, PodtwinConfig
 from podtwin.runner.errors import ConfigError
-from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
+from podtwin.runner.sidecar.outgoing.policy import DnsFilter, KernelRules, OutgoingFilter
 from podtwin.runner.sidecar.outgoing.iptables import RuleSettings
 
 
@@ -80,9 +80,10 @@ class FilesSettings(_Frozen):
                         for path, writable in sorted(target_mounts))
         return cls(exports=exports, mount=mount)
 
-    def root(self) -> str:
-        """Where the one sshfs mount of the exports' tree sits (an export P is at root + P)."""
-        return f"{self.mount}/root"
+    def root(self, mount: str | None = None) -> str:
+        """Where the one sshfs mount of the exports' tree sits (an export P is at root + P); with
+        ``mount``, the same place seen through another path of the session volume (the daemon's)."""
+        return f"{mount or self.mount}/root"
 
 
 class SidecarSettings(_Frozen):
@@ -113,14 +114,10 @@ class SidecarSettings(_Frozen):
     def dns_filter(self) -> DnsFilter:
         return DnsFilter.from_config(self.dns)
 
-    def rules(self) -> RuleSettings:
-        """The iptables rules: what the kernel can decide up front (by address, port, protocol)."""
-        kernel = self.outgoing_filter().kernel_rules()
+    def rules(self, kernel: KernelRules) -> RuleSettings:
+        """The iptables rules: what the kernel can decide up front (by address, port, protocol),
+        from the outgoing filter's ``kernel_rules()``."""
         return RuleSettings(
             tcp=self.outgoing.tcp, udp=self.outgoing.udp,
             local_cidrs=tuple(tuple(r) for r in kernel.keep_local),
             remote_cidrs=None if kernel.redirect_only is None else tuple(tuple(r) for r in kernel.redirect_only))
-
-    def proxy_decides(self) -> bool:
-        """Whether the proxies must ask the filter per connection (it has host-name entries)."""
-        return self.outgoing_filter().kernel_rules().proxy_decides
