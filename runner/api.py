@@ -30,6 +30,7 @@ class RunOptions:
     entrypoint: str | None = None
     workdir: str | None = None
     user: str | None = None
+    as_target_user: bool = False
     volumes: tuple[str, ...] = ()
     network: str | None = None
     namespace: str | None = None

@@ -62,17 +62,23 @@ def container() -> None:
 @click.option("--entrypoint", help="Override the image's entrypoint.")
 @click.option("-w", "--workdir", help="Working directory inside the app container.")
 @click.option("-u", "--user", help="User (name|uid[:group|gid]) to run the app as.")
+@click.option("--as-target-user", is_flag=True,
+              help="Run the app as the target does: its user and group (a pod's runAsUser/runAsGroup, a "
+                   "container's --user) and its extra groups (fsGroup, supplementalGroups, --group-add).")
 @click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount, as in docker run -v.")
 @click.option("-n", "--namespace", help="Kubernetes namespace of the target (default: the context's).")
 @click.option("--context", help="kubeconfig context to use (default: the current one).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
 @click.option("--network", help="Local Docker network for the app (reach local services; pair with "
               "a `local` outgoing/DNS filter). Default: Docker's default bridge.")
+@click.option("--fs", "fs_mode", type=click.Choice(["read", "write", "local", "localwithoverrides"]),
+              help="The target's files (feature.fs.mode): read (default: its volume mounts, read-only), write, "
+                   "local (none), localwithoverrides (only the paths feature.fs names).")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print progress.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def container_run(target, config_file, profile, env, interactive, tty, rm, entrypoint, workdir, user,
-                  volumes, namespace, context, kubeconfig, network, quiet, image, command) -> None:
+                  as_target_user, volumes, namespace, context, kubeconfig, network, fs_mode, quiet, image, command) -> None:
     """Run IMAGE [COMMAND...] with the target's environment, network and DNS.
 
     \b
@@ -84,8 +90,9 @@ def container_run(target, config_file, profile, env, interactive, tty, rm, entry
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
         env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
-        workdir=workdir, user=user, volumes=tuple(volumes), network=network, namespace=namespace,
-        context=context, kubeconfig=kubeconfig, cwd=Path.cwd())
+        workdir=workdir, user=user, as_target_user=as_target_user, volumes=tuple(volumes), network=network, namespace=namespace,
+        context=context, kubeconfig=kubeconfig, cwd=Path.cwd(),
+        overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
     sys.exit(api.run(opts))
 
 

@@ -43,9 +43,17 @@ def is_within(path: bytes, top: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Export:
-    """One exported path in the target (normalised, absolute, not ``/``)."""
+    """One exported path (normalised, absolute, not ``/``): ``path`` as the client names it,
+    ``source`` where it is in the target (the same unless mapped); ``write`` the default for the
+    paths in it, ``writable`` whether any may be written."""
     path: bytes
-    write: bool
+    write: bool = False
+    writable: bool = False
+    source: bytes = b""
+
+    @property
+    def target(self) -> bytes:
+        return self.source or self.path
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,11 @@ class Placed:
     export itself)."""
     export: Export
     below: bytes
+
+    @property
+    def target(self) -> bytes:
+        """The path as the target names it (the export's source, then ``below``)."""
+        return self.export.target + (b"/" + self.below if self.below else b"")
 
 
 class ExportMap:

@@ -13,9 +13,12 @@ The server then answers for those paths only:
   synthetic read-only directories (mode 0555, owned by 0:0) that list only the names leading on
   to the exports, so one mount of ``/`` can reach them all. Nothing else of the target is
   listed or read: any other path is "no such file".
-* Exports are read-only unless marked ``write``: every change to a read-only export (open for
+* Exports are read-only unless marked ``write``: every change to a read-only path (open for
   writing, setstat, mkdir, remove, rmdir, rename) is "permission denied", and so is removing or
-  renaming an export itself. Symlinks, hard links and lsetstat are not offered.
+  renaming an export itself. ``feature.fs``'s lists decide per path (``rules.PathRules``):
+  ``not_found`` paths are absent, ``read_write`` ones writable where the export takes writes,
+  ``read_only`` ones not. An export's ``source`` (``feature.fs.mapping``) is where its files are
+  in the target. Symlinks, hard links and lsetstat are not offered.
 * Owners and modes are the target's numbers, unchanged (``ls -l`` shows numeric ids: the
   agent's own user names would be the wrong ones).
 
@@ -37,6 +40,7 @@ from asyncssh import SFTPAttrs, SFTPName, SFTPNoSuchFile, SFTPPermissionDenied
 
 from podtwin.agent.files.paths import Export, ExportMap, Placed, normalise
 from podtwin.agent.files.root import TargetRoot, set_fd_attrs
+from podtwin.agent.files.rules import PathRules
 from podtwin.agent.link.wire import FsExports
 
 T = TypeVar("T")
@@ -60,7 +64,9 @@ class TargetSFTPServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel, root: TargetRoot, exports: FsExports) -> None:
         super().__init__(chan)
         self.root = root
-        self.exports = ExportMap([Export(os.fsencode(e.path), e.write) for e in exports.exports])
+        self.exports = ExportMap([Export(os.fsencode(e.path), e.write, e.writable, os.fsencode(e.source or ""))
+                                  for e in exports.exports])
+        self.rules = PathRules(exports)
 
     def map_path(self, path: bytes) -> bytes:
         """asyncssh's own operations map paths in the agent's file system: every one this class
@@ -84,14 +90,16 @@ class TargetSFTPServer(asyncssh.SFTPServer):
             if write:
                 raise SFTPPermissionDenied("read-only: the way to the exports")
             return None
-        if write and not placed.export.write:
-            raise SFTPPermissionDenied("read-only export")
+        if self.rules.hidden(placed.target):
+            raise SFTPNoSuchFile("not found (feature.fs.not_found)")
+        if write and not self.rules.may_write(placed.target, placed.export.write, placed.export.writable):
+            raise SFTPPermissionDenied("read-only (feature.fs)")
         return placed
 
     def _in_export(self, placed: Placed, op: Callable[[TargetRoot, bytes], T]) -> T:
         """``op(export root, path beneath it)``, in a worker thread. A directory export is its own
         root; a file export is looked up in its parent directory, by its name."""
-        export = placed.export.path
+        export = placed.export.target
         fd = self.root.open(export, os.O_PATH)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             root, path = TargetRoot(fd, self.root.userspace), b"/" + placed.below
@@ -157,7 +165,8 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         yield SFTPName(b".", attrs=here)
         yield SFTPName(b"..", attrs=here)   # the parent may be another export or the way: not looked up
         for name, attrs in entries:
-            yield SFTPName(name, attrs=SFTPAttrs.from_local(attrs))
+            if not self.rules.hidden(placed.target.rstrip(b"/") + b"/" + name):
+                yield SFTPName(name, attrs=SFTPAttrs.from_local(attrs))
 
     # -- files ----------------------------------------------------------------------------------------
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:

@@ -257,26 +257,51 @@ class Error(Payload):
 
 @dataclass(frozen=True)
 class FsExport:
-    """One path of the target an sftp channel may serve: a directory (and all below it) or a file."""
-    path: str      # absolute and normalised, as the target sees it; never "/" (the whole root)
-    write: bool    # False: every change is refused
+    """One path an sftp channel may serve: a directory (and all below it) or a file.
+
+    ``path`` is where the client sees it; ``source`` where it is in the target (``feature.fs.mapping``),
+    the same path when None. ``write`` is the default for the paths in it (``feature.fs.mode``),
+    ``writable`` whether any of them may be written at all (the target's mount is): a
+    ``read_write`` rule lifts a path to writable only within an export that is."""
+    path: str      # absolute and normalised; never "/" (the whole root)
+    write: bool = False
+    writable: bool = False
+    source: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not isinstance(self.write, bool):
-            raise ProtocolError(f"{FS_EXPORTS_ENV}: an export is a path (string) and write (boolean)")
-        if (not self.path.startswith("/") or self.path.startswith("//") or "\0" in self.path
-                or posixpath.normpath(self.path) != self.path):
-            raise ProtocolError(f"{FS_EXPORTS_ENV}: {self.path!r} is not an absolute, normalised path")
-        if self.path == "/":
-            raise ProtocolError(f"{FS_EXPORTS_ENV}: the whole root cannot be exported, only paths in it")
+        if (not isinstance(self.path, str) or not isinstance(self.write, bool) or not isinstance(self.writable, bool)
+                or not isinstance(self.source, (str, type(None)))):
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: an export is a path and a source (strings), "
+                                "write and writable (booleans)")
+        for path in (self.path, self.source or self.path):
+            if (not path.startswith("/") or path.startswith("//") or "\0" in path
+                    or posixpath.normpath(path) != path):
+                raise ProtocolError(f"{FS_EXPORTS_ENV}: {path!r} is not an absolute, normalised path")
+            if path == "/":
+                raise ProtocolError(f"{FS_EXPORTS_ENV}: the whole root cannot be exported, only paths in it")
+        if self.write and not self.writable:
+            raise ProtocolError(f"{FS_EXPORTS_ENV}: {self.path} is written by default but not writable")
+
+    @property
+    def target_path(self) -> str:
+        return self.source or self.path
+
+
+FS_RULE_KINDS = ("not_found", "read_write", "read_only")   # mirrord's order of decision
 
 
 @dataclass(frozen=True)
 class FsExports:
     """What one sftp channel serves, sent by the client in the channel's environment
-    (``FS_EXPORTS_ENV``) as ``[{"path": "/etc/config", "write": false}, ...]``: per channel, so
-    each mount can ask for its own set, and checked like every payload here."""
+    (``FS_EXPORTS_ENV``) as ``{"exports": [{"path", "write", "writable", "source"}, ...],
+    "not_found": [regex, ...], "read_write": [...], "read_only": [...]}``: per channel, so each
+    mount can ask for its own set, and checked like every payload here. The regex lists are
+    mirrord's ``feature.fs`` lists, searched case-insensitively in each path as the target names
+    it, per file, in that order."""
     exports: tuple[FsExport, ...]
+    not_found: tuple[str, ...] = ()
+    read_write: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -284,9 +309,15 @@ class FsExports:
         paths = [export.path for export in self.exports]
         if len(set(paths)) != len(paths):
             raise ProtocolError(f"{FS_EXPORTS_ENV}: a path is exported twice")
+        for kind in FS_RULE_KINDS:
+            patterns = getattr(self, kind)
+            if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
+                raise ProtocolError(f"{FS_EXPORTS_ENV}: {kind} is a list of regexes")
 
     def encode(self) -> str:
-        return json.dumps([{"path": e.path, "write": e.write} for e in self.exports], separators=(",", ":"))
+        return json.dumps({"exports": [{"path": e.path, "write": e.write, "writable": e.writable, "source": e.source}
+                                       for e in self.exports],
+                           **{kind: list(getattr(self, kind)) for kind in FS_RULE_KINDS}}, separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str | bytes | None) -> Self:
@@ -296,10 +327,15 @@ class FsExports:
             value = json.loads(text)
         except ValueError as exc:
             raise ProtocolError(f"{FS_EXPORTS_ENV}: not JSON") from exc
-        if not isinstance(value, list) or not all(isinstance(item, dict) and set(item) == {"path", "write"}
-                                                  for item in value):
-            raise ProtocolError(f'{FS_EXPORTS_ENV}: expected a list of {{"path", "write"}} objects')
-        return cls(tuple(FsExport(item["path"], item["write"]) for item in value))
+        fields = {"path", "write", "writable", "source"}
+        if (not isinstance(value, dict) or set(value) != {"exports", *FS_RULE_KINDS}
+                or not isinstance(value["exports"], list)
+                or not all(isinstance(item, dict) and set(item) == fields for item in value["exports"])
+                or not all(isinstance(value[kind], list) for kind in FS_RULE_KINDS)):
+            raise ProtocolError(f'{FS_EXPORTS_ENV}: expected {{"exports": [{{"path", "write", "writable", '
+                                f'"source"}}, ...], "not_found": [...], "read_write": [...], "read_only": [...]}}')
+        return cls(tuple(FsExport(**item) for item in value["exports"]),
+                   **{kind: tuple(value[kind]) for kind in FS_RULE_KINDS})
 
 
 def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -> Hello | HelloOk:

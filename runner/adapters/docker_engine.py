@@ -31,6 +31,8 @@ class DockerTargetInfo:
     name: str
     hostname: str
     mounts: tuple[tuple[str, bool], ...] = ()   # (path in the container, writable): binds and volumes
+    user: str = ""                               # its --user, as docker inspect has it
+    groups: tuple[str, ...] = ()                 # its --group-add
 
 
 FILES_MOUNT = "/podtwin/fs"   # in the sidecar: the session volume, shared (rshared) with the daemon
@@ -76,7 +78,9 @@ class DockerEngine:
                               f"start it with `docker start {name}`")
         mounts = tuple((m["Destination"], bool(m.get("RW", True))) for m in c.attrs.get("Mounts") or []
                        if m.get("Type") in ("bind", "volume") and m.get("Destination", "/") != "/")
-        return DockerTargetInfo(c.id, c.name, c.attrs["Config"].get("Hostname", ""), mounts)
+        return DockerTargetInfo(c.id, c.name, c.attrs["Config"].get("Hostname", ""), mounts,
+                                user=c.attrs["Config"].get("User") or "",
+                                groups=tuple(c.attrs["HostConfig"].get("GroupAdd") or ()))
 
     # -- session containers ---------------------------------------------------------------
     def _session_mount(self, session: Session) -> Mount:
@@ -258,7 +262,7 @@ class DockerEngine:
                    sidecar_id: str, tty: bool, interactive: bool, entrypoint: list[str] | None = None,
                    workdir: str | None = None, user: str | None = None,
                    volumes: list[str] | None = None, extra: dict | None = None,
-                   files: list[tuple[str, str, bool]] | None = None) -> str:
+                   files: list[tuple[str, str, bool]] | None = None, group_add: tuple[str, ...] = ()) -> str:
         """``extra``: more SDK keywords from container.cli_extra_args (volumes and labels add to
         the session's own). ``files``: (source on the daemon's side, path in the app, writable):
         the target's files, bound rslave so a remount in the sidecar reaches the app too."""
@@ -267,6 +271,8 @@ class DockerEngine:
                   for src, dst, writable in files or []]
         if mounts:
             extra["mounts"] = mounts
+        if group_add:
+            extra["group_add"] = list(group_add)
         volumes = [*(volumes or []), *extra.pop("volumes", [])]
         labels = {**extra.pop("labels", {}), **session.labels("app")}
         try:

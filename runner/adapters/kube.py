@@ -55,6 +55,7 @@ class PodTarget:
     mesh: str | None = None      # the service-mesh proxy container in the pod, if any
     hostname: str = ""           # what the pod's containers see as their host name
     mounts: tuple[tuple[str, bool], ...] = ()   # the container's volumeMounts: (mountPath, writable)
+    groups: tuple[int, ...] = ()                 # the pod's fsGroup and supplementalGroups
 
 
 def _label(value: str) -> str:
@@ -183,7 +184,9 @@ class KubeEngine:
                          pod.spec.node_name, pod.status.pod_ip or "", run_as, mesh,
                          hostname=(pod.spec.hostname or pod.metadata.name)[:63],
                          mounts=tuple((posixpath.normpath(m.mount_path), not m.read_only)
-                                      for m in spec.volume_mounts or [] if posixpath.normpath(m.mount_path) != "/"))
+                                      for m in spec.volume_mounts or [] if posixpath.normpath(m.mount_path) != "/"),
+                         groups=tuple(dict.fromkeys(g for g in [psc and psc.fs_group, *((psc and psc.supplemental_groups)
+                                                                                       or [])] if g is not None)))
 
     def _close_names(self, target: KubeTarget, ns: str) -> str:
         listers = {"pod": lambda: self.core.list_namespaced_pod(ns).items,

@@ -37,6 +37,8 @@ class Resolved:
     description: str
     hostname: str
     mounts: tuple[tuple[str, bool], ...] = ()
+    user: str = ""                  # the target's user, as `docker run --user` takes it ("" if it names none)
+    groups: tuple[str, ...] = ()    # its extra groups (a pod's fsGroup and supplementalGroups)
 
 
 @dataclass(frozen=True)

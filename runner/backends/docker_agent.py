@@ -32,7 +32,7 @@ class DockerContainerAgent(Placement):
 
     def resolve(self, progress) -> Resolved:
         self.info = self.engine.get_target(self.target.name)
-        return Resolved(str(self.target), self.info.hostname, self.info.mounts)
+        return Resolved(str(self.target), self.info.hostname, self.info.mounts, self.info.user, self.info.groups)
 
     def setup(self, session, progress) -> None:
         assert self.info is not None

@@ -29,7 +29,11 @@ class _KubeAgent(Placement):
                               "; incoming traffic from meshed clients is mTLS, which podtwin cannot read "
                               "(steal and mirror serve plaintext clients only; see docs/kubernetes.md)"
                               if self.incoming else ""))
-        return Resolved(f"pod {pod.namespace}/{pod.pod}", pod.hostname or pod.pod, pod.mounts)
+        run_as = pod.run_as or {}
+        user = "" if run_as.get("runAsUser") is None else ":".join(
+            str(v) for v in (run_as["runAsUser"], run_as.get("runAsGroup")) if v is not None)
+        return Resolved(f"pod {pod.namespace}/{pod.pod}", pod.hostname or pod.pod, pod.mounts,
+                        user, tuple(str(g) for g in pod.groups))
 
     def _begin(self, session) -> str:
         """For the reaper: where this session's agent lives, so it can remove it after a crash."""

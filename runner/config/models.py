@@ -124,7 +124,14 @@ def _method(value: Any) -> Any:
     return value
 
 
+def _rust_regex(value: Any) -> Any:
+    """mirrord's regexes are Rust's: its named groups ``(?<name>...)`` are Python's ``(?P<name>...)``."""
+    return re.sub(r"\(\?<(?=[A-Za-z_])", "(?P<", value) if isinstance(value, str) else value
+
+
 Regex = Annotated[str, AfterValidator(_regex)]
+PathRegex = Annotated[str, BeforeValidator(_rust_regex), AfterValidator(_regex)]
+PathRegexList = Annotated[list[PathRegex], BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
 Method = Annotated[str, AfterValidator(_method)]
 
 
@@ -279,16 +286,16 @@ def _fs(value: Any) -> Any:
 class FsConfig(_Model):
     mode: Literal["read", "write", "local", "localwithoverrides"] = Field(
         "read", description="Default for file access: read (remote, read-only), write, local, localwithoverrides.")
-    read_only: StrList = Field(
+    read_only: PathRegexList = Field(
         default_factory=list, description="Path regexes read from the target, read-only.")
-    read_write: StrList = Field(
+    read_write: PathRegexList = Field(
         default_factory=list, description="Path regexes read and written on the target.")
-    local: StrList = Field(
+    local: PathRegexList = Field(
         default_factory=list, description="Path regexes always served from the local container.")
-    not_found: StrList = Field(
+    not_found: PathRegexList = Field(
         default_factory=list, description="Path regexes that appear not to exist.")
-    mapping: dict[str, str] = Field(
-        default_factory=dict, description="Path regex -> replacement, applied before the rules above.")
+    mapping: dict[PathRegex, str] = Field(
+        default_factory=dict, description="Path regex -> replacement ($1, ${name}), applied before the rules above.")
 
 
 def _network(value: Any) -> Any:
@@ -308,7 +315,7 @@ class FeatureConfig(_Model):
     network: NetworkField = Field(
         default_factory=NetworkConfig, description="Incoming traffic, outgoing traffic and DNS.")
     fs: FsField = Field(
-        default_factory=FsConfig, description="The target's files (parsed now, applied by a later release).")
+        default_factory=FsConfig, description="The target's files: its volume mounts at their real paths.")
 
 
 class ImagePullSecret(_Model):

@@ -3,6 +3,7 @@ image, unchanged, in the sidecar's network namespace with the target's environme
 the agent goes or says the session cannot go on."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -30,6 +31,7 @@ class AppOptions(Protocol):
     entrypoint: str | None
     workdir: str | None
     user: str | None
+    as_target_user: bool
     volumes: tuple[str, ...]
 
 
@@ -62,15 +64,23 @@ class App:
             self.progress(message)
 
     def run(self, session: Session, opts: AppOptions, cfg: PodtwinConfig, remote_env: dict,
-            sidecar_id: str, teardown: Teardown, files: list[tuple[str, str, bool]] | None = None) -> int:
-        """Once the sidecar has bridged the network: create the app container and run it."""
+            sidecar_id: str, teardown: Teardown, files: list[tuple[str, str, bool]] | None = None,
+            identity: tuple[str, tuple[str, ...]] = ("", ())) -> int:
+        """Once the sidecar has bridged the network: create the app container and run it.
+        ``identity``: the user and extra groups to run it as (``--as-target-user``)."""
         self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         self.progress("network bridged; starting the app")
+        if files and session.files.files_missing.exists():
+            missing = set(json.loads(session.files.files_missing.read_text()))
+            for path in sorted(missing):
+                self.progress.warn(f"{path}: the target has no such path; not mounted")
+            files = [bind for bind in files if bind[1] not in missing]
         env = apply_env(remote_env, cfg.feature.env, opts.env)
         app_id = self.engine.create_app(
             session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
             interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user, volumes=list(opts.volumes), extra=self.extra, files=files)
+            workdir=opts.workdir, user=opts.user or identity[0] or None, volumes=list(opts.volumes),
+            extra=self.extra, files=files, group_add=identity[1])
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
         code = attach(self.engine, app_id, opts.interactive)

@@ -81,7 +81,21 @@ def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "D
     app = App(engine, progress, p.extra.app)
     with Teardown(progress) as teardown:
         bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
-        return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown, bridge.files)
+        return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown, bridge.files,
+                       identity=target_identity(opts, p.found, progress))
+
+
+def target_identity(opts: SessionOptions, found: Resolved, progress: Progress) -> tuple[str, tuple[str, ...]]:
+    """The user and groups the app runs as with --as-target-user (nothing without it)."""
+    if not opts.as_target_user:
+        return "", ()
+    if not found.user and not found.groups:
+        progress.warn(f"{found.description} names no user or groups (runAsUser, fsGroup, --user): "
+                      "the app runs as its image's user")
+        return "", ()
+    progress("the app runs as the target's user" + (f" {found.user}" if found.user else " (the image's)")
+             + (f", with groups {', '.join(found.groups)}" if found.groups else ""))
+    return found.user, found.groups
 
 
 def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -98,12 +112,11 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
     found = placement.resolve(progress)
     if opts.network:
         engine.require_network(opts.network)
-    files = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT)
-    for key in ("read_only", "read_write", "local", "not_found", "mapping"):
-        if getattr(cfg.feature.fs, key):
-            progress.warn(f"feature.fs.{key} is not applied yet: the target's mounts are served whole")
+    files, notices = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT)
+    for notice in notices:
+        progress.warn(notice)
     if files is not None:
-        progress("the target's files: " + ", ".join(e.path + (" (writable)" if e.write else "") for e in files.exports))
+        progress("the target's files: " + ", ".join(e.path + (" (writable)" if e.writable else "") for e in files.exports))
         settings = settings.model_copy(update={"files": files})
     return Plan(opts, cfg, target, placement, transport, found, settings, extra)
 
@@ -121,6 +134,8 @@ def check_options(opts: SessionOptions) -> None:
     """The run options that no target could make work."""
     if not opts.image.strip():
         raise ConfigError("no image given", "write the app's IMAGE after the options, e.g. myimage:dev")
+    if opts.user and opts.as_target_user:
+        raise ConfigError("--user and --as-target-user both name the app's user", "keep one of them")
     network = opts.network or ""
     if network in ("host", "none") or network.startswith("container:"):
         why = {"host": "the sidecar would put its rules on this machine's own network",
@@ -145,7 +160,7 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         files_volume = engine.create_files_volume(session)
         teardown.add("files volume", lambda: engine.remove_files_volume(session.name("fs"), p.placement.sidecar_image))
         root = p.settings.files.root(files_volume)
-        binds = [(root + e.path, e.path, e.write) for e in p.settings.files.exports]
+        binds = [(root + e.path, e.path, e.writable) for e in p.settings.files.exports]
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)
     sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,

@@ -118,7 +118,7 @@ async def amain(args: argparse.Namespace) -> int:
         if settings.incoming is not None:
             services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}))
         if settings.files is not None:
-            services.append(FileMounts(link, settings.files))
+            services.append(FileMounts(link, settings.files, files.files_missing))
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)

@@ -10,6 +10,7 @@ real path. The agent's own rules decide what is writable; the mount is read-only
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -26,20 +27,22 @@ MOUNT_TIMEOUT = 20.0
 
 
 class FileMounts:
-    def __init__(self, link, settings: FilesSettings) -> None:
-        self.link, self.settings = link, settings
+    def __init__(self, link, settings: FilesSettings, missing_file: Path) -> None:
+        self.link, self.settings, self.missing_file = link, settings, missing_file
         self.root = Path(settings.root())
         self.proc: asyncio.subprocess.Process | None = None
         self.tasks = TaskSet("files")
 
     async def start(self) -> None:
-        exports = wire.FsExports(tuple(wire.FsExport(e.path, e.write) for e in self.settings.exports))
+        st = self.settings
+        exports = wire.FsExports(tuple(wire.FsExport(e.path, e.write, e.writable, e.source) for e in st.exports),
+                                 not_found=st.not_found, read_write=st.read_write, read_only=st.read_only)
         writer, reader, _ = await self.link.conn.open_session(
             subsystem=wire.SFTP_SUBSYSTEM, env={wire.FS_EXPORTS_ENV: exports.encode()}, encoding=None)
         ours, theirs = socket.socketpair()
         self.root.mkdir(parents=True, exist_ok=True)
         options = ["passive", "allow_other", "default_permissions", "dir_cache=no",
-                   "ro" if not any(e.write for e in self.settings.exports) else "rw"]
+                   "ro" if not any(e.writable for e in self.settings.exports) else "rw"]
         self.proc = await asyncio.create_subprocess_exec(
             "sshfs", "-f", "-o", ",".join(options), "podtwin-agent:/", str(self.root),
             stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE)
@@ -47,7 +50,14 @@ class FileMounts:
         s_reader, s_writer = await asyncio.open_connection(sock=ours, limit=256 * 1024)
         self.tasks.spawn(splice(reader, writer, s_reader, s_writer), "sftp")
         await self._mounted()
+        missing = await asyncio.to_thread(self._missing)
+        self.missing_file.write_text(json.dumps(missing))
         log.info("target files mounted: %s", ", ".join(e.path for e in self.settings.exports))
+
+    def _missing(self) -> list[str]:
+        """The exports the target does not have (a path a ``read_only`` regex named, say): the
+        app must not bind them (Docker refuses a missing bind source)."""
+        return [e.path for e in self.settings.exports if not os.path.lexists(f"{self.root}{e.path}")]
 
     async def _mounted(self) -> None:
         """Until the mount answers (the app must start on the target's files, not an empty dir).

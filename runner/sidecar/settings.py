@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from podtwin.runner.config.models import DnsConfig, OutgoingConfig, PodtwinConfig
 from podtwin.runner.errors import ConfigError
+from podtwin.runner.sidecar.fs_plan import plan_files
 from podtwin.runner.sidecar.outgoing.policy import DnsFilter, KernelRules, OutgoingFilter
 from podtwin.runner.sidecar.outgoing.iptables import RuleSettings
 
@@ -57,28 +58,36 @@ class IncomingSettings(_Frozen):
 
 
 class FileExport(_Frozen):
-    path: str = Field(description="the path in the target, and in the app")
-    write: bool = False
+    path: str = Field(description="the path in the app")
+    write: bool = Field(False, description="its paths are writable by default (feature.fs.mode write)")
+    writable: bool = Field(False, description="any of its paths may be written")
+    source: str | None = Field(None, description="the path in the target, when mapped (feature.fs.mapping)")
 
 
 class FilesSettings(_Frozen):
     """The target's files the sidecar mounts (one sshfs over an sftp channel of the link) under
-    ``mount`` (the session volume), for the app to bind at their real paths."""
+    ``mount`` (the session volume), for the app to bind at their real paths; and mirrord's
+    per-file lists, which the agent applies."""
 
     exports: tuple[FileExport, ...]
     mount: str
+    not_found: tuple[str, ...] = ()
+    read_write: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: PodtwinConfig, target_mounts: tuple[tuple[str, bool], ...],
-                    mount: str) -> "FilesSettings | None":
-        """feature.fs.mode: ``read`` serves the target's volume mounts read-only, ``write`` as
-        writable as the target has them; ``local`` and ``localwithoverrides`` serve none."""
-        mode = cfg.feature.fs.mode
-        if mode not in ("read", "write") or not target_mounts:
-            return None
-        exports = tuple(FileExport(path=path, write=mode == "write" and writable)
-                        for path, writable in sorted(target_mounts))
-        return cls(exports=exports, mount=mount)
+                    mount: str) -> "tuple[FilesSettings | None, list[str]]":
+        """What to mount (``fs_plan.plan_files``: feature.fs applied to the target's volume
+        mounts), and the notices to print where podtwin applies a key at a coarser grain."""
+        fs = cfg.feature.fs
+        plan = plan_files(fs, target_mounts)
+        if not plan.exports:
+            return None, plan.notices
+        exports = tuple(FileExport(path=e.path, write=e.write, writable=e.writable, source=e.source)
+                        for e in plan.exports)
+        return cls(exports=exports, mount=mount, not_found=tuple(fs.not_found), read_write=tuple(fs.read_write),
+                   read_only=tuple(fs.read_only)), plan.notices
 
     def root(self, mount: str | None = None) -> str:
         """Where the one sshfs mount of the exports' tree sits (an export P is at root + P); with

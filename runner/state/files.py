@@ -53,6 +53,12 @@ class SessionFiles:
         return self.root / "sidecar.json"
 
     @property
+    def files_missing(self) -> Path:
+        """The exports the target does not have (JSON list of paths), written by the sidecar once
+        its mount answers: the app binds the others only."""
+        return self.root / "files_missing.json"
+
+    @property
     def owner(self) -> Path:
         """The runner's labels (PID, start time, host): tells a dead session's directory."""
         return self.root / "owner.json"

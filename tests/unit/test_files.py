@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -68,13 +69,23 @@ def test_walk_splices_links_and_counts_them():
 
 
 def test_fs_exports_round_trip_and_validation():
-    exports = wire.FsExports((wire.FsExport("/etc/config", False), wire.FsExport("/data", True)))
+    exports = wire.FsExports((wire.FsExport("/etc/config"), wire.FsExport("/data", True, True),
+                              wire.FsExport("/app/config", source="/srv/config")),
+                             not_found=(r"\.kube",), read_write=("^/data/up/",), read_only=("^/data/ro",))
     assert wire.FsExports.decode(exports.encode()) == exports
-    for bad in [None, "not json", "{}", "[]", '[{"path": "/x"}]', '[{"path": "/x", "write": 1}]',
-                '[{"path": "x", "write": false}]', '[{"path": "/", "write": false}]',
-                '[{"path": "/a/../b", "write": false}]', '[{"path": "/a/", "write": false}]',
-                '[{"path": "/a", "write": false, "extra": 1}]',
-                '[{"path": "/a", "write": false}, {"path": "/a", "write": true}]']:
+
+    def doc(*exports, **lists):
+        return json.dumps({"exports": list(exports), "not_found": [], "read_write": [], "read_only": [], **lists})
+
+    def export(path="/x", write=False, writable=False, source=None, **more):
+        return {"path": path, "write": write, "writable": writable, "source": source, **more}
+
+    for bad in [None, "not json", "{}", "[]", doc(), json.dumps({"exports": [export()]}),
+                doc({"path": "/x"}), doc(export(write=1)), doc(export("x")), doc(export("/")),
+                doc(export("/a/../b")), doc(export("/a/")), doc(export(extra=1)),
+                doc(export(source="/")), doc(export(source="rel")), doc(export(write=True)),
+                doc(export("/a"), export("/a", True, True)), doc(export(), not_found="x"),
+                doc(export(), read_only=[1])]:
         with pytest.raises(wire.ProtocolError):
             wire.FsExports.decode(bad)
 
@@ -178,8 +189,8 @@ def target(tmp_path: Path) -> Path:
     return root
 
 
-def server(root: Path, userspace: bool, *exports: tuple[str, bool]) -> TargetSFTPServer:
-    fs = wire.FsExports(tuple(wire.FsExport(path, write) for path, write in exports))
+def server(root: Path, userspace: bool, *exports: tuple[str, bool], **lists) -> TargetSFTPServer:
+    fs = wire.FsExports(tuple(wire.FsExport(path, write, write) for path, write in exports), **lists)
     return TargetSFTPServer(None, TargetRoot.at(root, userspace), fs)
 
 
@@ -264,3 +275,51 @@ def test_server_refuses_changes_to_read_only_exports(target, userspace):
             await srv.rename(b"/data/f", b"/etc/config/f")   # into a read-only export
         srv.exit()
     asyncio.run(scenario())
+
+
+# -- feature.fs's lists, per file ---------------------------------------------------------------
+@pytest.mark.parametrize("userspace", RESOLVERS)
+def test_lists_decide_per_file_in_mirrords_order(target, userspace):
+    """not_found hides (lookups, opens and listings), read_only refuses writes in a writable
+    export, read_write lifts a path in an export that takes writes, never in one that does not."""
+    fs = wire.FsExports((wire.FsExport("/etc/config"), wire.FsExport("/data", False, True)),
+                        not_found=(r"APP\.YAML$",), read_write=(r"^/data/d(/|$)", r"^/etc/config/"),
+                        read_only=(r"^/data/",))
+    srv = TargetSFTPServer(None, TargetRoot.at(target, userspace), fs)
+    (target / "data" / "d").mkdir()
+
+    async def scenario():
+        attrs = asyncssh.SFTPAttrs()
+        for hidden in (srv.stat(b"/etc/config/app.yaml"), read_all(srv, b"/etc/config/app.yaml")):
+            with pytest.raises(asyncssh.SFTPNoSuchFile):     # case-insensitive, as in mirrord
+                await hidden
+        assert b"app.yaml" not in await names(srv, b"/etc/config")
+        assert await read_all(srv, b"/etc/config/rel") == b"key: value"   # a link's own name decides
+        with pytest.raises(asyncssh.SFTPPermissionDenied):   # read_write cannot lift a read-only export
+            await srv.open(b"/etc/config/new", asyncssh.FXF_WRITE | asyncssh.FXF_CREAT, attrs)
+        with pytest.raises(asyncssh.SFTPPermissionDenied):   # read_only beats the export's default
+            await srv.open(b"/data/f", asyncssh.FXF_WRITE, attrs)
+        handle = await srv.open(b"/data/d/new", asyncssh.FXF_WRITE | asyncssh.FXF_CREAT, attrs)
+        srv.close(handle)                                     # read_write comes before read_only
+        assert (target / "data" / "d" / "new").exists()
+        srv.exit()
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("userspace", RESOLVERS)
+def test_a_mapped_export_serves_its_source(target, userspace):
+    fs = wire.FsExports((wire.FsExport("/app/config", source="/etc/config"),), not_found=("^/etc/config/rel$",))
+    srv = TargetSFTPServer(None, TargetRoot.at(target, userspace), fs)
+
+    async def scenario():
+        assert await read_all(srv, b"/app/config/app.yaml") == b"key: value"
+        assert sorted(await names(srv, b"/app/config")) == [b".", b"..", b"..data", b"app.yaml"]  # rules: target names
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await read_all(srv, b"/etc/config/app.yaml")      # the source itself is not exported
+        srv.exit()
+    asyncio.run(scenario())
+
+
+def test_bad_list_regex_is_a_protocol_error(target):
+    with pytest.raises(wire.ProtocolError, match="not_found"):
+        TargetSFTPServer(None, TargetRoot.at(target, False), wire.FsExports((wire.FsExport("/x"),), not_found=("(",)))

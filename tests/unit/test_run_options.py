@@ -11,6 +11,8 @@ from podtwin.runner.session.pipeline import check_options
 class Options:
     image: str = "app:dev"
     network: str | None = None
+    user: str | None = None
+    as_target_user: bool = False
 
 
 @pytest.mark.parametrize("network,why", [
@@ -34,3 +36,8 @@ def test_an_empty_image_name_is_refused(image):
 def test_a_named_network_and_an_image_pass():
     check_options(Options(network="my-compose_default"))
     check_options(Options())
+
+
+def test_user_and_as_target_user_together_are_refused():
+    with pytest.raises(ConfigError, match="--user and --as-target-user"):
+        check_options(Options(user="1000", as_target_user=True))
