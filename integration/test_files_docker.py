@@ -2,6 +2,7 @@
 volume appear in the app, through sshfs in the sidecar over the link, read-only by default."""
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 
@@ -21,8 +22,13 @@ def files_target(tmp_path):
     (config / "secret").chmod(0o440)
     volume = f"{name}-data"
     docker("volume", "create", "--label", "podtwin-test", volume)
+    # the volume's root is the target user's, as an app image's Dockerfile would make it
+    docker("run", "--rm", "-v", f"{volume}:/data", APP_IMAGE, "chown", "1000:1000", "/data")
+    os.chown(config / "secret", 0, 2000)   # readable by the target's extra group only (and root)
     docker("run", "-d", "--name", name, "--label", "podtwin-test", "-v", f"{config}:/etc/config:ro",
-           "-v", f"{volume}:/data", APP_IMAGE, "sh", "-c", "echo written-by-target > /data/state; exec sleep 3600")
+           "-v", f"{volume}:/data", "--user", "1000:1000", "--group-add", "2000", APP_IMAGE, "sh", "-c",
+           "echo written-by-target > /data/state; exec sleep 3600")
+    docker("exec", "-u", "0", name, "sh", "-c", "mkdir -p /srv/extra && echo outside-the-mounts > /srv/extra/file")
     wait_until(lambda: docker("exec", name, "cat", "/data/state", check=False).stdout.strip() == "written-by-target",
                20, "the target to write its volume")
     yield name, config
@@ -40,7 +46,7 @@ def test_bind_mount_and_volume_appear_read_only(podtwin, files_target):
     lines = result.stdout.splitlines()
     assert lines[0] == "greeting: from the target's config"
     assert lines[1] == "written-by-target"
-    assert lines[2].startswith("-r--r-----") and " 0 " in lines[2]        # the target's mode and owner
+    assert lines[2].startswith("-r--r-----") and lines[2].split()[2:4] == ["0", "2000"]   # mode, owner
     assert lines[3:] == ["write-refused", "written-by-target"]              # read mode: nothing written
     assert docker("exec", name, "cat", "/data/state").stdout.strip() == "written-by-target"
 
@@ -62,6 +68,46 @@ def test_files_are_live_and_local_mode_serves_none(podtwin, files_target, tmp_pa
     result = podtwin.run("container", "run", "-q", "-f", str(cfg), "--target", f"container/{name}", APP_IMAGE,
                          "sh", "-c", "cat /etc/config/app.yaml 2>/dev/null || echo no-such-file")
     assert result.stdout.strip() == "no-such-file", result.stderr
+
+
+def test_mirrords_lists_decide_paths_and_write_mode_writes(podtwin, files_target, tmp_path):
+    """A read_only regex naming a directory outside the mounts brings it over; not_found hides a
+    file inside a mount; local leaves a mount as the image's own; --fs write writes the target's
+    writable volume (and only it)."""
+    name, _ = files_target
+    cfg = write_config(tmp_path / "mirrord.json", {"target": f"container/{name}", "feature": {"fs": {
+        "read_only": ["^/srv/extra/.*"], "not_found": [r"^/etc/config/SECRET$"], "local": ["^/nothing$"]}}})
+    script = ("cat /srv/extra/file; ls /etc/config; cat /etc/config/secret 2>&1 || echo hidden; "
+              "echo from-the-app > /data/new && echo WROTE; echo x > /etc/config/new 2>/dev/null || echo ro-refused")
+    result = podtwin.run("container", "run", "-f", str(cfg), "--fs", "write", APP_IMAGE, "sh", "-c", script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["outside-the-mounts", "app.yaml", lines[2]] and "hidden" in result.stdout
+    assert "WROTE" in lines and "ro-refused" in lines
+    assert docker("exec", name, "cat", "/data/new").stdout.strip() == "from-the-app"
+    assert "the target's files: /data (writable), /etc/config, /srv/extra" in result.stderr
+    # a regex that names no path is said once, not ignored
+    cfg = write_config(tmp_path / "named.json", {"feature": {"fs": {"read_only": [r".*\.json$"], "local": ["^/data"]}}})
+    result = podtwin.run("container", "run", "-f", str(cfg), "--target", f"container/{name}", APP_IMAGE,
+                         "sh", "-c", "cat /data/state 2>/dev/null || echo image-own")
+    assert result.stdout.strip() == "image-own", result.stderr
+    assert "/data stays the image's own (feature.fs.local '^/data')" in result.stderr
+    assert r"feature.fs.read_only '.*\\.json$' names no directory" in result.stderr
+
+
+def test_as_target_user_reads_what_the_target_user_can(podtwin, files_target):
+    """The secret is 0440 root:2000; the target runs as 1000:1000 with group 2000 added."""
+    name, _ = files_target
+    script = "id -u; id -G; cat /etc/config/secret 2>&1"
+    result = podtwin.run("container", "run", "--as-target-user", "--target", f"container/{name}", APP_IMAGE,
+                         "sh", "-c", script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1000" and "2000" in lines[1].split() and lines[2] == "s3cret"
+    assert "the app runs as the target's user 1000:1000, with groups 2000" in result.stderr
+    result = podtwin.run("container", "run", "-q", "-u", "1234", "--target", f"container/{name}", APP_IMAGE,
+                         "sh", "-c", script)
+    assert "Permission denied" in result.stdout, result.stdout + result.stderr
 
 
 def test_sigkill_of_the_runner_leaves_no_mount_and_no_volume(podtwin, files_target):

@@ -87,10 +87,13 @@ class DockerEngine:
         return Mount(target=MOUNT_POINT, source=str(session.dir), type="bind")
 
     def start_agent(self, session: Session, target: DockerTargetInfo, image: str,
-                    startup_timeout: float, communication_timeout: float, incoming: str | None = None) -> str:
+                    startup_timeout: float, communication_timeout: float, incoming: str | None = None,
+                    writes_files: bool = False) -> str:
         """The agent joins the target's network and PID namespaces: it sees the target's main
-        process as PID 1 and every socket it opens is the target's. To steal it also needs
-        NET_ADMIN (the nat rules); to mirror, NET_RAW (the packet capture)."""
+        process as PID 1 and every socket it opens is the target's. It reads the target's
+        environ and files whatever user the target runs as (SYS_PTRACE, DAC_READ_SEARCH), and
+        writes them with ``writes_files`` (DAC_OVERRIDE, FOWNER). To steal it also needs NET_ADMIN
+        (the nat rules); to mirror, NET_RAW (the packet capture)."""
         files = SessionFiles.in_container()
         container = self._run(
             image,
@@ -102,7 +105,8 @@ class DockerEngine:
              *(["--incoming", incoming, "--session", session.id] if incoming else [])],
             name=session.name("agent"), labels=session.labels("agent"),
             network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",
-            cap_add=["SYS_PTRACE", *_INCOMING_CAPS.get(incoming, []), *_session_dir_caps()],
+            cap_add=["SYS_PTRACE", *_file_caps(writes_files), *_INCOMING_CAPS.get(incoming, []),
+                     *_session_dir_caps()],
             cap_drop=["ALL"],
             mounts=[self._session_mount(session)],
         )
@@ -369,6 +373,12 @@ class DockerEngine:
 
 
 _INCOMING_CAPS = {"steal": ["NET_ADMIN"], "mirror": ["NET_RAW"]}
+
+
+def _file_caps(writes: bool) -> list[str]:
+    """An agent's rights over the target's files: read them whoever owns them (a non-root
+    target's /proc/PID/environ is 0400 its own), and change them in a session that writes."""
+    return ["DAC_READ_SEARCH", *(["DAC_OVERRIDE", "FOWNER"] if writes else [])]
 
 
 def _session_dir_caps() -> list[str]:

@@ -206,12 +206,15 @@ class KubeEngine:
 
     # -- the agent ----------------------------------------------------------------------------
     def start_agent(self, session: Session, pod: PodTarget, image: str, agent_cfg, public_key: str,
-                    incoming: str | None) -> tuple[str, str]:
-        """A Job whose pod runs on the target's node with hostPID; returns (namespace, job name)."""
+                    incoming: str | None, writes_files: bool = False) -> tuple[str, str]:
+        """A Job whose pod runs on the target's node with hostPID; returns (namespace, job name).
+        DAC_READ_SEARCH reads a non-root target's environ and files; ``writes_files`` adds
+        DAC_OVERRIDE and FOWNER to change them."""
         ns = agent_cfg.namespace or pod.namespace
         name = session.name("agent")
         labels = {**{_label(k): _label(v) for k, v in session.labels("agent").items()}, **(agent_cfg.labels or {})}
-        caps = ["SYS_ADMIN", "SYS_PTRACE"] + {"steal": ["NET_ADMIN"], "mirror": ["NET_RAW"]}.get(incoming, [])
+        caps = (["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"] + (["DAC_OVERRIDE", "FOWNER"] if writes_files else [])
+                + {"steal": ["NET_ADMIN"], "mirror": ["NET_RAW"]}.get(incoming, []))
         command = ["python", "-m", "podtwin.agent", "--listen", f"tcp:127.0.0.1:{AGENT_PORT}",
                    "--authorized-key", public_key, "--target-container-id", pod.container_id,
                    "--startup-timeout", str(agent_cfg.startup_timeout),

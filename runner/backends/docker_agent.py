@@ -44,7 +44,8 @@ class DockerContainerAgent(Placement):
             self.guard_id = self.engine.start_rules_guard(session, self.info, self.image, timeout)
         progress(f"session {session.id}: starting the agent in {self.target}'s namespaces, and the sidecar")
         self.agent_id = self.engine.start_agent(session, self.info, self.image, timeout,
-                                                self.cfg.agent.communication_timeout, incoming=self.incoming)
+                                                self.cfg.agent.communication_timeout, incoming=self.incoming,
+                                                writes_files=self.cfg.feature.fs.may_write())
 
     def wait_ready(self, progress) -> AgentReady:
         assert self.agent_id is not None and self.session is not None

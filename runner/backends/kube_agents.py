@@ -69,7 +69,8 @@ class KubeJobAgent(_KubeAgent):
     def setup(self, session, progress) -> None:
         public_key = self._begin(session)
         progress(f"session {session.id}: creating the agent Job on node {self.pod.node}")
-        self.job = self.kube.start_agent(session, self.pod, self.image, self.cfg.agent, public_key, self.incoming)
+        self.job = self.kube.start_agent(session, self.pod, self.image, self.cfg.agent, public_key, self.incoming,
+                                         writes_files=self.cfg.feature.fs.may_write())
 
     def wait_ready(self, progress) -> AgentReady:
         ns, job = self.job

@@ -297,6 +297,10 @@ class FsConfig(_Model):
     mapping: dict[PathRegex, str] = Field(
         default_factory=dict, description="Path regex -> replacement ($1, ${name}), applied before the rules above.")
 
+    def may_write(self) -> bool:
+        """Whether a session may write the target's files (the agent then needs the rights to)."""
+        return self.mode == "write" or bool(self.read_write)
+
 
 def _network(value: Any) -> Any:
     if isinstance(value, bool):
