@@ -178,6 +178,9 @@ clusterDNS: [$DNS_SVC_IP]
 clusterDomain: cluster.local
 resolvConf: $STATE_DIR/resolv.conf
 podLogsDir: $STATE_DIR/pod-logs
+# ConfigMap and Secret volumes are refreshed on each pod sync: every 10 s here (1 min by default),
+# so a test of a live update waits seconds, not minutes.
+syncFrequency: 10s
 # Imported images cannot be pulled again: never garbage-collect them, never evict for disk.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99

@@ -8,9 +8,9 @@ import socket
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.stream import portforward, stream
+from kubernetes.stream import portforward
 
-from kubeutil import wait_until
+from kubeutil import exec_in, wait_until
 
 HTTP_PORT = 8080
 
@@ -27,23 +27,6 @@ def run_pod(cluster, ns: str, name: str, image: str, script: str = "sleep 3600",
                               termination_grace_period_seconds=1, **spec))
     cluster.core.create_namespaced_pod(ns, pod)
     return cluster.wait_pod_running(ns, name)
-
-
-def exec_in(cluster, ns: str, pod: str, command: list[str], container: str | None = None) -> str:
-    """Run `command` in the pod through the API server's exec (websocket); stdout + stderr.
-    Not the client's preloading mode: that never closes its websocket (a ResourceWarning)."""
-    kw = {"container": container} if container else {}
-    ws = stream(cluster.core.connect_get_namespaced_pod_exec, pod, ns, command=command,
-                stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False, **kw)
-    try:
-        ws.run_forever(timeout=60)
-        return ws.read_all()
-    finally:
-        ws.close()
-        # close() returns early when the server already ended the connection, leaving the
-        # TLS socket open: shut it down for good.
-        if ws.sock is not None:
-            ws.sock.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, utils
 
-from kubeutil import wait_until
+from kubeutil import exec_in, wait_until
 
 PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
 
@@ -82,16 +82,23 @@ def manifests(ns: str) -> list[dict]:
                                       "volumeMounts": [{"name": "code", "mountPath": "/code"}]}],
                       "volumes": [{"name": "code", "configMap": {"name": "backend-code"}}]}}}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-files"},
-         "data": {"app.yaml": "greeting: from the pod's ConfigMap\n"}},
+         "data": {"app.yaml": "greeting: from the pod's ConfigMap\n", "hidden.yaml": "not for the app\n"}},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "files"},
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "files"}},
                   "template": {"metadata": {"labels": {"app": "files"}}, "spec": {
                       "terminationGracePeriodSeconds": 1,
-                      "containers": [{**sleeper("files", [], {}), "volumeMounts": [
+                      # a non-root pod whose Secret (0440) is readable through its fsGroup only
+                      "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+                      "containers": [{**sleeper("files", [], {}),
+                                      "command": ["sh", "-c", "echo written-by-pod > /data/state; exec sleep infinity"],
+                                      "volumeMounts": [
                           {"name": "config", "mountPath": "/etc/config"},
-                          {"name": "secret", "mountPath": "/etc/secret", "readOnly": True}]}],
+                          {"name": "secret", "mountPath": "/etc/secret", "readOnly": True},
+                          {"name": "data", "mountPath": "/data"},
+                          {"name": "config", "mountPath": "/srv/app.yaml", "subPath": "app.yaml"}]}],
                       "volumes": [{"name": "config", "configMap": {"name": "app-files"}},
-                                  {"name": "secret", "secret": {"secretName": "app-secret", "defaultMode": 0o440}}]}}}},
+                                  {"name": "secret", "secret": {"secretName": "app-secret", "defaultMode": 0o440}},
+                                  {"name": "data", "emptyDir": {}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend"},
          "spec": {"selector": {"app": "backend"}, "ports": [
              {"name": "http", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 9000, "protocol": "UDP"}]}},
@@ -130,20 +137,66 @@ def no_agent_left(cluster, within: float) -> None:
     wait_until(lambda: not agent_pods(cluster), within, "the agent pods to go")
 
 
-def test_the_pods_files_at_their_real_paths(cluster, staging):
-    """ConfigMap, Secret (0440) and the service-account token, mounted in the local app where the
-    pod has them, read-only."""
+def test_the_pods_files_at_their_real_paths(cluster, staging, tmp_path):
+    """ConfigMap, Secret (0440, fsGroup), the service-account token, an emptyDir the pod wrote and a
+    subPath file, in the local app where the pod has them, read-only; from a seed-style file."""
+    cfg = tmp_path / "mirrord.json"
+    cfg.write_text(json.dumps({"target": "deployment/files", "feature": {"fs": "read"}}))
     script = ("cat /etc/config/app.yaml; cat /etc/secret/API_TOKEN; echo; "
               "cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; "
-              "ls -lnL /etc/secret/API_TOKEN; "
-              "echo x > /etc/config/new 2>/dev/null && echo WROTE || echo write-refused")
-    result = podtwin(cluster, "container", "run", "-n", staging, "--target", "deploy/files", APP, "sh", "-c", script)
+              "ls -lnL /etc/secret/API_TOKEN; cat /data/state /srv/app.yaml; "
+              "echo x > /data/state 2>/dev/null && echo WROTE || echo write-refused")
+    result = podtwin(cluster, "container", "run", "-n", staging, "-f", str(cfg), APP, "sh", "-c", script)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[:3] == ["greeting: from the pod's ConfigMap", "s3cr3t-token", staging]
-    assert lines[3].startswith("-r--r-----")          # the Secret's defaultMode, as in the pod
-    assert lines[4] == "write-refused"
-    assert "the target's files: /etc/config, /etc/secret, /var/run/secrets/kubernetes.io/serviceaccount" in result.stderr
+    assert lines[3].startswith("-r--r-----") and lines[3].split()[2:4] == ["0", "2000"]   # as in the pod
+    assert lines[4:] == ["written-by-pod", "greeting: from the pod's ConfigMap", "write-refused"]
+    assert pod_exec(cluster, staging, "app=files", "cat", "/data/state") == "written-by-pod\n"
+    assert ("the target's files: /data, /etc/config, /etc/secret, /srv/app.yaml, "
+            "/var/run/secrets/kubernetes.io/serviceaccount") in result.stderr
+
+
+def test_files_write_mode_live_updates_and_the_pods_user(cluster, staging, tmp_path):
+    """--fs write writes the pod's emptyDir; a ConfigMap update the kubelet applies shows in the
+    running app; --as-target-user reads the fsGroup Secret as the pod's user; not_found hides a
+    file and local leaves a mount as the image's own."""
+    cfg = tmp_path / "fs.json"
+    cfg.write_text(json.dumps({"feature": {"fs": {"not_found": [r"^/etc/config/hidden\.yaml$"],
+                                                   "local": [r"^/srv/app\.yaml$"]}}}))
+    script = ("id -u; id -G; cat /etc/secret/API_TOKEN; echo; echo from-the-app > /data/from-app && echo WROTE; "
+              "cat /srv/app.yaml 2>/dev/null || echo image-own; cat /etc/config/hidden.yaml 2>/dev/null || echo hidden; "
+              "while true; do cat /etc/config/app.yaml; sleep 1; done")
+    out = tmp_path / "out"
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig),
+           "PODTWIN_STATE_DIR": os.environ.get("PODTWIN_TEST_STATE", tempfile.gettempdir() + "/podtwin-kube-tests")}
+    core = client.CoreV1Api(cluster.api)
+    with open(out, "w") as stdout, open(tmp_path / "err", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "podtwin.runner", "container", "run", "-n", staging,
+                                 "--target", "deploy/files", "-f", str(cfg), "--fs", "write", "--as-target-user",
+                                 APP, "sh", "-c", script], stdout=stdout, stderr=stderr, env=env)
+    try:
+        wait_until(lambda: "greeting:" in out.read_text() or proc.poll() is not None, 120, "the app to read")
+        assert proc.poll() is None, (tmp_path / "err").read_text()
+        lines = out.read_text().splitlines()
+        assert lines[0] == "1000" and "2000" in lines[1].split(), lines
+        assert lines[2:6] == ["s3cr3t-token", "WROTE", "image-own", "hidden"], lines
+        assert pod_exec(cluster, staging, "app=files", "cat", "/data/from-app") == "from-the-app\n"
+        core.patch_namespaced_config_map("app-files", staging, {"data": {"app.yaml": "greeting: patched\n"}})
+        wait_until(lambda: "greeting: patched" in out.read_text(), 60, "the ConfigMap's update to show")
+    finally:
+        core.patch_namespaced_config_map("app-files", staging,
+                                         {"data": {"app.yaml": "greeting: from the pod's ConfigMap\n"}})
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 130, (tmp_path / "err").read_text()
+    assert "the app runs as the target's user 1000:1000, with groups 2000" in (tmp_path / "err").read_text()
+    no_agent_left(cluster, 30)
+
+
+def pod_exec(cluster, ns: str, selector: str, *command: str) -> str:
+    pod = client.CoreV1Api(cluster.api).list_namespaced_pod(ns, label_selector=selector).items[0].metadata.name
+    return exec_in(cluster, ns, pod, list(command))
 
 
 def test_deployment_target_env_dns_tcp_udp(cluster, staging):
