@@ -74,6 +74,11 @@ def test_doctor_on_a_working_and_a_broken_setup(podtwin, tmp_path):
     good = podtwin.run("doctor", env={"KUBECONFIG": str(tmp_path / "none")})
     assert good.returncode == 0, good.stdout
     assert "ok    Docker engine answers" in good.stdout and f"ok    image {PODTWIN_IMAGE} present" in good.stdout
+    # the files' needs, tried as a session does it, and nothing of the probe left behind
+    assert "ok    /dev/fuse usable in a container" in good.stdout, good.stdout
+    assert "ok    mount propagation from the sidecar to the app" in good.stdout, good.stdout
+    assert not docker("ps", "-aq", "--filter", "label=podtwin.role=doctor").stdout.strip()
+    assert not docker("volume", "ls", "-q", "--filter", "label=podtwin.role=doctor").stdout.strip()
     bad = podtwin.run("doctor", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock",
                                      "KUBECONFIG": str(tmp_path / "none")})
     assert bad.returncode == 1

@@ -209,6 +209,52 @@ class DockerEngine:
             labels={"podtwin.role": "files-unmount"})
         volume.remove(force=True)
 
+    def probe_files(self, image: str) -> tuple[str | None, str | None]:
+        """What a session's files need of this engine, tried as a session does it: a container
+        with /dev/fuse and SYS_ADMIN mounts on a volume bound rshared, and another container, bound
+        rslave to it, sees the mount. Returns (why /dev/fuse fails, why propagation fails), None
+        for what works. Leaves nothing: the containers and the volume are removed."""
+        volume = self.client.volumes.create(labels={"podtwin.role": "doctor"})
+        path = volume.attrs["Mountpoint"]
+        probe = None
+        try:
+            probe = self.client.containers.run(
+                image, ["sh", "-c", f"exec 3<>/dev/fuse || exit 3; mkdir -p {FILES_MOUNT}/m && "
+                                    f"mount -t tmpfs probe {FILES_MOUNT}/m && echo seen > {FILES_MOUNT}/m/x || exit 4; "
+                                    "echo MOUNTED; exec sleep 60"],
+                detach=True, cap_add=["SYS_ADMIN"], cap_drop=["ALL"], security_opt=["apparmor=unconfined"],
+                devices=["/dev/fuse:/dev/fuse:rwm"], labels={"podtwin.role": "doctor"},
+                mounts=[Mount(target=FILES_MOUNT, source=path, type="bind", propagation="rshared")])
+            deadline = time.monotonic() + 30
+            while b"MOUNTED" not in probe.logs() and time.monotonic() < deadline:
+                probe.reload()
+                if probe.status == "exited":
+                    code = probe.wait()["StatusCode"]
+                    logs = probe.logs().decode(errors="replace").strip().splitlines()
+                    why = logs[-1] if logs else f"exit {code}"
+                    return (why, None) if code == 3 else (None, f"a mount in a container failed: {why}")
+                time.sleep(0.1)
+            seen = self.client.containers.run(
+                image, ["sh", "-c", "cat /probe/m/x 2>/dev/null || true"], remove=True, cap_drop=["ALL"],
+                labels={"podtwin.role": "doctor"},
+                mounts=[Mount(target="/probe", source=path, type="bind", read_only=True, propagation="rslave")])
+            if b"seen" not in seen:
+                return None, "a mount made in one container does not reach another (mount propagation)"
+            return None, None
+        except docker.errors.APIError as exc:
+            return None, _short(exc)
+        finally:
+            if probe is not None:
+                try:
+                    probe.exec_run(["umount", "-l", f"{FILES_MOUNT}/m"])
+                    probe.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+            try:
+                volume.remove(force=True)
+            except docker.errors.APIError:
+                pass
+
     def _run(self, image: str, command: list[str], **kwargs):
         try:
             return self.client.containers.run(image, command, detach=True, auto_remove=True,

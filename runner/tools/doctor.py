@@ -46,7 +46,20 @@ def docker_checks() -> list[Check]:
         checks.append(Check(True, f"image {image} present"))
     except PodtwinError:
         checks.append(Check(False, f"image {image} missing", "build it with `podtwin images build`"))
-    return checks
+        return checks
+    return checks + files_checks(engine, image)
+
+
+def files_checks(engine, image: str) -> list[Check]:
+    """The target's files (feature.fs read/write, the default) need FUSE in a container and mount
+    propagation from it to the app; with neither, `feature.fs: local` still runs."""
+    fuse, propagation = engine.probe_files(image)
+    return [Check(fuse is None, "/dev/fuse usable in a container (the target's files)" if fuse is None
+                  else f"/dev/fuse not usable in a container ({fuse})",
+                  "load the fuse module on the Docker host (`modprobe fuse`), or run with --fs local"),
+            Check(propagation is None, "mount propagation from the sidecar to the app" if propagation is None
+                  else f"mount propagation refused: {propagation}",
+                  "use an engine that allows rshared binds (rootful Linux Docker), or run with --fs local")]
 
 
 def kube_checks(kubeconfig: str | None, context: str | None, namespace: str | None) -> list[Check]:

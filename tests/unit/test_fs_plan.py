@@ -99,3 +99,21 @@ def test_rust_named_groups_are_accepted_and_bad_regexes_refused_at_load(tmp_path
     path.write_text('{"feature": {"fs": {"not_found": ["("]}}}')
     with pytest.raises(ConfigError, match="not_found"):
         load_config(path, None, tmp_path)
+
+
+class _Engine:
+    def __init__(self, fuse, propagation):
+        self.answer = (fuse, propagation)
+
+    def probe_files(self, image):
+        return self.answer
+
+
+def test_doctor_names_what_the_files_need_and_the_way_out():
+    from podtwin.runner.tools.doctor import files_checks
+    good = files_checks(_Engine(None, None), "podtwin:dev")
+    assert all(c.ok for c in good)
+    bad = files_checks(_Engine("No such device", "a mount made in one container does not reach another"), "x")
+    assert [c.passed for c in bad] == [False, False]
+    assert "FAIL  /dev/fuse not usable in a container (No such device) — load the fuse module" in bad[0].line()
+    assert "--fs local" in bad[0].line() and "--fs local" in bad[1].line()
