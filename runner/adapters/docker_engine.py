@@ -339,6 +339,15 @@ class DockerEngine:
             raise SessionError(f"cannot create the app container: {_short(exc)}") from exc
         return c.id
 
+    def wait_exit(self, container_id: str) -> int | None:
+        """Block until the container stops; its exit code (None: it was already gone)."""
+        try:
+            return self.client.api.wait(container_id, timeout=None)["StatusCode"]
+        except docker.errors.NotFound:
+            return None
+        except (docker.errors.APIError, OSError):   # the engine went away: the session is lost too
+            return None
+
     def stop(self, container_id: str, timeout: int = 3) -> None:
         try:
             self.client.containers.get(container_id).stop(timeout=timeout)

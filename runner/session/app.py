@@ -43,7 +43,7 @@ class App:
         self.engine, self.progress = engine, progress
         self.extra = extra or {}   # the app's share of container.cli_extra_args (SDK keywords)
         self.id: str | None = None
-        self.fatal: list[str] = []
+        self.fatal: list[tuple[str, str]] = []   # (why the session ended, the fix)
 
     def stop(self) -> None:
         if self.id:
@@ -54,9 +54,21 @@ class App:
                            " stopping the app")
         self.stop()
 
+    def _watch_sidecar(self, sidecar_id: str, done: threading.Event) -> None:
+        """The sidecar holds the app's network bridge and its view of the target's files: if it
+        stops while the app runs (killed, out of memory), the session ends rather than run on
+        with neither."""
+        code = self.engine.wait_exit(sidecar_id)
+        if not done.is_set():
+            self.fatal.append((f"the sidecar stopped ({'removed' if code is None else f'exit {code}'}): the "
+                               "app's network bridge and the target's files went with it",
+                               "run the session again; `podtwin doctor` checks what the sidecar needs"))
+            self.stop()
+
     def on_notice(self, level: str, message: str) -> None:
         if level == "fatal":  # e.g. a port another session already steals: end the session
-            self.fatal.append(message)
+            self.fatal.append((message, "stop the other session (`podtwin sessions`), or use "
+                                        "feature.network.incoming.port_mapping/ignore_ports"))
             self.stop()
         elif level in ("error", "warning"):
             self.progress.warn(f"podtwin: {message}")
@@ -83,15 +95,20 @@ class App:
             extra=self.extra, files=files, group_add=identity[1])
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
-        code = attach(self.engine, app_id, opts.interactive)
+        attached = threading.Event()
+        threading.Thread(target=self._watch_sidecar, args=(sidecar_id, attached), name="podtwin-sidecar-watch",
+                         daemon=True).start()
+        try:
+            code = attach(self.engine, app_id, opts.interactive)
+        finally:
+            attached.set()
         failed = self.engine.start_failure(app_id) if code != 0 else None
         if failed is not None:
             exit_code, why = failed
             raise AppStartError(f"the app's command could not be started in {opts.image}: {_exec_reason(why)}",
                                 "check the command and the image's entrypoint (--entrypoint)", exit_code)
         if self.fatal:
-            raise SessionError(self.fatal[0], "stop the other session (`podtwin sessions`), or use "
-                               "feature.network.incoming.port_mapping/ignore_ports")
+            raise SessionError(*self.fatal[0])
         return code
 
 
