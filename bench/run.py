@@ -16,11 +16,13 @@ and a new TCP connection per request), DNS lookup latency, session start-up time
 output line), and the RSS/CPU of the agent, sidecar and runner during the transfers. The results
 table goes to stdout and into docs/performance.md (between the ``bench:results`` markers).
 
-Two more sections run in the same command, each skippable: **incoming** (``bench/incoming.py``:
-stolen, filtered and mirrored requests against direct ones, on the same staging; ``--no-incoming``)
-and **kubernetes** (``bench/kube_session.py``: a ``deploy/`` target on the test cluster, podtwin
+Three more sections run in the same command, each skippable: **incoming** (``bench/incoming.py``:
+stolen, filtered and mirrored requests against direct ones, on the same staging; ``--no-incoming``),
+**files** (``bench/files.py``: the target's files read through podtwin, in the target, through
+sshfs over OpenSSH and by ``docker exec cat``; ``--no-files``) and **kubernetes** (``bench/kube_session.py``: a ``deploy/`` target on the test cluster, podtwin
 against the same client exec'd in the target pod; ``--no-kube``, skipped with a message when no
-cluster answers). Their tables go between the ``bench:incoming`` and ``bench:kube`` markers.
+cluster answers). Their tables go between the ``bench:incoming``, ``bench:files`` and ``bench:kube``
+markers.
 
 Everything the run creates carries the label ``podtwin-bench=<tag>`` (podtwin's own session
 objects carry ``podtwin.target=container/<this run's target>``) and is removed at the end, also
@@ -60,6 +62,7 @@ RESULTS_START = "<!-- bench:results:start -->"
 RESULTS_END = "<!-- bench:results:end -->"
 INCOMING_START, INCOMING_END = "<!-- bench:incoming:start -->", "<!-- bench:incoming:end -->"
 KUBE_START, KUBE_END = "<!-- bench:kube:start -->", "<!-- bench:kube:end -->"
+FILES_START, FILES_END = "<!-- bench:files:start -->", "<!-- bench:files:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
 
@@ -670,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="incoming: requests with a new connection each per latency phase (0 skips)")
     p.add_argument("--rps-conc", type=int, default=8, help="incoming: connections of the RPS phases")
     p.add_argument("--rps-seconds", type=float, default=8, help="incoming: duration of each RPS phase, s")
+    p.add_argument("--no-files", action="store_true", help="skip the files section (the target's files)")
+    p.add_argument("--files-mb", type=float, default=100, help="files: MB of the large file (default 100)")
+    p.add_argument("--small-files", type=int, default=200, help="files: small files (default 200)")
     p.add_argument("--no-kube", action="store_true", help="skip the Kubernetes section")
     p.add_argument("--kubeconfig", type=Path,
                    default=Path(os.environ.get("KUBECONFIG") or "/var/lib/podtwin-cluster/admin.kubeconfig"),
@@ -717,6 +723,16 @@ def main(argv: list[str] | None = None) -> int:
         blocks.append((section_head(command, at, time.monotonic() - t1) + inc.report(),
                        INCOMING_START, INCOMING_END))
 
+    def files() -> None:
+        from files import FilesSection
+        t1, at = time.monotonic(), dt.datetime.now().astimezone()
+        section = FilesSection(bench)
+        try:
+            section.run()
+        finally:
+            section.cleanup()
+        blocks.append((section_head(command, at, time.monotonic() - t1) + section.report(), FILES_START, FILES_END))
+
     def kubernetes() -> None:
         from kube_session import KubeSection
         t1, at = time.monotonic(), dt.datetime.now().astimezone()
@@ -738,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         # a section that fails is reported and left out; the others still run and are written
         for name, skip, section in (("outgoing", args.no_outgoing, outgoing),
                                     ("incoming", args.no_incoming, incoming),
+                                    ("files", args.no_files, files),
                                     ("kubernetes", args.no_kube, kubernetes)):
             if skip:
                 continue

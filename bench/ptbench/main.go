@@ -4,6 +4,7 @@
 //	ptbench serve [-addr :8080]
 //	ptbench client -name backend -port 8080 [-bytes N] [-repeat R] [-keepalive K] [-newconn C] [-dns D] ...
 //	ptbench load -url http://web/ping [-H 'name: value'] [-c C] [-n N | -duration D] [-newconn] [-expect NAME]
+//	ptbench files -big FILE -small DIR [-passes P]
 //
 // The server answers GET /zeros?bytes=N (N zero bytes), GET /ping ("pong\n") and POST /sink
 // (reads the body, answers with its length); with -name it tags every answer with the header
@@ -396,9 +397,63 @@ func load(args []string) {
 		"served_by": servedBy, "concurrency": *conc})
 }
 
+// files: the files benchmark's reader. Sequential read of -big (one pass, 1 MiB reads), then
+// open+read+close of every file in -small: the first pass cold (never opened before), the later
+// ones warm. One result line: MB/s and the per-file latency p50/p99 of each kind.
+func files(args []string) {
+	fs := flag.NewFlagSet("files", flag.ExitOnError)
+	big := fs.String("big", "", "a large file to read sequentially")
+	small := fs.String("small", "", "a directory of small files")
+	passes := fs.Int("passes", 3, "passes over the small files (the first is cold)")
+	fs.Parse(args)
+	buf := make([]byte, 1<<20)
+	t0 := time.Now()
+	f, err := os.Open(*big)
+	if err != nil {
+		fail("files", err)
+	}
+	var total int64
+	for {
+		n, err := f.Read(buf)
+		total += int64(n)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fail("files", err)
+		}
+	}
+	f.Close()
+	secs := time.Since(t0).Seconds()
+	entries, err := os.ReadDir(*small)
+	if err != nil {
+		fail("files", err)
+	}
+	var cold, warm []int64
+	for pass := 0; pass < *passes; pass++ {
+		for _, e := range entries {
+			t := time.Now()
+			b, err := os.ReadFile(*small + "/" + e.Name())
+			if err != nil || len(b) == 0 {
+				fail("files", fmt.Errorf("%s: %v (%d bytes)", e.Name(), err, len(b)))
+			}
+			if pass == 0 {
+				cold = append(cold, micros(time.Since(t)))
+			} else {
+				warm = append(warm, micros(time.Since(t)))
+			}
+		}
+	}
+	sort.Slice(cold, func(i, j int) bool { return cold[i] < cold[j] })
+	sort.Slice(warm, func(i, j int) bool { return warm[i] < warm[j] })
+	emit(map[string]any{"event": "result", "phase": "files", "bytes": total, "mb_s": float64(total) / 1e6 / secs,
+		"small_files": len(entries), "cold_p50_us": percentile(cold, 50), "cold_p99_us": percentile(cold, 99),
+		"warm_p50_us": percentile(warm, 50), "warm_p99_us": percentile(warm, 99)})
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files [flags]")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -408,8 +463,10 @@ func main() {
 		client(os.Args[2:])
 	case "load":
 		load(os.Args[2:])
+	case "files":
+		files(os.Args[2:])
 	default:
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files [flags]")
 		os.Exit(2)
 	}
 }
