@@ -8,7 +8,7 @@ first pass cold and two more warm) runs in four arms, in one run:
 * **in the target**: ``docker exec TARGET ptbench files ...``, the baseline;
 * **podtwin**: ``podtwin container run --target container/TARGET IMAGE ptbench files ...``: the
   app reads ``/data`` through the sidecar's sshfs, the link and the agent's SFTP server;
-* **sshfs over OpenSSH**: the same sshfs options (``ro,dir_cache=no``) in a client container,
+* **sshfs over OpenSSH**: the same sshfs options (``ro,dir_cache=no,max_read=131072``) in a client container,
   to an OpenSSH ``sshd`` (built here: the podtwin image plus Debian's openssh-server) that has
   the target's volume, over the staging network: the yardstick for podtwin's file path;
 * **docker exec cat** (what ``kubectl exec cat`` is for a pod): the large file streamed to the
@@ -93,7 +93,7 @@ class FilesSection:
                "-v", f"{self.volume}:/data:ro", "-v", f"{self.keys}/authorized_keys:/root/.ssh/authorized_keys:ro",
                self.sshd_image, "/usr/sbin/sshd", "-D", "-e", "-p", "2222")
         time.sleep(1)
-        options = "ro,dir_cache=no,port=2222,IdentityFile=/keys/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null"
+        options = "ro,dir_cache=no,max_read=131072,port=2222,IdentityFile=/keys/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null"
         script = (f"mkdir -p /mnt/t && sshfs -o {options} root@{self.sshd}:/data /mnt/t && "
                   f"/keys/ptbench files -big /mnt/t/big -small /mnt/t/small; fusermount3 -u /mnt/t")
         return self.reader(["docker", "run", "--rm", "--label", b.label, "--network", b.network,
@@ -109,7 +109,8 @@ class FilesSection:
         times = []
         for i in range(1, 21):
             t = time.monotonic()
-            docker("exec", self.target, "cat", f"/data/small/f{i}")
+            subprocess.run(["docker", "exec", self.target, "cat", f"/data/small/f{i}"], stdout=subprocess.DEVNULL,
+                           check=True, timeout=60)
             times.append((time.monotonic() - t) * 1e6)
         self.exec_cat["p50_us"] = statistics.median(times)
 

@@ -251,3 +251,20 @@ def set_fd_attrs(fd: int, size: int | None = None, mode: int | None = None,
         os.fchmod(fd, stat.S_IMODE(mode))
     if times is not None:
         os.utime(fd, times)
+
+
+# file systems whose calls answer from memory or a local disk (statfs f_type): tmpfs (ConfigMaps,
+# Secrets, tokens), ramfs, overlayfs (a container's own files), ext2/3/4, xfs, btrfs, zfs
+LOCAL_FS_TYPES = frozenset({0x01021994, 0x858458F6, 0x794C7630, 0xEF53, 0x58465342, 0x9123683E, 0x2FC12FC1})
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def is_local(fd: int) -> bool:
+    """Whether ``fd``'s file system is a local one (``LOCAL_FS_TYPES``); False when unknown."""
+    buf = _Statfs()
+    if _libc.fstatfs(ctypes.c_int(fd), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in LOCAL_FS_TYPES

@@ -39,7 +39,7 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPNoSuchFile, SFTPPermissionDenied
 
 from podtwin.agent.files.paths import Export, ExportMap, Placed, normalise
-from podtwin.agent.files.root import TargetRoot, set_fd_attrs
+from podtwin.agent.files.root import TargetRoot, is_local, set_fd_attrs
 from podtwin.agent.files.rules import PathRules
 from podtwin.agent.link.wire import FsExports
 
@@ -67,6 +67,7 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         self.exports = ExportMap([Export(os.fsencode(e.path), e.write, e.writable, os.fsencode(e.source or ""))
                                   for e in exports.exports])
         self.rules = PathRules(exports)
+        self._roots: dict[bytes, tuple[TargetRoot, bytes, bool]] = {}
 
     def map_path(self, path: bytes) -> bytes:
         """asyncssh's own operations map paths in the agent's file system: every one this class
@@ -96,19 +97,39 @@ class TargetSFTPServer(asyncssh.SFTPServer):
             raise SFTPPermissionDenied("read-only (feature.fs)")
         return placed
 
+    def _export_root(self, export: Export) -> tuple[TargetRoot, bytes, bool]:
+        """The root the export's lookups start from, opened once per channel: (root, the name
+        prefix of a file export in its parent directory, whether its file system is local)."""
+        known = self._roots.get(export.target)
+        if known is None:
+            fd = self.root.open(export.target, os.O_PATH)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                known = (TargetRoot(fd, self.root.userspace), b"", is_local(fd))
+            else:
+                local = is_local(fd)
+                os.close(fd)
+                head, _, name = export.target.rpartition(b"/")
+                known = (self.root.subroot(head or b"/"), b"/" + name, local)
+            self._roots[export.target] = known
+        return known
+
     def _in_export(self, placed: Placed, op: Callable[[TargetRoot, bytes], T]) -> T:
-        """``op(export root, path beneath it)``, in a worker thread. A directory export is its own
-        root; a file export is looked up in its parent directory, by its name."""
-        export = placed.export.target
-        fd = self.root.open(export, os.O_PATH)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            root, path = TargetRoot(fd, self.root.userspace), b"/" + placed.below
-        else:
-            os.close(fd)
-            head, _, name = export.rpartition(b"/")
-            root, path = self.root.subroot(head or b"/"), b"/" + name + (b"/" + placed.below if placed.below else b"")
-        with root:
-            return op(root, path)
+        """``op(export root, path beneath it)``. A directory export is its own root; a file export
+        is looked up in its parent directory, by its name."""
+        root, prefix, _ = self._export_root(placed.export)
+        return op(root, prefix + (b"/" + placed.below if placed.below or not prefix else b""))
+
+    async def _in_export_async(self, placed: Placed, op: Callable[[TargetRoot, bytes], T]) -> T:
+        """On the event loop for an export on a local file system (tmpfs for ConfigMaps, Secrets
+        and tokens, a node's disk for emptyDir): a thread hop per call would cost more than the
+        call. In a worker thread for anything else (NFS, CSI volumes), so a hung volume stalls
+        its own request, never the agent."""
+        export = placed.export
+        if export.target not in self._roots:
+            await asyncio.to_thread(self._export_root, export)
+        if self._roots[export.target][2]:
+            return self._in_export(placed, op)
+        return await asyncio.to_thread(self._in_export, placed, op)
 
     async def _run(self, path: bytes, op: Callable[[TargetRoot, bytes], T],
                    way: Callable[[], T] | None = None, write: bool = False) -> T:
@@ -118,7 +139,7 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         if placed is None:
             assert way is not None
             return way()
-        return await asyncio.to_thread(self._in_export, placed, op)
+        return await self._in_export_async(placed, op)
 
     def _refuse_export_itself(self, path: bytes) -> Placed:
         placed = self._place(normalise(path), write=True)
@@ -160,7 +181,7 @@ class TargetSFTPServer(asyncssh.SFTPServer):
                     continue   # an export the target does not have: nothing to show
                 yield SFTPName(name, attrs=attrs)
             return
-        entries = await asyncio.to_thread(self._in_export, placed, TargetRoot.listdir)
+        entries = await self._in_export_async(placed, TargetRoot.listdir)
         here = await self.convert_attrs(self.stat(path))
         yield SFTPName(b".", attrs=here)
         yield SFTPName(b"..", attrs=here)   # the parent may be another export or the way: not looked up
@@ -180,7 +201,16 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         return OpenFile(fd, writable=writing)
 
     async def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
-        return await asyncio.to_thread(os.pread, file_obj.fd, size, offset)
+        """From the page cache on the event loop when the data is there (``RWF_NOWAIT``: the
+        kernel answers EAGAIN rather than wait for a disk or a network volume), else in a worker
+        thread. The hop to a thread and back cost more than the copy itself."""
+        buf = bytearray(size)
+        try:
+            if os.preadv(file_obj.fd, [buf], offset, os.RWF_NOWAIT) == size:
+                return bytes(buf)
+        except OSError:   # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
+            pass
+        return await asyncio.to_thread(os.pread, file_obj.fd, size, offset)   # a short read may be EOF
 
     async def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
         return await asyncio.to_thread(os.pwrite, file_obj.fd, data, offset)
@@ -203,6 +233,9 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         os.close(file_obj.fd)
 
     def exit(self) -> None:
+        for root, _, _ in self._roots.values():
+            root.close()
+        self._roots.clear()
         self.root.close()
 
     # -- changes (writable exports only) -----------------------------------------------------------
@@ -214,10 +247,10 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         await self._run(path, lambda root, p: root.mkdir(p, mode), write=True)
 
     async def remove(self, path: bytes) -> None:
-        await asyncio.to_thread(self._in_export, self._refuse_export_itself(path), TargetRoot.unlink)
+        await self._in_export_async(self._refuse_export_itself(path), TargetRoot.unlink)
 
     async def rmdir(self, path: bytes) -> None:
-        await asyncio.to_thread(self._in_export, self._refuse_export_itself(path), TargetRoot.rmdir)
+        await self._in_export_async(self._refuse_export_itself(path), TargetRoot.rmdir)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self._rename(oldpath, newpath, replace=False)
@@ -229,9 +262,7 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         old, new = self._refuse_export_itself(oldpath), self._refuse_export_itself(newpath)
         if old.export != new.export:
             raise OSError(errno.EXDEV, "cannot rename across exports")   # two roots, as two file systems
-        await asyncio.to_thread(
-            self._in_export, old,
-            lambda root, p: root.rename(p, _beside(p, old.below, new.below), replace))
+        await self._in_export_async(old, lambda root, p: root.rename(p, _beside(p, old.below, new.below), replace))
 
 
 def _beside(path: bytes, below: bytes, other: bytes) -> bytes:

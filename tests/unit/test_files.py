@@ -323,3 +323,14 @@ def test_a_mapped_export_serves_its_source(target, userspace):
 def test_bad_list_regex_is_a_protocol_error(target):
     with pytest.raises(wire.ProtocolError, match="not_found"):
         TargetSFTPServer(None, TargetRoot.at(target, False), wire.FsExports((wire.FsExport("/x"),), not_found=("(",)))
+
+
+def test_local_file_systems_are_told_apart(tmp_path):
+    """Calls on a local file system run on the agent's event loop; anything else in a thread."""
+    from podtwin.agent.files.root import is_local
+    for path, local in ((tmp_path, True), ("/proc", False)):
+        fd = os.open(path, os.O_PATH)
+        try:
+            assert is_local(fd) is local, path
+        finally:
+            os.close(fd)
