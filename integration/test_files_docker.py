@@ -125,20 +125,21 @@ def test_sigkill_of_the_runner_leaves_no_mount_and_no_volume(podtwin, files_targ
     wait_until(lambda: "podtwin-" not in _daemon_fuse_mounts(), 30, "the FUSE mount to go")
 
 
-def test_sigkill_of_the_sidecar_ends_the_session_and_leaves_no_mount(podtwin, files_target):
-    """The app's file reads fail (never hang) once the sidecar's sshfs is gone, and the session
-    ends with one line naming why: no mount, no volume, no container left."""
+@pytest.mark.parametrize("role,why", [("sidecar", "the sidecar stopped"),
+                                      ("agent", "the link to the agent was lost")])
+def test_sigkill_mid_read_ends_the_session_and_leaves_no_mount(podtwin, files_target, role, why):
+    """The app's file reads fail (never hang) once the agent or the sidecar's sshfs is gone, and
+    the session ends with one line naming why: no mount, no volume, no container left."""
     name, _ = files_target
     proc = podtwin.start("container", "run", "--target", f"container/{name}", APP_IMAGE, "sh", "-c",
                          "while true; do cat /etc/config/app.yaml || echo READ-FAILED; sleep 0.3; done")
     wait_until(lambda: "from the target's config" in proc.out_path.read_text() or proc.poll() is not None,
                60, "the app to read the target's config")
     assert proc.poll() is None, proc.err_path.read_text()
-    sidecar = session_containers("sidecar", runner=proc)[0]
-    docker("kill", "-s", "KILL", sidecar)
+    docker("kill", "-s", "KILL", session_containers(role, runner=proc)[0])
     assert proc.wait(timeout=30) == 125
     last = proc.err_path.read_text().strip().splitlines()[-1]
-    assert "the sidecar stopped" in last and "Traceback" not in proc.err_path.read_text()
+    assert why in last and "Traceback" not in proc.err_path.read_text()
     wait_until(lambda: not session_containers(runner=proc), 10, "the session's containers to go")
     wait_until(lambda: "podtwin-" not in _daemon_fuse_mounts(), 10, "the FUSE mount to go")
 

@@ -49,21 +49,27 @@ class App:
         if self.id:
             self.engine.stop(self.id, timeout=2)
 
+    LINK_LOST = ("the link to the agent was lost (the agent or the target stopped)",
+                 "run the session again; `podtwin sessions` shows what is still running")
+
     def link_lost(self) -> None:
-        self.progress.warn("podtwin: the link to the agent was lost (the agent or the target stopped);"
-                           " stopping the app")
+        self.fatal.append(self.LINK_LOST)
         self.stop()
 
     def _watch_sidecar(self, sidecar_id: str, done: threading.Event) -> None:
         """The sidecar holds the app's network bridge and its view of the target's files: if it
-        stops while the app runs (killed, out of memory), the session ends rather than run on
-        with neither."""
+        stops while the app runs (its link to the agent closed: exit 1; killed, out of memory),
+        the session ends rather than run on with neither."""
         code = self.engine.wait_exit(sidecar_id)
-        if not done.is_set():
+        if done.is_set():
+            return
+        if code == 1:
+            self.fatal.append(self.LINK_LOST)
+        else:
             self.fatal.append((f"the sidecar stopped ({'removed' if code is None else f'exit {code}'}): the "
                                "app's network bridge and the target's files went with it",
                                "run the session again; `podtwin doctor` checks what the sidecar needs"))
-            self.stop()
+        self.stop()
 
     def on_notice(self, level: str, message: str) -> None:
         if level == "fatal":  # e.g. a port another session already steals: end the session
