@@ -147,3 +147,25 @@ def test_sigkill_mid_read_ends_the_session_and_leaves_no_mount(podtwin, files_ta
 def _daemon_fuse_mounts() -> str:
     with open("/proc/self/mountinfo") as f:
         return "".join(line for line in f if "fuse.sshfs" in line)
+
+
+def test_a_snapshot_copy_where_propagation_is_refused(podtwin, files_target):
+    """PODTWIN_FS_COPY=1 takes the path of an engine that refuses mount propagation: the
+    read-only files are copied into the app before it starts, said to be a snapshot; no FUSE mount
+    in the app."""
+    name, config = files_target
+    script = ("cat /etc/config/app.yaml /data/state; ls -ln /etc/config/secret; "
+              "grep -c fuse /proc/mounts || true")
+    result = podtwin.run("container", "run", "--target", f"container/{name}", APP_IMAGE, "sh", "-c", script,
+                         env={"PODTWIN_FS_COPY": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["greeting: from the target's config", "written-by-target"]
+    assert lines[2].startswith("-r--r-----") and lines[2].split()[2:4] == ["0", "2000"]   # owners kept
+    assert lines[3] == "0"                                                                  # a copy, no mount
+    assert "refuses mount propagation: /data, /etc/config copied into the app as a snapshot" in result.stderr
+    result = podtwin.run("container", "run", "-q", "--fs", "write", "--target", f"container/{name}", APP_IMAGE,
+                         "sh", "-c", "ls /data 2>&1; cat /etc/config/app.yaml", env={"PODTWIN_FS_COPY": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "/data: not available: a writable path needs mount propagation" in result.stderr
+    assert "greeting: from the target's config" in result.stdout and "state" not in result.stdout

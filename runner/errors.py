@@ -72,3 +72,8 @@ class AppStartError(PodtwinError):
 
 class SessionError(PodtwinError):
     """A session could not be set up or torn down."""
+
+
+class PropagationRefused(PodtwinError):
+    """The Docker engine does not let a mount made in the sidecar reach the app (Docker Desktop,
+    rootless engines): the app gets a copy of the target's files instead."""

@@ -18,7 +18,8 @@ import docker.errors
 from docker.types import Mount
 
 from podtwin.runner.config.image import podtwin_image_name
-from podtwin.runner.errors import AgentError, DockerUnavailable, ImageMissing, SessionError, TargetError
+from podtwin.runner.errors import (AgentError, DockerUnavailable, ImageMissing, PropagationRefused, SessionError,
+                                  TargetError)
 from podtwin.runner.state.files import MOUNT_POINT, SessionFiles
 from podtwin.runner.state.session import LABEL_ROLE, LABEL_SESSION, Session
 
@@ -336,8 +337,29 @@ class DockerEngine:
             raise ImageMissing(f"app image {image!r} is not present locally",
                                f"build or pull it first (`docker pull {image}`)") from exc
         except docker.errors.APIError as exc:
+            if mounts and "bind source path does not exist" in str(exc):
+                raise PropagationRefused(f"the target's files did not reach the daemon: {_short(exc)}") from exc
             raise SessionError(f"cannot create the app container: {_short(exc)}") from exc
         return c.id
+
+    def copy_between(self, source_id: str, root: str, paths: list[str], dest_id: str, limit: int) -> None:
+        """``paths`` (relative to ``root``) from a running container into another, at the same
+        paths below ``/``: a tar made in the source (it sees its own mounts, which the engine's
+        archive API does not), unpacked by the engine in the destination (created, not started)."""
+        try:
+            result = self.client.containers.get(source_id).exec_run(["tar", "-C", root, "-cf", "-", *paths],
+                                                                     stderr=False)
+        except docker.errors.APIError as exc:
+            raise SessionError(_short(exc)) from exc
+        if result.exit_code != 0:
+            raise SessionError(f"tar in the sidecar exited {result.exit_code}")
+        if len(result.output) > limit:
+            raise SessionError(f"{len(result.output) // 2**20} MiB is more than a snapshot holds "
+                               f"({limit // 2**20} MiB)")
+        try:
+            self.client.api.put_archive(dest_id, "/", result.output)
+        except docker.errors.APIError as exc:
+            raise SessionError(_short(exc)) from exc
 
     def wait_exit(self, container_id: str) -> int | None:
         """Block until the container stops; its exit code (None: it was already gone)."""

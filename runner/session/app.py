@@ -4,14 +4,15 @@ the agent goes or says the session cannot go on."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.env import apply_env
-from podtwin.runner.errors import AppStartError, SessionError
+from podtwin.runner.errors import AppStartError, PropagationRefused, SessionError
 from podtwin.runner.progress import Progress
 from podtwin.runner.session.teardown import Teardown
 from podtwin.runner.state.session import Session
@@ -33,6 +34,19 @@ class AppOptions(Protocol):
     user: str | None
     as_target_user: bool
     volumes: tuple[str, ...]
+
+
+class FileBind(NamedTuple):
+    """One of the target's files for the app: bound from the session volume (``source``, on the
+    daemon's side) at ``path``, or copied from the sidecar's mount (``in_sidecar``) where the
+    engine refuses mount propagation."""
+    source: str
+    path: str
+    writable: bool
+    in_sidecar: str
+
+
+SNAPSHOT_LIMIT = 64 * 1024 * 1024   # a snapshot copy is for config, secrets and tokens, not data
 
 
 class App:
@@ -82,7 +96,7 @@ class App:
             self.progress(message)
 
     def run(self, session: Session, opts: AppOptions, cfg: PodtwinConfig, remote_env: dict,
-            sidecar_id: str, teardown: Teardown, files: list[tuple[str, str, bool]] | None = None,
+            sidecar_id: str, teardown: Teardown, files: list[FileBind] | None = None,
             identity: tuple[str, tuple[str, ...]] = ("", ())) -> int:
         """Once the sidecar has bridged the network: create the app container and run it.
         ``identity``: the user and extra groups to run it as (``--as-target-user``)."""
@@ -92,15 +106,26 @@ class App:
             missing = set(json.loads(session.files.files_missing.read_text()))
             for path in sorted(missing):
                 self.progress.warn(f"{path}: the target has no such path; not mounted")
-            files = [bind for bind in files if bind[1] not in missing]
+            files = [bind for bind in files if bind.path not in missing]
         env = apply_env(remote_env, cfg.feature.env, opts.env)
-        app_id = self.engine.create_app(
-            session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
-            interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
-            workdir=opts.workdir, user=opts.user or identity[0] or None, volumes=list(opts.volumes),
-            extra=self.extra, files=files, group_add=identity[1])
+        files = files or []
+
+        def create(binds: list[FileBind]) -> str:
+            return self.engine.create_app(
+                session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
+                interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
+                workdir=opts.workdir, user=opts.user or identity[0] or None, volumes=list(opts.volumes),
+                extra=self.extra, files=[(b.source, b.path, b.writable) for b in binds], group_add=identity[1])
+        copy = files if files and os.environ.get("PODTWIN_FS_COPY") == "1" else []
+        try:
+            app_id = create([] if copy else files)
+        except PropagationRefused:
+            copy = files
+            app_id = create([])
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
+        if copy:
+            self._copy_files(copy, sidecar_id, app_id)
         attached = threading.Event()
         threading.Thread(target=self._watch_sidecar, args=(sidecar_id, attached), name="podtwin-sidecar-watch",
                          daemon=True).start()
@@ -116,6 +141,28 @@ class App:
         if self.fatal:
             raise SessionError(*self.fatal[0])
         return code
+
+
+    def _copy_files(self, files: list[FileBind], sidecar_id: str, app_id: str) -> None:
+        """Where the engine refuses mount propagation (Docker Desktop, rootless engines), or with
+        PODTWIN_FS_COPY=1: copy the read-only exports into the app before it starts (a tar from the
+        sidecar's mount), and say that they are a snapshot. Writable ones cannot be copied back."""
+        copied = [b for b in files if not b.writable]
+        for b in files:
+            if b.writable:
+                self.progress.warn(f"{b.path}: not available: a writable path needs mount propagation, which "
+                                   "this engine refuses (use --fs read to get a read-only copy)")
+        if not copied:
+            return
+        first = copied[0]
+        root = first.in_sidecar[:len(first.in_sidecar) - len(first.path)] or "/"   # the sidecar's mount
+        try:
+            self.engine.copy_between(sidecar_id, root, [b.path.lstrip("/") for b in copied], app_id, SNAPSHOT_LIMIT)
+        except SessionError as exc:
+            raise SessionError(f"the target's files could not be copied into the app: {exc.message}",
+                               "this engine refuses mount propagation; run with --fs local to go without them")
+        self.progress.warn(f"this Docker engine refuses mount propagation: {', '.join(b.path for b in copied)} "
+                           "copied into the app as a snapshot (changes in the target will not show)")
 
 
 def attach(engine, app_id: str, interactive: bool) -> int:

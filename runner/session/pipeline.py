@@ -25,7 +25,7 @@ from podtwin.runner.errors import AgentError, ConfigError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
 from podtwin.runner.session import reaper
-from podtwin.runner.session.app import App, AppOptions
+from podtwin.runner.session.app import App, AppOptions, FileBind
 from podtwin.runner.progress import Progress
 from podtwin.runner.session.teardown import Teardown
 from podtwin.runner.sidecar.settings import FilesSettings, SidecarSettings
@@ -70,7 +70,7 @@ class Bridge:
     session: Session
     sidecar_id: str
     remote: wire.Info   # the target's info: env, pid, hostname, resolver files
-    files: list[tuple[str, str, bool]]   # the target's files: (source on the daemon, path, writable)
+    files: list[FileBind]   # the target's files
 
 
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
@@ -159,8 +159,8 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         # The target's files: the sidecar mounts them on a session volume, the app binds them.
         files_volume = engine.create_files_volume(session)
         teardown.add("files volume", lambda: engine.remove_files_volume(session.name("fs"), p.placement.sidecar_image))
-        root = p.settings.files.root(files_volume)
-        binds = [(root + e.path, e.path, e.writable) for e in p.settings.files.exports]
+        root, in_sidecar = p.settings.files.root(files_volume), p.settings.files.root()
+        binds = [FileBind(root + e.path, e.path, e.writable, in_sidecar + e.path) for e in p.settings.files.exports]
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)
     sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
