@@ -1,6 +1,11 @@
 """Bad input: one clear line naming the problem and the fix, a non-zero exit, nothing left behind."""
 from __future__ import annotations
 
+import signal
+import time
+
+import pytest
+
 from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, write_config
 
 CONFIG, TARGET, INFRA = 2, 3, 125   # exit codes by kind of error (README "Exit codes")
@@ -97,3 +102,15 @@ def test_network_host_is_refused_before_anything_starts(podtwin, staging):
     line = one_error_line(podtwin.run("container", "run", "--network", "host", "--target",
                                       f"container/{staging.target}", APP_IMAGE, "true"), CONFIG)
     assert "--network host cannot be used" in line
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.8, 1.2])
+def test_ctrl_c_during_start_up_says_so_and_leaves_nothing(podtwin, staging, delay):
+    """Ctrl-C at any point of the start-up (loading, agent, sidecar, link): exit 130, one line,
+    no traceback; the podtwin fixture checks that nothing of the session is left."""
+    proc = podtwin.start("container", "run", "--target", f"container/{staging.target}", APP_IMAGE, "sleep", "30")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.err_path.read_text()
+    assert err.strip().splitlines()[-1].startswith("podtwin: interrupted") and "Traceback" not in err, err

@@ -216,9 +216,7 @@ def run() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):   # click turns Ctrl-C into Abort
         click.echo("podtwin: interrupted; everything this session created was removed", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
