@@ -292,6 +292,6 @@ def test_cli_extra_args_publish_the_apps_port_through_the_sidecar(podtwin, stagi
 def test_cli_extra_args_refuses_a_network_flag_in_one_line(podtwin, staging, tmp_path):
     cfg = write_config(tmp_path / "net.json", {"container": {"cli_extra_args": ["--network", "host"]}})
     result = app_run(podtwin, staging, "true", "-f", str(cfg))
-    assert result.returncode == 2
+    assert result.returncode == 125
     assert result.stderr.strip().splitlines()[-1].startswith(
         "podtwin: container.cli_extra_args: --network is not allowed")

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from podtwin.runner import api
-from podtwin.runner.errors import EXIT_INTERRUPTED, ConfigError, PodtwinError
+from podtwin.runner.errors import EXIT_INFRA, EXIT_INTERRUPTED, ConfigError, PodtwinError
 
 
 def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -116,7 +116,7 @@ def config_schema() -> None:
 def config_check(config_file, profile, target) -> None:
     """Load the configuration exactly as a session would and print the effective settings.
 
-    Keys podtwin does not act on are named on stderr; a bad file is one line and exit code 2,
+    Keys podtwin does not act on are named on stderr; a bad file is one line and exit code 125,
     so editors and CI can call it. Touches neither Docker nor the cluster.
 
     \b
@@ -213,9 +213,9 @@ def run() -> None:
     except PodtwinError as exc:
         click.echo(exc.one_line(), err=True)
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except click.ClickException as exc:   # a bad flag or argument: docker run's 125 too
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(EXIT_INFRA)
     except (click.exceptions.Abort, KeyboardInterrupt):   # click turns Ctrl-C into Abort
         click.echo("podtwin: interrupted; everything this session created was removed", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -3,19 +3,19 @@
 Every error carries a user-facing message (what went wrong), a hint (how to fix it) and an exit
 code. Lower layers raise these, chaining the original exception; the CLI prints one line.
 
-Exit codes (README "Exit codes"): the app's own code when the session ran; otherwise
-``EXIT_CONFIG`` (2) for a bad flag, config file or profile, ``EXIT_TARGET`` (3) for a target that
-cannot be parsed, found or used, and ``EXIT_INFRA`` (125, what ``docker run`` uses for its own
-failures) for everything podtwin runs on: the Docker engine, images, the cluster, the agent, the
-link. 126 or 127 when the app's command cannot be run or is not in its image (``AppStartError``,
-as ``docker run``). 130 after Ctrl-C or SIGTERM.
+Exit codes (README "Exit codes") are ``docker run``'s: the app's own code when the session ran;
+125 whenever podtwin fails before or around the app, whatever the kind (a bad flag, config file or
+profile: ``EXIT_CONFIG``; a target that cannot be parsed, found or used: ``EXIT_TARGET``; what
+podtwin runs on: ``EXIT_INFRA``), so that no app's own code (2, 3, ...) can be taken for one of
+podtwin's; 126 or 127 when the app's command cannot be run or is not in its image
+(``AppStartError``); 130 after Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
 
-EXIT_CONFIG = 2
-EXIT_TARGET = 3
 EXIT_INFRA = 125
+EXIT_CONFIG = EXIT_INFRA   # the kinds stay named; the code is docker's one code for its own failures
+EXIT_TARGET = EXIT_INFRA
 EXIT_INTERRUPTED = 130
 
 

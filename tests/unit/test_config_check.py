@@ -25,11 +25,11 @@ def test_prints_the_effective_config_and_names_ignored_keys(tmp_path):
 def test_refuses_what_a_session_would_refuse_in_one_line(tmp_path):
     result = check(tmp_path, {"feature": {"network": {"incoming": {"mode": "mirror",
                                                                    "http_filter": {"header_filter": "x"}}}}})
-    assert result.returncode == 2
+    assert result.returncode == 125
     assert result.stderr.strip().splitlines() == [
         "podtwin: feature.network.incoming.http_filter works with mode steal only — set "
         "feature.network.incoming.mode to steal, or remove the filter"]
     bad_args = check(tmp_path, {"container": {"cli_extra_args": ["--network", "host"]}})
-    assert bad_args.returncode == 2 and "--network is not allowed" in bad_args.stderr
+    assert bad_args.returncode == 125 and "--network is not allowed" in bad_args.stderr
     bad_target = check(tmp_path, {}, "--target", "banana/x")
-    assert bad_target.returncode == 3 and "banana/x" in bad_target.stderr
+    assert bad_target.returncode == 125 and "banana/x" in bad_target.stderr
