@@ -121,4 +121,20 @@ def apply_env(
 
     result.update(env_cfg.override or {})
     result.update(cli_env or {})
+    check_sizes(result)
     return result
+
+
+# Linux refuses to start a program with one environment string over 32 pages (MAX_ARG_STRLEN);
+# the app would fail with "argument list too long", naming nothing.
+MAX_ENV_STRING = 32 * 4096
+
+
+def check_sizes(env: Mapping[str, str]) -> None:
+    """One line naming the variable that no program could be started with."""
+    for name, value in env.items():
+        size = len(name.encode()) + len(value.encode()) + 2   # NAME=VALUE and its NUL
+        if size > MAX_ENV_STRING:
+            raise ConfigError(f"environment variable {name} is {size:,} bytes; Linux starts no program with "
+                              f"one over {MAX_ENV_STRING:,}",
+                              "shorten it, or pass the data in a file (-v) instead")

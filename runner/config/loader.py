@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -25,7 +27,7 @@ CONFIG_FILE_NAMES = (
 # mirrord keys podtwin accepts but does not act on yet: dropped with a warning, never silently.
 UNSUPPORTED_MIRRORD_KEYS = (
     "accept_invalid_certificates", "baggage", "ci", "connect_tcp", "experimental",
-    "external_proxy", "internal_proxy", "key", "kubeconfig", "operator", "pause", "profile",
+    "external_proxy", "internal_proxy", "key", "operator", "pause", "profile",
     "sip_binaries", "skip_build_tools", "skip_extra_build_tools", "skip_processes", "skip_sip",
     "startup_retry", "telemetry", "traceparent", "use_proxy",
     "agent.check_out_of_pods", "agent.clean_iptables_on_start",
@@ -57,6 +59,55 @@ REFUSED_MIRRORD_KEYS = {
 
 _HINT = "see docs/config.md or `podtwin config schema` for the accepted keys and values"
 
+# mirrord renders its config files as Tera templates before parsing them; what users' files use
+# of that is get_env, with or without a default. Other template syntax is named, not guessed at.
+_GET_ENV = re.compile(r"""\{\{\s*get_env\(\s*name\s*=\s*(["'])(?P<name>[^"']*)\1\s*"""
+                      r"""(?:,\s*default\s*=\s*(["'])(?P<default>[^"']*)\3\s*)?\)\s*\}\}""")
+_TEMPLATE = re.compile(r"\{\{|\{%|\{#")
+# a YAML document whose aliases expand past this many values is refused (an alias bomb):
+# real config files have a few hundred
+MAX_EXPANDED_VALUES = 100_000
+
+
+def render_template(text: str, path: Path) -> str:
+    """mirrord's ``{{ get_env(name="X", default="y") }}``: the variable's value, else the default,
+    else a one-line error; any other template construct is refused by name."""
+    def value(m: re.Match[str]) -> str:
+        name, default = m.group("name"), m.group("default")
+        found = os.environ.get(name, default)
+        if found is None:
+            raise ConfigError(f"{path}: {m.group(0)}: {name} is not set and has no default",
+                              f'set {name}, or write get_env(name="{name}", default="...")')
+        return found
+    rendered = _GET_ENV.sub(value, text)
+    leftover = _TEMPLATE.search(rendered)
+    if leftover:
+        line = rendered.count("\n", 0, leftover.start()) + 1
+        raise ConfigError(f"{path}:{line}: template syntax other than {{{{ get_env(...) }}}} is not supported",
+                          "replace it with a value, or with get_env(name=..., default=...)")
+    return rendered
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds once YAML aliases are expanded, counted without expanding
+    them (shared subtrees are counted once per reference, from a memo); stops past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in memo:
+            return memo[id(node)]
+        children = node.values() if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        memo[id(node)] = total
+        return total
+    return size(data)
+
 
 def find_config_file(cwd: Path) -> Path | None:
     """The first of CONFIG_FILE_NAMES that exists in `cwd`."""
@@ -74,11 +125,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
                           "save it as UTF-8") from exc
+    text = render_template(text, path)
     try:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
+            if _expanded_size(data, MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+                raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values",
+                                  "write the settings out; a config file needs no alias chains")
         elif suffix == ".toml":
             data = tomllib.loads(text)
         else:
@@ -211,6 +266,10 @@ def load_config(path: Path | None, profile: str | None, cwd: Path,
         merged = deep_merge(merged, canonical)
     cfg = _validate(merged, " < ".join(s for s, _ in layers) or "defaults")
 
+    if cfg.kubeconfig is not None:
+        kubeconfig = Path(cfg.kubeconfig_path() or "")
+        if not kubeconfig.is_absolute():
+            cfg = cfg.model_copy(update={"kubeconfig": str(cwd / kubeconfig)})
     env = cfg.feature.env
     if env.env_file is not None and not env.env_file.is_absolute():
         env = env.model_copy(update={"env_file": cwd / env.env_file})

@@ -6,6 +6,7 @@ merges the files these models validate.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,15 @@ class TargetConfig(_Model):
         None, description="What to borrow from: container/NAME, pod/NAME, deployment/NAME[/container/C], ...")
     namespace: str | None = Field(
         None, description="Kubernetes namespace of the target; default: the kube context's namespace.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unwrapped(cls, value: Any) -> Any:
+        """mirrord also takes the object form without its ``path`` wrapper:
+        ``{"deployment": "api", "container": "app"}``."""
+        if isinstance(value, dict) and not {"path", "namespace"} & set(value) and value:
+            return {"path": value}
+        return value
 
     @field_validator("path", mode="before")
     @classmethod
@@ -391,12 +401,18 @@ class PodtwinConfig(_Model):
         default_factory=TargetConfig, description="The container or Kubernetes workload to run as: a string or {path, namespace}.")
     kube_context: str | None = Field(
         None, description="kubeconfig context to use; default: the current context.")
+    kubeconfig: str | None = Field(
+        None, description="kubeconfig file (mirrord's key; `~` expanded); --kubeconfig wins; default: $KUBECONFIG "
+        "or ~/.kube/config.")
     feature: FeatureConfig = Field(
         default_factory=FeatureConfig, description="What the local container borrows from the target.")
     agent: AgentConfig = Field(
         default_factory=AgentConfig, description="The helper podtwin runs next to a Kubernetes target.")
     container: ContainerConfig = Field(
         default_factory=ContainerConfig, description="How podtwin runs its local sidecar container.")
+
+    def kubeconfig_path(self) -> str | None:
+        return None if self.kubeconfig is None else os.path.expanduser(self.kubeconfig)
 
     def target_spec(self) -> Target | None:
         """The parsed target, or None when no target is configured."""

@@ -20,7 +20,7 @@ from podtwin.agent.link import wire
 from podtwin.runner import backends
 from podtwin.runner.backends.base import Placement, Resolved, Transport
 from podtwin.runner.config.docker_args import ExtraRunArgs, parse_extra_args
-from podtwin.runner.env import read_env_file
+from podtwin.runner.env import check_sizes, read_env_file
 from podtwin.runner.errors import AgentError, ConfigError
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.link.owner import OwnerLink
@@ -106,7 +106,7 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
     settings, extra = derived_settings(cfg)
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
-        kubeconfig=opts.kubeconfig, context=opts.context or cfg.kube_context)
+        kubeconfig=opts.kubeconfig or cfg.kubeconfig_path(), context=opts.context or cfg.kube_context)
     engine.require_image(placement.sidecar_image, "build it with `podtwin images build`")
     engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
     found = placement.resolve(progress)
@@ -126,7 +126,8 @@ def derived_settings(cfg: "PodtwinConfig") -> tuple[SidecarSettings, ExtraRunArg
     container.cli_extra_args split between the sidecar and the app. An env_file is read here
     too, so a bad one is refused before anything starts (the app's start reads it again)."""
     if cfg.feature.env.env_file is not None:
-        read_env_file(cfg.feature.env.env_file)
+        check_sizes(read_env_file(cfg.feature.env.env_file))
+    check_sizes(cfg.feature.env.override)
     return SidecarSettings.from_config(cfg), parse_extra_args(cfg.container.cli_extra_args)
 
 
@@ -134,6 +135,7 @@ def check_options(opts: SessionOptions) -> None:
     """The run options that no target could make work."""
     if not opts.image.strip():
         raise ConfigError("no image given", "write the app's IMAGE after the options, e.g. myimage:dev")
+    check_sizes(opts.env)
     if opts.user and opts.as_target_user:
         raise ConfigError("--user and --as-target-user both name the app's user", "keep one of them")
     network = opts.network or ""

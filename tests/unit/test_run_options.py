@@ -13,6 +13,10 @@ class Options:
     network: str | None = None
     user: str | None = None
     as_target_user: bool = False
+    env: dict = None
+
+    def __post_init__(self):
+        self.env = self.env or {}
 
 
 @pytest.mark.parametrize("network,why", [
@@ -41,3 +45,8 @@ def test_a_named_network_and_an_image_pass():
 def test_user_and_as_target_user_together_are_refused():
     with pytest.raises(ConfigError, match="--user and --as-target-user"):
         check_options(Options(user="1000", as_target_user=True))
+
+
+def test_an_environment_value_no_program_could_start_with_is_named():
+    with pytest.raises(ConfigError, match="environment variable BIG is 1,048,581 bytes"):
+        check_options(Options(env={"BIG": "x" * (1 << 20)}))
