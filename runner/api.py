@@ -13,6 +13,7 @@ from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
 from podtwin.runner.session.housekeeping import clean, kube_for_listing, list_sessions
 from podtwin.runner.progress import Progress
+from podtwin.runner.state.session import check_state_dir
 from podtwin.runner.targets import Target, parse_target
 
 
@@ -68,11 +69,15 @@ def run(opts: RunOptions) -> int:
     """One session (``session.pipeline``); the app's exit code."""
     progress = Progress(opts.quiet)
     cfg, target = resolve_config(opts, progress)
+    from podtwin.runner.session import pipeline
+
+    pipeline.check_options(opts)   # everything the input alone can refuse, before Docker is asked
+    pipeline.derived_settings(cfg)
+    check_state_dir()
     if shutil.which("docker") is None:
         raise DockerUnavailable("the `docker` command is not on PATH",
                                 "install the Docker CLI (podtwin uses it to attach to the app)")
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.session import pipeline
     from podtwin.runner.config.image import podtwin_image_name
 
     return pipeline.run(opts, cfg, target, DockerEngine(), podtwin_image_name(), progress)

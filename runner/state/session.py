@@ -31,6 +31,20 @@ def state_dir() -> Path:
     return Path(os.environ.get("PODTWIN_STATE_DIR", "~/.cache/podtwin")).expanduser()
 
 
+def check_state_dir(session_dir: Path | None = None) -> None:
+    """Refuse, in one line and before anything starts, a state directory no session could use:
+    too long for the session's unix socket, not a directory, or not writable."""
+    path = session_dir or sessions_dir() / ("x" * 8)   # a session's directory: 8 hex digits
+    if len(bytes(SessionFiles(path).agent_socket)) > MAX_UNIX_PATH:
+        raise ConfigError(f"the state directory {state_dir()} is too long a path for the session's unix socket",
+                          "set PODTWIN_STATE_DIR to a shorter path")
+    existing = next((p for p in (sessions_dir(), *sessions_dir().parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"cannot use the state directory {state_dir()} ({existing} is "
+                          f"{'not a directory' if not existing.is_dir() else 'not writable'})",
+                          "set PODTWIN_STATE_DIR to a writable directory")
+
+
 def sessions_dir() -> Path:
     return state_dir() / "sessions"
 
@@ -46,9 +60,7 @@ class Session:
     def create(cls, target: str) -> "Session":
         sid = secrets.token_hex(4)
         path = sessions_dir() / sid
-        if len(bytes(SessionFiles(path).agent_socket)) > MAX_UNIX_PATH:
-            raise ConfigError(f"the state directory {state_dir()} is too long a path for the session's unix socket",
-                              "set PODTWIN_STATE_DIR to a shorter path")
+        check_state_dir(path)
         try:
             path.mkdir(parents=True, mode=0o700)
         except OSError as exc:

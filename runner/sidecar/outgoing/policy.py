@@ -84,6 +84,8 @@ def parse_filter_entry(text: str) -> FilterEntry:
         pass
     name = normalise_name(addr)
     labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if labels[-1].isdigit():   # no top-level domain is all digits: a mistyped address (300.1.1.1, 10.0.0.1/33)
+        raise ValueError(f"{text!r}: {addr!r} is not a valid IP address or subnet")
     if not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"{text!r}: {addr!r} is neither an IP address, a subnet nor a host name")
     return FilterEntry(text, proto, None, name, port)
