@@ -11,7 +11,7 @@ from pathlib import Path
 from podtwin.runner.config.loader import load_config
 from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
-from podtwin.runner.session.housekeeping import clean, kube_for_listing, list_sessions
+from podtwin.runner.session.housekeeping import clean, clean_targets, kube_for_listing, list_sessions
 from podtwin.runner.progress import Progress
 from podtwin.runner.state.session import check_state_dir
 from podtwin.runner.targets import Target, parse_target
@@ -83,4 +83,4 @@ def run(opts: RunOptions) -> int:
     return pipeline.run(opts, cfg, target, DockerEngine(), podtwin_image_name(), progress)
 
 
-__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "kube_for_listing", "PodtwinError"]
+__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing", "PodtwinError"]

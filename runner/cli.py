@@ -197,6 +197,7 @@ def sessions(context, kubeconfig) -> None:
 def clean(all_sessions: bool, targets, context, kubeconfig) -> None:
     """Remove what dead sessions left behind: containers, networks, session directories, agent
     Jobs, and incoming rules in their Docker targets."""
+    api.clean_targets(tuple(targets))   # a bad --target is refused before anything is asked
     removed = api.clean(all_sessions, _cluster(kubeconfig, context), tuple(targets))
     click.echo("\n".join(f"removed {r}" for r in removed) if removed else "nothing to clean")
 
@@ -209,12 +210,16 @@ def run() -> None:
     """Console-script entry point: one line per error, never a traceback for a known failure."""
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        main.main(standalone_mode=False)
+        main.main(prog_name="podtwin", standalone_mode=False)
     except PodtwinError as exc:
         click.echo(exc.one_line(), err=True)
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:   # a bad flag or argument: docker run's 125 too
-        exc.show()
+    except click.UsageError as exc:   # a bad flag or argument: one line, and docker run's 125 too
+        where = exc.ctx.command_path if exc.ctx is not None else "podtwin"
+        click.echo(f"podtwin: {exc.format_message().rstrip('.')} — see `{where} --help`", err=True)
+        sys.exit(EXIT_INFRA)
+    except click.ClickException as exc:
+        click.echo(f"podtwin: {exc.format_message()}", err=True)
         sys.exit(EXIT_INFRA)
     except (click.exceptions.Abort, KeyboardInterrupt):   # click turns Ctrl-C into Abort
         click.echo("podtwin: interrupted; everything this session created was removed", err=True)

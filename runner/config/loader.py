@@ -61,8 +61,8 @@ _HINT = "see docs/config.md or `podtwin config schema` for the accepted keys and
 
 # mirrord renders its config files as Tera templates before parsing them; what users' files use
 # of that is get_env, with or without a default. Other template syntax is named, not guessed at.
-_GET_ENV = re.compile(r"""\{\{\s*get_env\(\s*name\s*=\s*(["'])(?P<name>[^"']*)\1\s*"""
-                      r"""(?:,\s*default\s*=\s*(["'])(?P<default>[^"']*)\3\s*)?\)\s*\}\}""")
+_GET_ENV = re.compile(r"""\{\{\s*get_env\(\s*name\s*=\s*(["'`])(?P<name>[^"'`]*)\1\s*"""
+                      r"""(?:,\s*default\s*=\s*(["'`])(?P<default>[^"'`]*)\3\s*)?\)\s*\}\}""")
 _TEMPLATE = re.compile(r"\{\{|\{%|\{#")
 # a YAML document whose aliases expand past this many values is refused (an alias bomb):
 # real config files have a few hundred

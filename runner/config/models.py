@@ -185,6 +185,9 @@ class HttpFilterConfig(_Model):
             raise ValueError(f"use only one of {', '.join(kinds)} (got {', '.join(given)})")
         if self.any_of == [] or self.all_of == []:
             raise ValueError("any_of/all_of cannot be an empty list")
+        if not given:
+            raise ValueError("names no filter: set header_filter, path_filter, method_filter, any_of or all_of "
+                             "(or remove http_filter to take every request)")
         return self
 
 
@@ -220,6 +223,11 @@ class IncomingConfig(_Model):
         if twice:
             raise ValueError(f"port_mapping maps several local ports to remote port {twice[0]}; "
                              "one remote port goes to one local port")
+        locals_ = [local for local, _ in self.port_mapping]
+        twice = sorted({p for p in locals_ if locals_.count(p) > 1})
+        if twice:
+            raise ValueError(f"port_mapping maps local port {twice[0]} to several remote ports; "
+                             "one local port takes one remote port")
         return self
 
 

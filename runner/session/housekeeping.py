@@ -6,7 +6,7 @@ import shutil
 import socket
 from typing import Callable
 
-from podtwin.runner.errors import PodtwinError, SessionError
+from podtwin.runner.errors import ConfigError, PodtwinError, SessionError
 from podtwin.runner.state.session import (LABEL_HOST, LABEL_ROLE, LABEL_SESSION, LABEL_TARGET,
                                           dir_owner_alive, runner_alive, sessions_dir)
 from podtwin.runner.targets import DockerTarget, parse_target
@@ -47,6 +47,15 @@ def list_sessions(kube=None) -> list[dict]:
     return sorted(sessions.values(), key=lambda s: s["session"])
 
 
+def clean_targets(targets: tuple[str, ...]) -> set[str]:
+    """The Docker containers ``clean --target`` sweeps; anything else is refused in one line."""
+    sweep = {t.name for t in map(parse_target, targets) if isinstance(t, DockerTarget)}
+    if len(sweep) != len(set(targets)):
+        raise ConfigError("clean --target takes container/NAME targets only",
+                          "a Kubernetes target's rules go with its agent pod (its rules guard)")
+    return sweep
+
+
 def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) -> list[str]:
     """Remove what sessions whose runner is gone left behind (with all=True, every session of this
     machine's): containers, networks and session directories; agent Jobs given a cluster; and
@@ -55,14 +64,11 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
     from podtwin.runner.adapters.docker_engine import DockerEngine
     from podtwin.runner.config.image import podtwin_image_name
 
+    sweep = clean_targets(targets)
     engine = DockerEngine()
     removed: list[str] = []
     errors: list[str] = []
     live = set()
-    sweep = {t.name for t in map(parse_target, targets) if isinstance(t, DockerTarget)}
-    if len(sweep) != len(set(targets)):
-        raise SessionError("clean --target takes container/NAME targets only",
-                           "a Kubernetes target's rules go with its agent pod (its rules guard)")
     if sweep:
         engine.require_image(podtwin_image_name(), "build it with `podtwin images build`")
 
