@@ -184,6 +184,7 @@ class KubeSection:
         self.load_images()
         self.staging()
         self.b.env["KUBECONFIG"] = str(self.kubeconfig)
+        self.b.env["PODTWIN_AGENT_IMAGE"] = self.podtwin_image   # the image loaded above, not the release's name
         client = self.b.client_args(self.b.args.kube_mb)
         self.in_pod = self.b.run_suite("in-pod", cmd=self.kubectl_cmd(client))
         self.pod = self.b.run_suite("podtwin", cmd=self.podtwin_cmd(client), find_pids=self.session_pids)

@@ -150,6 +150,24 @@ def images_build(force: bool) -> None:
     build_images(echo=lambda line: click.echo(line, err=True), force=force)
 
 
+@images.command("push")
+@click.argument("repository", metavar="REGISTRY/REPO[:TAG]")
+def images_push(repository: str) -> None:
+    """Push the agent's image to a registry your cluster pulls from (tag: this version)."""
+    from podtwin.runner.tools.images import push_image
+    pushed = push_image(repository, echo=lambda line: click.echo(line, err=True))
+    click.echo(f"pushed {pushed}; use it with agent.image: {pushed} (or PODTWIN_AGENT_IMAGE={pushed})")
+
+
+@images.command("load")
+@click.argument("cluster", metavar="kind[:NAME]|minikube[:PROFILE]|k3d[:CLUSTER]|podtwin-test")
+def images_load(cluster: str) -> None:
+    """Load the agent's image into a local cluster's nodes, under the name sessions use by default."""
+    from podtwin.runner.tools.images import load_image
+    image = load_image(cluster, echo=lambda line: click.echo(line, err=True))
+    click.echo(f"loaded {image} into {cluster}")
+
+
 @main.command("doctor")
 @click.option("-n", "--namespace", help="Kubernetes namespace to check permissions in.")
 @click.option("--context", help="kubeconfig context to check.")

@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 echo "[setup] 1/4 host packages"
 # etcd-server, containernetworking-plugins, conntrack and socat are for the offline test cluster
 # (integration/cluster; containerd and runc come with docker.io).
-PKGS="debootstrap busybox-static iptables iproute2 fuse3 sshfs python3-venv etcd-server containernetworking-plugins conntrack socat"
+PKGS="debootstrap busybox-static iptables iproute2 fuse3 sshfs python3-venv etcd-server containernetworking-plugins conntrack socat docker-registry"
 MISSING=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || MISSING="$MISSING $p"

@@ -640,7 +640,9 @@ def _report_waiting(status, node: str, said: set, progress, what: str) -> None:
         return
     if waiting.reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"):
         raise ImageMissing(f"the agent image {status.image} cannot be pulled on node {node} ({waiting.reason})",
-                           "load it into the node (`make cluster-load IMAGE=...`) or set agent.image")
+                           "put it where the cluster can pull it: `podtwin images load kind|minikube|k3d` for a "
+                           "local cluster, or `podtwin images push REGISTRY/REPO` and set agent.image to "
+                           "what it prints (docs/kubernetes.md)")
     if waiting.reason in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
         raise AgentError(f"the {status.name} container cannot start on node {node}: {waiting.reason}: "
                          f"{(waiting.message or '').strip()[:300]}",

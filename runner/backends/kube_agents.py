@@ -7,6 +7,7 @@ import json
 
 from podtwin.runner.adapters.kube import AGENT_PORT, KubeEngine, PodTarget
 from podtwin.runner.backends.base import AgentReady, Placement, Resolved
+from podtwin.runner.config.image import cluster_agent_image
 from podtwin.runner.targets import KubeTarget
 
 
@@ -14,6 +15,7 @@ class _KubeAgent(Placement):
     def __init__(self, target: KubeTarget, cfg, image: str, kube: KubeEngine, namespace: str | None,
                  kubeconfig: str | None, context: str | None) -> None:
         super().__init__(target, cfg, image)
+        self.image = cfg.agent.image or cluster_agent_image()   # what the cluster's nodes can pull
         self.kube, self.namespace = kube, namespace
         self.kubeconfig, self.context = kubeconfig, context
         self.pod: PodTarget | None = None

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from podtwin.runner.config.image import podtwin_image_name
+from podtwin.runner.config.image import podtwin_image_name, release_image_name
 from podtwin.runner.errors import PodtwinError
 
 BASE_IMAGE = "podtwin/debian-base:bookworm"
@@ -220,7 +220,7 @@ def build_podtwin(echo: Echo, digest: str, force: bool) -> None:
         (ctx / "local-ca").mkdir()
         for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
             shutil.copy2(crt, ctx / "local-ca" / crt.name)
-        cmd = ["docker", "build", "--network", "host", "-t", PODTWIN_IMAGE,
+        cmd = ["docker", "build", "--network", "host", "-t", PODTWIN_IMAGE, "-t", release_image_name(),
                "--label", f"{HASH_LABEL}={digest}"]
         for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # follow the host's PyPI mirror
             if os.environ.get(var):
@@ -319,6 +319,8 @@ def _build_all(echo: Echo, force: bool) -> None:
         build_podtwin(echo, digest, force)
     else:
         echo(f"[images] {PODTWIN_IMAGE}: up to date ({digest[:12]})")
+    if _image_id(release_image_name()) != _image_id(PODTWIN_IMAGE):   # the agent's name in clusters
+        subprocess.run(["docker", "tag", PODTWIN_IMAGE, release_image_name()], check=True, capture_output=True)
 
     if force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
         build_busybox(echo, force)
@@ -342,3 +344,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- getting the agent's image to a cluster --------------------------------------------------------
+
+LOADERS = {
+    "kind": lambda image, name: ["kind", "load", "docker-image", "--name", name or "kind", image],
+    "minikube": lambda image, name: ["minikube", "image", "load", image, *(["-p", name] if name else [])],
+    "k3d": lambda image, name: ["k3d", "image", "import", image, *(["-c", name] if name else [])],
+    "podtwin-test": lambda image, name: [str(REPO / "integration" / "cluster" / "load.sh"), image],
+}
+
+
+def push_image(ref: str, echo: Echo = print) -> str:
+    """Copy the local podtwin image to a registry as ``ref`` (REGISTRY/REPO, tagged with this
+    version unless it names a tag); returns what agent.image should say."""
+    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+    if not name or "/" not in name or any(c.isspace() for c in ref):
+        raise ImageBuildError(f"{ref!r} is not a registry repository",
+                              "give REGISTRY/REPO[:TAG], e.g. registry.example.com/team/podtwin")
+    target = f"{name}:{tag or release_image_name().rsplit(':', 1)[1]}"
+    if _image_id(PODTWIN_IMAGE) is None:
+        raise ImageBuildError(f"image {PODTWIN_IMAGE} is not built", "run `podtwin images build` first")
+    subprocess.run(["docker", "tag", PODTWIN_IMAGE, target], check=True, capture_output=True)
+    echo(f"[images] pushing {target}")
+    _stream(["docker", "push", target], echo)
+    return target
+
+
+def load_image(where: str, echo: Echo = print) -> str:
+    """Put the agent's image (its release name, which sessions use by default) on a local
+    cluster's nodes: ``kind[:NAME]``, ``minikube[:PROFILE]``, ``k3d[:CLUSTER]`` or the project's
+    ``podtwin-test`` cluster. Returns the image's name."""
+    kind, _, name = where.partition(":")
+    if kind not in LOADERS:
+        raise ImageBuildError(f"unknown cluster kind {kind!r}", f"use one of {', '.join(LOADERS)} (NAME after ':')")
+    image = release_image_name()
+    if _image_id(image) is None:
+        raise ImageBuildError(f"image {image} is not built", "run `podtwin images build` first")
+    cmd = LOADERS[kind](image, name)
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise ImageBuildError(f"`{cmd[0]}` is not installed", f"install {kind}'s CLI, or push to a registry "
+                              "with `podtwin images push REGISTRY/REPO`")
+    echo(f"[images] loading {image} into {where}")
+    _stream(cmd, echo)
+    return image
