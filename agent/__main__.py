@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--target-container-id",
                         help="the target container's ID (containerd://...): the agent finds its main "
                              "process (needs hostPID) and enters its network namespace (setns)")
+    target.add_argument("--targetless", action="store_true",
+                        help="no target: serve from this agent's own pod (its network and DNS; no "
+                             "environment, no files)")
     target.add_argument("--target-in-pod",
                         help="the target container's ID, for an agent that is an ephemeral container "
                              "in the target's pod (targetContainerName): it shares the target's PID "
@@ -64,6 +68,8 @@ def prepare(args: argparse.Namespace):
     exec_path = args.exec_socket or (EXEC_SOCKET if args.target_container_id else None)
     exec_socket = (exec_path, *make_listener(f"unix:{exec_path}")) if exec_path else None
     pid = args.target_pid
+    if args.targetless:
+        return listener, cleanup, exec_socket, TargetProcess(os.getpid(), targetless=True)
     if args.target_container_id:
         pid = main_pid(args.target_container_id)
         enter_netns(pid)

@@ -4,6 +4,7 @@ Usable without click; the CLI only parses options into these calls and turns err
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
 from podtwin.runner.session.housekeeping import clean, clean_targets, kube_for_listing, list_sessions
 from podtwin.runner.progress import Progress
 from podtwin.runner.state.session import check_state_dir
-from podtwin.runner.targets import Target, parse_target
+from podtwin.runner.targets import Target, Targetless, parse_target
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,13 @@ def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig,
     for warning in warnings:
         progress.warn(warning)
     target = parse_target(opts.target) if opts.target else cfg.target_spec()
-    if target is None:
-        raise ConfigError("no target given",
-                          "pass --target container/NAME, or set `target` in the config file")
+    if target is None:   # as in mirrord: no target is a targetless session on the cluster
+        kubeconfig = opts.kubeconfig or cfg.kubeconfig_path() or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        if not any(Path(f).expanduser().is_file() for f in kubeconfig.split(os.pathsep)):
+            raise ConfigError("no target given (and no kubeconfig for a targetless session)",
+                              "pass --target container/NAME or KIND/NAME, or set `target` in the config file")
+        progress("no target given: a targetless session (an agent pod of its own; `--target` names one)")
+        target = Targetless()
     return cfg, target
 
 

@@ -37,13 +37,12 @@ UNSUPPORTED_KINDS: dict[str, str] = {
     "rollout": "Argo Rollouts are not supported yet; target one of its pods with pod/NAME",
     "rollouts": "Argo Rollouts are not supported yet; target one of its pods with pod/NAME",
     "labels": "label selectors are not supported yet; target a pod or workload by name",
-    "targetless": "targetless runs are not supported yet; name a container or pod to borrow from",
 }
 
 ACCEPTED_FORMS = (
     "container/NAME, pod/NAME, deployment/NAME (deploy/), statefulset/NAME (sts/), "
     "replicaset/NAME (rs/), job/NAME, cronjob/NAME, service/NAME (svc/); "
-    "Kubernetes forms take an optional /container/CNAME"
+    "Kubernetes forms take an optional /container/CNAME; or targetless"
 )
 
 # Docker container names (what `docker run --name` accepts) and container ids.
@@ -76,7 +75,16 @@ class KubeTarget:
         return f"{base}/container/{self.container}" if self.container else base
 
 
-Target = Union[DockerTarget, KubeTarget]
+@dataclass(frozen=True)
+class Targetless:
+    """No target (mirrord's targetless mode): an agent pod of the session's own in a namespace;
+    the app gets no environment from it, its outgoing traffic and DNS leave from that pod."""
+
+    def __str__(self) -> str:
+        return "targetless"
+
+
+Target = Union[DockerTarget, KubeTarget, Targetless]
 
 
 def parse_target(s: str) -> Target:
@@ -87,6 +95,8 @@ def parse_target(s: str) -> Target:
 
     if kind_word in UNSUPPORTED_KINDS:
         raise TargetError(f"target {s!r}: {UNSUPPORTED_KINDS[kind_word]}", f"use {ACCEPTED_FORMS}")
+    if text.lower() == "targetless":
+        return Targetless()
 
     if kind_word == "container":
         if len(parts) != 2 or not _DOCKER_NAME.fullmatch(parts[1]):

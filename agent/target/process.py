@@ -17,6 +17,7 @@ from podtwin.agent.link.wire import Info
 class TargetProcess:
     pid: int
     proc: Path = Path("/proc")
+    targetless: bool = False   # the agent itself, with no target: its pod's network, no environment
 
     @property
     def root(self) -> Path:
@@ -26,6 +27,8 @@ class TargetProcess:
         return (self.proc / str(self.pid)).is_dir()
 
     def environ(self) -> dict[str, str]:
+        if self.targetless:
+            return {}
         raw = (self.proc / str(self.pid) / "environ").read_bytes()
         env: dict[str, str] = {}
         for item in raw.split(b"\0"):

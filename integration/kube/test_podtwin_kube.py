@@ -391,3 +391,30 @@ def test_missing_portforward_permission_is_one_clear_line(cluster, staging, tmp_
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("podtwin: port-forward to the agent failed") and "pods/portforward" in line, line
     no_agent_left(cluster, 15)
+
+
+def test_targetless_session_from_a_restricted_namespace(cluster, staging, tmp_path):
+    """No target (a mirrord file without one): the agent is a pod of the session's own, here in a
+    namespace at Pod Security `restricted`; the app gets no environment from it, and its
+    outgoing TCP, UDP and DNS leave from that pod's network."""
+    core = client.CoreV1Api(cluster.api)
+    ns = f"targetless-{staging[-6:]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns, labels={
+        "podtwin-test": "1", "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest"})))
+    try:
+        wait_until(lambda: any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items),
+                   60, "the namespace's default ServiceAccount")
+        cfg = tmp_path / "mirrord.json"
+        cfg.write_text(json.dumps({"feature": {"network": {"incoming": "off"}}}))
+        full = f"backend.{staging}.svc.cluster.local"
+        script = (f"echo APP_MODE=[$APP_MODE]; wget -qO- http://{full}/targetless; "
+                  f"udpsend {full}:9000 targetless-udp")
+        result = podtwin(cluster, "container", "run", "-f", str(cfg), "-n", ns, APP, "sh", "-c", script)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "APP_MODE=[]" in result.stdout                       # no target: no environment
+        assert "k8s backend /targetless" in result.stdout and "echo:targetless-udp" in result.stdout
+        assert f"creating a targetless agent Job in namespace {ns}" in result.stderr
+        no_agent_left(cluster, 30)
+    finally:
+        core.delete_namespace(ns)

@@ -225,9 +225,7 @@ class KubeEngine:
             security_context=client.V1SecurityContext(
                 privileged=agent_cfg.privileged or None, run_as_user=0,
                 capabilities=client.V1Capabilities(add=caps, drop=["ALL"])),
-            resources=client.V1ResourceRequirements(
-                requests=(agent_cfg.resources.requests or None) if agent_cfg.resources else None,
-                limits=(agent_cfg.resources.limits or None) if agent_cfg.resources else None))
+            resources=self._resources(agent_cfg))
         containers = [container]
         if incoming == "steal":
             # The rules guard: outlives a SIGKILLed agent process and removes the session's rules.
@@ -241,21 +239,52 @@ class KubeEngine:
                         add=["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"], drop=["ALL"])),
                 resources=client.V1ResourceRequirements(
                     requests={"cpu": "10m", "memory": "32Mi"}, limits={"memory": "64Mi"})))
-        spec = client.V1PodSpec(
-            containers=containers, restart_policy="Never", host_pid=True, node_name=pod.node,
-            tolerations=[client.V1Toleration(operator="Exists")]
-            + [client.V1Toleration(**t) for t in agent_cfg.tolerations or []],
+        return self._create_job(ns, name, labels, containers, agent_cfg, host_pid=True, node_name=pod.node,
+                                tolerations=[client.V1Toleration(operator="Exists")])
+
+    def start_targetless_agent(self, session: Session, ns: str, image: str, agent_cfg,
+                               public_key: str) -> tuple[str, str]:
+        """A Job whose pod is the session's own (targetless): wherever the scheduler puts it, no
+        hostPID, no capability, not root (Pod Security ``restricted``); the app's outgoing traffic
+        and DNS leave from it. Returns (namespace, job name)."""
+        name = session.name("agent")
+        labels = {**{_label(k): _label(v) for k, v in session.labels("agent").items()}, **(agent_cfg.labels or {})}
+        command = ["python", "-m", "podtwin.agent", "--listen", f"tcp:127.0.0.1:{AGENT_PORT}",
+                   "--authorized-key", public_key, "--targetless",
+                   "--startup-timeout", str(agent_cfg.startup_timeout),
+                   "--communication-timeout", str(agent_cfg.communication_timeout)]
+        container = client.V1Container(
+            name="agent", image=image, image_pull_policy=agent_cfg.image_pull_policy, command=command,
+            security_context=client.V1SecurityContext(
+                run_as_user=65534, run_as_group=65534, run_as_non_root=True, allow_privilege_escalation=False,
+                capabilities=client.V1Capabilities(drop=["ALL"]),
+                seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault")),
+            resources=self._resources(agent_cfg))
+        return self._create_job(ns, name, labels, [container], agent_cfg)
+
+    @staticmethod
+    def _resources(agent_cfg) -> "client.V1ResourceRequirements":
+        return client.V1ResourceRequirements(
+            requests=(agent_cfg.resources.requests or None) if agent_cfg.resources else None,
+            limits=(agent_cfg.resources.limits or None) if agent_cfg.resources else None)
+
+    def _create_job(self, ns: str, name: str, labels: dict, containers: list, agent_cfg,
+                    tolerations: list | None = None, **spec) -> tuple[str, str]:
+        """The agent's Job: never restarted, removed ``agent.ttl`` after it ends, no token."""
+        pod_spec = client.V1PodSpec(
+            containers=containers, restart_policy="Never",
+            tolerations=(tolerations or []) + [client.V1Toleration(**t) for t in agent_cfg.tolerations or []] or None,
             node_selector=agent_cfg.node_selector or None,
             image_pull_secrets=[client.V1LocalObjectReference(name=s.name)
                                 for s in agent_cfg.image_pull_secrets or []] or None,
-            automount_service_account_token=False, termination_grace_period_seconds=5)
+            automount_service_account_token=False, termination_grace_period_seconds=5, **spec)
         job = client.V1Job(
             metadata=client.V1ObjectMeta(name=name, namespace=ns, labels=labels, annotations=agent_cfg.annotations or None),
             spec=client.V1JobSpec(
                 backoff_limit=0, ttl_seconds_after_finished=agent_cfg.ttl,
                 template=client.V1PodTemplateSpec(
                     metadata=client.V1ObjectMeta(labels=labels, annotations=agent_cfg.annotations or None),
-                    spec=spec)))
+                    spec=pod_spec)))
         try:
             self.batch.create_namespaced_job(ns, job)
         except ApiException as exc:

@@ -6,6 +6,7 @@
 | container/NAME    | docker_agent.DockerContainerAgent           | docker_agent.AgentSocket       |
 | pod/, deploy/, .. | kube_agents.KubeJobAgent, or with           | kube_streams.PortForward, or   |
 |                   | agent.ephemeral KubeEphemeralAgent          | with agent.transport ExecStdio |
+| targetless        | kube_agents.KubeTargetlessAgent             | the same                       |
 
 A new backend is a class beside these (a Docker engine on another host over SSH: a placement
 with a remote engine and a transport that forwards the session socket) and a line here.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podtwin.runner.targets import DockerTarget, Target
+from podtwin.runner.errors import ConfigError, PodtwinError
+from podtwin.runner.targets import DockerTarget, Target, Targetless
 
 if TYPE_CHECKING:
     from podtwin.runner.adapters.docker_engine import DockerEngine
@@ -31,10 +33,17 @@ def for_target(target: Target, cfg: "PodtwinConfig", image: str, engine: "Docker
 
         return DockerContainerAgent(target, cfg, image, engine), AgentSocket()
     from podtwin.runner.adapters.kube import KubeEngine
-    from podtwin.runner.backends.kube_agents import KubeEphemeralAgent, KubeJobAgent
+    from podtwin.runner.backends.kube_agents import KubeEphemeralAgent, KubeJobAgent, KubeTargetlessAgent
     from podtwin.runner.backends.kube_streams import TRANSPORTS
 
-    kube = KubeEngine(kubeconfig, context)
-    kind = next(p for p in (KubeJobAgent, KubeEphemeralAgent) if p.probe(target, cfg))
+    try:
+        kube = KubeEngine(kubeconfig, context)
+    except PodtwinError as exc:
+        if isinstance(target, Targetless):
+            raise ConfigError(f"no target given, and no cluster for a targetless session ({exc.message})",
+                              "pass --target container/NAME or KIND/NAME, or set KUBECONFIG for a targetless "
+                              "session") from exc
+        raise
+    kind = next(p for p in (KubeTargetlessAgent, KubeJobAgent, KubeEphemeralAgent) if p.probe(target, cfg))
     placement = kind(target, cfg, image, kube, namespace, kubeconfig, context)
     return placement, TRANSPORTS[cfg.agent.transport](kube)

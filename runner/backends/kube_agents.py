@@ -8,7 +8,7 @@ import json
 from podtwin.runner.adapters.kube import AGENT_PORT, KubeEngine, PodTarget
 from podtwin.runner.backends.base import AgentReady, Placement, Resolved
 from podtwin.runner.config.image import cluster_agent_image
-from podtwin.runner.targets import KubeTarget
+from podtwin.runner.targets import KubeTarget, Targetless
 
 
 class _KubeAgent(Placement):
@@ -116,3 +116,41 @@ class KubeEphemeralAgent(_KubeAgent):
 
     def restore(self) -> None:
         pass  # it exits by itself once the link closes
+
+
+class KubeTargetlessAgent(_KubeAgent):
+    """No target (mirrord's targetless mode): a Job pod of the session's own in the namespace,
+    which asks for nothing (no hostPID, no capability, not root). The app gets no environment;
+    its outgoing traffic and DNS leave from that pod; there is no incoming traffic to take."""
+
+    name = "kube-targetless"
+    what = "agent job"
+    serves_incoming = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.job: tuple[str, str] | None = None
+        self.incoming = None
+
+    @classmethod
+    def probe(cls, target, cfg) -> bool:
+        return isinstance(target, Targetless)
+
+    def resolve(self, progress) -> Resolved:
+        ns = self.cfg.agent.namespace or self.namespace or self.kube.default_namespace
+        self.ns = ns
+        if self.cfg.feature.network.incoming.mode != "off":
+            progress("targetless: only outgoing traffic and DNS are bridged (there is no target for incoming "
+                     "traffic, no environment and no files)")
+        return Resolved(f"targetless in namespace {ns}", "")
+
+    def setup(self, session, progress) -> None:
+        public_key = self._begin(session)
+        progress(f"session {session.id}: creating a targetless agent Job in namespace {self.ns}")
+        self.job = self.kube.start_targetless_agent(session, self.ns, self.image, self.cfg.agent, public_key)
+
+    wait_ready = KubeJobAgent.wait_ready
+
+    def restore(self) -> None:
+        if self.job:
+            self.kube.delete_job(*self.job)

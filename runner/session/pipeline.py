@@ -110,6 +110,8 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
     engine.require_image(placement.sidecar_image, "build it with `podtwin images build`")
     engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
     found = placement.resolve(progress)
+    if not placement.serves_incoming:
+        settings = settings.model_copy(update={"incoming": None})
     if opts.network:
         engine.require_network(opts.network)
     files, notices = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT)

@@ -103,7 +103,7 @@ BAD_VALUES: list[tuple[str, object, str]] = [
     ("target", "deployment/", "target"),
     ("target", "pod/a/b", "target"),
     ("target", "rollout/x", "Argo Rollouts are not supported yet"),
-    ("target", "targetless", "target"),
+    ("target", "targetless/x", "target"),
     ("target", {"deployment": 5}, "target"),
     ("target", {"deployment": "a", "pod": "b"}, "exactly one kind"),
     ("target", {"path": "deploy/api", "namespace": 5}, "target.namespace"),

@@ -66,10 +66,14 @@ def test_bad_strings_name_the_accepted_forms(text: str) -> None:
     assert "deployment/NAME" in info.value.hint
 
 
-@pytest.mark.parametrize(("text", "why"), [("rollout/api", "Rollouts"), ("targetless", "targetless")])
+@pytest.mark.parametrize(("text", "why"), [("rollout/api", "Rollouts"), ("labels/app=x", "label selectors")])
 def test_mirrord_kinds_we_do_not_support_say_so(text: str, why: str) -> None:
     with pytest.raises(TargetError, match=why):
         parse_target(text)
+
+
+def test_targetless_is_a_target_of_its_own() -> None:
+    assert str(parse_target("targetless")) == "targetless" == str(parse_target(" Targetless "))
 
 
 def test_mirrord_object_path() -> None:
