@@ -418,3 +418,23 @@ def test_targetless_session_from_a_restricted_namespace(cluster, staging, tmp_pa
         no_agent_left(cluster, 30)
     finally:
         core.delete_namespace(ns)
+
+
+def test_real_users_mirrord_file_shapes_work(cluster, staging, tmp_path):
+    """The shapes found in real users' files: the target object without `path`, a get_env
+    template (one with a default, one set), and the top-level kubeconfig key (no KUBECONFIG)."""
+    cfg = tmp_path / "mirrord.json"
+    cfg.write_text(json.dumps({
+        "kubeconfig": str(cluster.kubeconfig),
+        "target": {"deployment": "api", "container": "api"},
+        "feature": {"env": {"override": {
+            "FROM_TEMPLATE": "{{ get_env(name='PT_SHAPES_SET') }}",
+            "WITH_DEFAULT": "{{ get_env(name='PT_SHAPES_UNSET', default='the-default') }}"}}}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PT_SHAPES_UNSET")}
+    env.update(PT_SHAPES_SET="from-the-environment",
+               PODTWIN_STATE_DIR=os.environ.get("PODTWIN_TEST_STATE", tempfile.gettempdir() + "/podtwin-kube-tests"))
+    result = subprocess.run([sys.executable, "-m", "podtwin.runner", "container", "run", "-q", "-f", str(cfg),
+                             "-n", staging, APP, "sh", "-c", "echo $APP_MODE $FROM_TEMPLATE $WITH_DEFAULT"],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["staging", "from-the-environment", "the-default"]
