@@ -169,3 +169,19 @@ def test_a_snapshot_copy_where_propagation_is_refused(podtwin, files_target):
     assert result.returncode == 0, result.stderr
     assert "/data: not available: a writable path needs mount propagation" in result.stderr
     assert "greeting: from the target's config" in result.stdout and "state" not in result.stdout
+
+
+def test_a_target_paused_mid_session_neither_hangs_nor_ends_it(podtwin, files_target):
+    """`docker pause` freezes the target's processes, not its agent: the app's reads of the
+    target's files and the session carry on, and the session ends normally afterwards."""
+    name, _ = files_target
+    proc = podtwin.start("container", "run", "-q", "--target", f"container/{name}", APP_IMAGE, "sh", "-c",
+                         "for i in 1 2 3 4 5 6; do cat /etc/config/app.yaml >/dev/null && echo read$i; sleep 1; done")
+    wait_until(lambda: "read1" in proc.out_path.read_text() or proc.poll() is not None, 60, "the first read")
+    docker("pause", name)
+    try:
+        wait_until(lambda: "read3" in proc.out_path.read_text() or proc.poll() is not None, 20, "reads while paused")
+    finally:
+        docker("unpause", name)
+    assert proc.wait(timeout=30) == 0, proc.err_path.read_text()
+    assert proc.out_path.read_text().split() == [f"read{i}" for i in range(1, 7)]
