@@ -24,6 +24,7 @@ Skipped, with the reason in the log, when no cluster answers at ``--kubeconfig``
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 import subprocess
 import time
@@ -105,20 +106,27 @@ class KubeSection:
                     raise
                 time.sleep(0.3)
 
-        def deployment(name: str, command: list[str]) -> dict:
+        def deployment(name: str, command: list[str], data: bool = False) -> dict:
             labels = {"app": name, "podtwin-bench": b.tag}
+            container = {"name": name, "image": b.image, "imagePullPolicy": "IfNotPresent", "command": command}
+            volumes = {}
+            if data:   # the files section's: an emptyDir the pod fills at start
+                container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+                volumes = {"volumes": [{"name": "data", "emptyDir": {}}]}
             return {"apiVersion": "apps/v1", "kind": "Deployment",
                     "metadata": {"name": name, "labels": {"podtwin-bench": b.tag}},
                     "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
                              "template": {"metadata": {"labels": labels}, "spec": {
-                                 "terminationGracePeriodSeconds": 1,
-                                 "containers": [{"name": name, "image": b.image, "imagePullPolicy": "IfNotPresent",
-                                                 "command": command}]}}}}
+                                 "terminationGracePeriodSeconds": 1, "containers": [container], **volumes}}}}
+        size, n = int(b.args.kube_files_mb * 1_000_000), b.args.small_files
+        fill = (f"head -c {size} /dev/urandom > /data/big && mkdir -p /data/small && "
+                f"for i in $(seq 1 {n}); do head -c 1024 /dev/urandom > /data/small/f$i; done && "
+                "touch /data/ready; exec sleep 86400")
         for manifest in (
             deployment("backend", ["ptbench", "serve", "-addr", ":8080"]),
             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "backend", "labels": {"podtwin-bench": b.tag}},
              "spec": {"selector": {"app": "backend"}, "ports": [{"port": 8080, "protocol": "TCP"}]}},
-            deployment("api", ["sleep", "86400"]),
+            deployment("api", ["sh", "-c", fill], data=True),
         ):
             utils.create_from_dict(self.api, manifest, namespace=self.ns)
         deadline = time.monotonic() + 180
@@ -130,6 +138,11 @@ class KubeSection:
             time.sleep(0.5)
         else:
             raise RuntimeError("kubernetes: the backend and target pods did not run within 180 s")
+        deadline = time.monotonic() + 120
+        while self.exec(["ls", "/data/ready"], timeout=15).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("kubernetes: the target pod did not fill its emptyDir within 120 s")
+            time.sleep(0.5)
         deadline = time.monotonic() + 60
         while self.exec(["wget", "-qO-", "http://backend:8080/ping"], timeout=15).stdout.strip() != "pong":
             if time.monotonic() > deadline:
@@ -189,8 +202,37 @@ class KubeSection:
         self.in_pod = self.b.run_suite("in-pod", cmd=self.kubectl_cmd(client))
         self.pod = self.b.run_suite("podtwin", cmd=self.podtwin_cmd(client), find_pids=self.session_pids)
         self.start = self.startup()
+        self.files = self.files_run()
         self.load_avg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         return self.report()
+
+    def files_run(self) -> dict[str, dict]:
+        """The target's files (the pod's emptyDir at /data): the same reader in the pod and through
+        podtwin, and `kubectl exec cat` of the same files."""
+        import statistics
+        reader = ["ptbench", "files", "-big", "/data/big", "-small", "/data/small"]
+        out: dict[str, dict] = {}
+        for arm, cmd in (("in the pod", self.kubectl_cmd(reader)), ("podtwin", self.podtwin_cmd(reader))):
+            self.log(f"kubernetes: files, {arm}")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=self.b.env)
+            found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            result = next((e for e in found if e.get("event") == "result"), None)
+            if result is None:
+                raise RuntimeError(f"kubernetes: files, {arm}: no result: {proc.stderr.strip()[-300:]}")
+            out[arm] = result
+        self.log("kubernetes: files, kubectl exec cat")
+        t = time.monotonic()
+        with open("/dev/null", "wb") as sink:
+            subprocess.run(self.kubectl_cmd(["cat", "/data/big"]), stdout=sink, check=True, timeout=600)
+        mb_s = self.b.args.kube_files_mb / (time.monotonic() - t)
+        times = []
+        for i in range(1, 11):
+            t = time.monotonic()
+            subprocess.run(self.kubectl_cmd(["cat", f"/data/small/f{i}"]), stdout=subprocess.DEVNULL, check=True,
+                           timeout=60)
+            times.append((time.monotonic() - t) * 1e6)
+        out["kubectl exec cat"] = {"mb_s": mb_s, "p50_us": statistics.median(times)}
+        return out
 
     def startup(self) -> dict[str, list[dict[str, float]]]:
         runs: dict[str, list[dict[str, float]]] = {"in-pod": [], "podtwin": []}
@@ -275,6 +317,19 @@ class KubeSection:
                            f"{_cpu_pct(w, 'upload', p)} |")
             if "agent" not in {w.name for w in watched}:
                 out += ["", "The agent's process was not found on this machine's /proc (is the cluster elsewhere?)."]
+        if getattr(self, "files", None):
+            f, base = self.files, self.files["in the pod"]
+            out += ["", f"The pod's files (an emptyDir: one {a.kube_files_mb:g} MB file, {a.small_files} files of "
+                    "1 KiB; the same `ptbench files` reader in the pod and through podtwin):", "",
+                    "| Reader | Sequential read, MB/s | vs in the pod | small file open+read+close p50 / p99, cold, µs "
+                    "| warm, µs |", "|---|---:|---:|---:|---:|"]
+            for arm in ("in the pod", "podtwin"):
+                r = f[arm]
+                out.append(f"| {arm} | {r['mb_s']:.0f} | {r['mb_s'] / base['mb_s']:.2f}x | {r['cold_p50_us']} / "
+                           f"{r['cold_p99_us']} | {r['warm_p50_us']} / {r['warm_p99_us']} |")
+            k = f["kubectl exec cat"]
+            out.append(f"| `kubectl exec cat` (one exec per file) | {k['mb_s']:.0f} | {k['mb_s'] / base['mb_s']:.2f}x "
+                       f"| {k['p50_us']:.0f} (p50) | — |")
         detail = []
         for arm, res in (("in-pod", d), ("podtwin", p)):
             for phase in ("download", "upload"):

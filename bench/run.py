@@ -682,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Kubernetes section: the cluster (default $KUBECONFIG or the test cluster's)")
     p.add_argument("--kube-mb", type=float, default=100, help="Kubernetes section: MB per download/upload")
     p.add_argument("--kube-startup-runs", type=int, default=3, help="Kubernetes section: start-up runs (0 skips)")
+    p.add_argument("--kube-files-mb", type=float, default=50, help="Kubernetes section: MB of the pod's large file")
     p.add_argument("--cipher-variant", default="", metavar="CIPHER",
                    help="also run podtwin with the sidecar's link patched to use only CIPHER (an "
                         "experiment in a derived image, e.g. chacha20-poly1305@openssh.com; "
