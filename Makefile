@@ -1,5 +1,5 @@
 # One entry point for humans and CI. `make test` is the whole check (CI runs .ci/run -> make test).
-.PHONY: setup images unit lint integration test demo bench clean
+.PHONY: setup images unit lint integration test demo bench clean docs
 
 VENV := .venv/bin
 
@@ -36,6 +36,10 @@ test: setup
 
 demo: setup
 	$(VENV)/python -m podtwin.runner.tools.demo
+
+# docs/cli.md from the commands' own help (a unit test fails when they differ).
+docs:
+	$(VENV)/python -m podtwin.runner.tools.cli_doc > docs/cli.md
 
 bench: setup
 	$(VENV)/python bench/run.py

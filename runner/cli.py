@@ -33,18 +33,35 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def _version_message() -> str:
+    from podtwin.runner.config.image import cluster_agent_image, podtwin_image_name
+    return (f"podtwin {version('podtwin')}\nimage: {podtwin_image_name()} (the agent in clusters: "
+            f"{cluster_agent_image()})\nPython {sys.version.split()[0]}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version("podtwin"), prog_name="podtwin")
+@click.version_option(version("podtwin"), prog_name="podtwin", message=_version_message().replace("%", "%%"))
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Runner log verbosity.")
 def main(log_level: str) -> None:
-    """Run a local container as if it were inside a target pod or container."""
+    """Run a local container as if it were inside a target pod or container.
+
+    \b
+    Example:
+      podtwin container run --target deploy/api myimage:dev
+      podtwin doctor
+    """
     logging.basicConfig(level=log_level.upper(), format="podtwin %(levelname)s %(name)s: %(message)s")
 
 
 @main.group()
 def container() -> None:
-    """Run a local container bridged to a target."""
+    """Run a local container bridged to a target.
+
+    \b
+    Example:
+      podtwin container run --target container/api myimage:dev
+    """
 
 
 @container.command("run", context_settings={"allow_interspersed_args": False})
@@ -98,12 +115,22 @@ def container_run(target, config_file, profile, env, interactive, tty, rm, entry
 
 @main.group()
 def config() -> None:
-    """Inspect configuration."""
+    """Inspect configuration.
+
+    \b
+    Example:
+      podtwin config check -f .mirrord/mirrord.json
+    """
 
 
 @config.command("schema")
 def config_schema() -> None:
-    """Print the JSON schema of the config file."""
+    """Print the JSON schema of the config file.
+
+    \b
+    Example:
+      podtwin config schema > podtwin.schema.json
+    """
     from podtwin.runner.config.models import config_schema as schema
     click.echo(json.dumps(schema(), indent=2))
 
@@ -131,7 +158,12 @@ def config_check(config_file, profile, target) -> None:
 
 @config.command("profiles")
 def config_profiles() -> None:
-    """List the ready-made profiles."""
+    """List the ready-made profiles.
+
+    \b
+    Example:
+      podtwin config profiles
+    """
     from podtwin.runner.config.loader import list_profiles
     for name, description in sorted(list_profiles().items()):
         click.echo(f"{name:20} {description}")
@@ -139,21 +171,39 @@ def config_profiles() -> None:
 
 @main.group()
 def images() -> None:
-    """Build the images podtwin needs."""
+    """Build the images podtwin needs.
+
+    \b
+    Example:
+      podtwin images build
+    """
 
 
 @images.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if the images exist.")
-def images_build(force: bool) -> None:
-    """Build the podtwin image (agent and sidecar) and its base, offline if need be."""
+@click.option("--tag", metavar="NAME", help="Name of the podtwin image (default: podtwin:<version>, the one "
+              "sessions use; set PODTWIN_IMAGE to run sessions with another).")
+def images_build(force: bool, tag: str | None) -> None:
+    """Build the podtwin image (agent and sidecar) and its base, offline if need be.
+
+    \b
+    Example:
+      podtwin images build
+    """
     from podtwin.runner.tools.images import build_images
-    build_images(echo=lambda line: click.echo(line, err=True), force=force)
+    built = build_images(echo=lambda line: click.echo(line, err=True), force=force, tag=tag)
+    click.echo(f"built {built}")
 
 
 @images.command("push")
 @click.argument("repository", metavar="REGISTRY/REPO[:TAG]")
 def images_push(repository: str) -> None:
-    """Push the agent's image to a registry your cluster pulls from (tag: this version)."""
+    """Push the agent's image to a registry your cluster pulls from (tag: this version).
+
+    \b
+    Example:
+      podtwin images push registry.example.com/team/podtwin
+    """
     from podtwin.runner.tools.images import push_image
     pushed = push_image(repository, echo=lambda line: click.echo(line, err=True))
     click.echo(f"pushed {pushed}; use it with agent.image: {pushed} (or PODTWIN_AGENT_IMAGE={pushed})")
@@ -162,7 +212,13 @@ def images_push(repository: str) -> None:
 @images.command("load")
 @click.argument("cluster", metavar="kind[:NAME]|minikube[:PROFILE]|k3d[:CLUSTER]|podtwin-test")
 def images_load(cluster: str) -> None:
-    """Load the agent's image into a local cluster's nodes, under the name sessions use by default."""
+    """Load the agent's image into a local cluster's nodes, under the name sessions use by default.
+
+    \b
+    Example:
+      podtwin images load kind
+      podtwin images load minikube:dev
+    """
     from podtwin.runner.tools.images import load_image
     image = load_image(cluster, echo=lambda line: click.echo(line, err=True))
     click.echo(f"loaded {image} into {cluster}")
@@ -173,7 +229,12 @@ def images_load(cluster: str) -> None:
 @click.option("--context", help="kubeconfig context to check.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file to check.")
 def doctor(namespace, context, kubeconfig) -> None:
-    """Check the Docker engine, the podtwin image, the cluster and your permissions."""
+    """Check the Docker engine, the podtwin image, the cluster and your permissions.
+
+    \b
+    Example:
+      podtwin doctor -n staging
+    """
     from podtwin.runner.tools import doctor as checks
     results = checks.run(kubeconfig, context, namespace)
     for check in results:
@@ -196,7 +257,12 @@ def _cluster(kubeconfig: str | None, context: str | None):
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG).")
 def sessions(context, kubeconfig) -> None:
     """List podtwin sessions (local containers, and agent Jobs in the cluster) and whether their
-    runner is still alive."""
+    runner is still alive.
+
+    \b
+    Example:
+      podtwin sessions
+    """
     rows = api.list_sessions(_cluster(kubeconfig, context))
     if not rows:
         click.echo("no podtwin sessions")
@@ -214,10 +280,31 @@ def sessions(context, kubeconfig) -> None:
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG).")
 def clean(all_sessions: bool, targets, context, kubeconfig) -> None:
     """Remove what dead sessions left behind: containers, networks, session directories, agent
-    Jobs, and incoming rules in their Docker targets."""
+    Jobs, and incoming rules in their Docker targets.
+
+    \b
+    Example:
+      podtwin clean
+      podtwin clean --all
+    """
     api.clean_targets(tuple(targets))   # a bad --target is refused before anything is asked
     removed = api.clean(all_sessions, _cluster(kubeconfig, context), tuple(targets))
     click.echo("\n".join(f"removed {r}" for r in removed) if removed else "nothing to clean")
+
+
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (click's own).
+
+    \b
+    Example:
+      eval "$(podtwin completion bash)"       # in ~/.bashrc
+      podtwin completion fish > ~/.config/fish/completions/podtwin.fish
+    """
+    from click.shell_completion import get_completion_class
+    cls = get_completion_class(shell)
+    click.echo(cls(main, {}, "podtwin", "_PODTWIN_COMPLETE").source())
 
 
 def _sigterm_as_interrupt(signum, frame) -> None:

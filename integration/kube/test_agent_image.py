@@ -60,6 +60,10 @@ def registry(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        tags = subprocess.run(["docker", "images", "-q", "--format", "{{.Repository}}:{{.Tag}}",
+                               f"127.0.0.1:{port}/*/*"], capture_output=True, text=True).stdout.split()
+        if tags:   # what `images push` tagged locally for this registry, gone with it
+            subprocess.run(["docker", "rmi", *tags], capture_output=True)
 
 
 def cli(*args, env=None):

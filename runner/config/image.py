@@ -1,8 +1,8 @@
 """The podtwin image's names.
 
 * ``podtwin_image_name()``: the local image `podtwin images build` makes and every session runs
-  on this machine (the sidecar, and a Docker target's agent). PODTWIN_IMAGE names another tag: a
-  second work tree on one engine, say.
+  on this machine (the sidecar, and a Docker target's agent): ``podtwin:<version>``.
+  PODTWIN_IMAGE names another tag: a second work tree on one engine, say.
 * ``cluster_agent_image()``: the agent's image in a Kubernetes cluster, which the cluster's nodes
   must be able to pull: ``agent.image`` wins, then PODTWIN_AGENT_IMAGE, then the release's name,
   ``ghcr.io/podtwin/podtwin:<version>``. `podtwin images build` tags the local image with that
@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
-DEFAULT_IMAGE = "podtwin:dev"
+DEV_IMAGE = "podtwin:dev"   # a checkout's habit: also tagged by every build
 RELEASE_REPOSITORY = "ghcr.io/podtwin/podtwin"
 
 
 def podtwin_image_name() -> str:
-    return os.environ.get("PODTWIN_IMAGE") or DEFAULT_IMAGE
+    """The local image sessions run: ``podtwin:<version>``, or PODTWIN_IMAGE."""
+    return os.environ.get("PODTWIN_IMAGE") or f"podtwin:{podtwin_version()}"
 
 
 def podtwin_version() -> str:

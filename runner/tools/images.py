@@ -1,17 +1,20 @@
 """Build the local images podtwin and its tests need, with the `docker` CLI.
 
-No registry is assumed reachable, so nothing is pulled: the Debian base image is made with
-debootstrap from the machine's own apt mirror, and every other image is built on top of it
-(or FROM scratch). Three images:
+From a checkout or from an installed wheel alike: the wheel carries the Dockerfile
+(``podtwin.images``) and the package's own tree is copied into the image as it is. Images:
 
-* ``podtwin/debian-base:bookworm`` -- minbase Debian, apt pointed at the host's mirror;
-* ``podtwin:dev`` -- the agent and the sidecar (this repo installed in /opt/podtwin), rebuilt
-  whenever the repo's sources change (a content hash is stored in a label);
-* ``podtwin-test/busybox:latest`` -- an unchanged static app image for the tests and the demo:
-  static busybox plus two static Go tools (no libc, nothing podtwin): ``udpsend``, a UDP
-  client, and ``h2probe``, an HTTP/1.1 + h2c + gRPC server and clients (images/h2probe).
+* ``podtwin/debian-base:bookworm`` -- the base: kept if present; else Debian's
+  ``debian:bookworm-slim`` when a registry answers; else minbase Debian made with debootstrap
+  from the machine's own apt mirror (no registry needed). The build says which;
+* the podtwin image -- the agent and the sidecar, tagged ``podtwin:<version>`` (the name sessions
+  look for; ``--tag`` or PODTWIN_IMAGE name another), ``podtwin:dev`` and the release's name
+  ``ghcr.io/podtwin/podtwin:<version>`` (the agent's default in clusters); rebuilt whenever the
+  package's files change (a content hash is stored in a label);
+* ``podtwin-test/busybox:latest`` -- a checkout's test image, for the tests and the demo: static
+  busybox plus two static Go tools (no libc, nothing podtwin): ``udpsend``, a UDP client, and
+  ``h2probe``, an HTTP/1.1 + h2c + gRPC server and clients (images/h2probe).
 
-Run ``python -m podtwin.runner.tools.images [--force]``.
+Run ``podtwin images build [--force] [--tag NAME]`` (``python -m podtwin.runner.tools.images``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from podtwin.runner.config.image import podtwin_image_name, release_image_name
+from podtwin.runner.config.image import DEV_IMAGE, podtwin_image_name, release_image_name
 from podtwin.runner.errors import PodtwinError
 
 BASE_IMAGE = "podtwin/debian-base:bookworm"
@@ -39,10 +42,10 @@ SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 LOCK_FILE = "/tmp/podtwin-images.lock"
 
-# This file is runner/tools/images.py in a checkout (editable install).
+# In a checkout this file is runner/tools/images.py (the test image and the cluster's loader
+# live there); in an installed wheel that directory is site-packages and has neither.
 REPO = Path(__file__).resolve().parents[2]
-# What goes into podtwin:dev, so also what its content hash covers.
-SOURCES = ("runner", "agent", "pyproject.toml", "images")
+PYTHON_BASE = "debian:bookworm-slim"   # pulled for the base when a registry answers
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 Echo = Callable[[str], None]
@@ -104,14 +107,32 @@ def _walk(root: Path):
                 yield Path(dirpath, name)
 
 
+def package_files() -> dict[str, Path]:
+    """What the podtwin image is made of, by its path in the build context: the Dockerfile and
+    every file of the podtwin.runner and podtwin.agent packages, wherever they are installed."""
+    import podtwin.agent
+    import podtwin.runner
+    from importlib import resources
+
+    files = {"Dockerfile": Path(str(resources.files("podtwin.images") / "Dockerfile"))}
+    for package in (podtwin.runner, podtwin.agent):
+        top, name = Path(package.__file__).parent, package.__name__.rsplit(".", 1)[1]
+        for f in _walk(top):
+            files[f"podtwin/{name}/{f.relative_to(top)}"] = f
+    return files
+
+
+def requirements() -> str:
+    """The package's run-time dependencies, as pip's requirements file (no extras)."""
+    from importlib.metadata import requires
+    return "\n".join(r for r in requires("podtwin") or [] if "extra ==" not in r) + "\n"
+
+
 def source_hash() -> str:
-    """sha256 over the paths and contents of everything podtwin:dev is built from."""
-    h = hashlib.sha256()
-    for item in SOURCES:
-        path = REPO / item
-        files = [path] if path.is_file() else list(_walk(path)) if path.is_dir() else []
-        for f in files:
-            h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
+    """A content hash of what goes into the podtwin image."""
+    h = hashlib.sha256(requirements().encode())
+    for rel, f in sorted(package_files().items()):
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -204,31 +225,30 @@ def build_base(echo: Echo) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_podtwin(echo: Echo, digest: str, force: bool) -> None:
-    echo(f"[images] building {PODTWIN_IMAGE} (apt + pip install of this repo)...")
-    old = _image_id(PODTWIN_IMAGE)
+def build_podtwin(echo: Echo, digest: str, force: bool, image: str, also: tuple[str, ...] = ()) -> None:
+    echo(f"[images] building {image} (apt, pip install of its dependencies, this package's files)...")
+    old = _image_id(image)
     with tempfile.TemporaryDirectory(prefix="podtwin-ctx-") as ctx_dir:
         # A small context made of exactly what the image needs (never .venv or .git).
         ctx = Path(ctx_dir)
-        shutil.copy2(REPO / "images/Dockerfile", ctx / "Dockerfile")
-        shutil.copy2(REPO / "pyproject.toml", ctx / "pyproject.toml")
-        for pkg in ("runner", "agent"):
-            shutil.copytree(REPO / pkg, ctx / pkg, ignore=_IGNORE)
-        readme = REPO / "README.md"  # pyproject names it; pip fails without it
-        (ctx / "README.md").write_bytes(readme.read_bytes() if readme.exists() else b"podtwin\n")
+        for rel, f in package_files().items():
+            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, ctx / rel)
+        (ctx / "requirements.txt").write_text(requirements())
         # Trust the same extra CAs as the host (TLS-intercepting proxies on CI / corporate nets).
         (ctx / "local-ca").mkdir()
         for crt in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
             shutil.copy2(crt, ctx / "local-ca" / crt.name)
-        cmd = ["docker", "build", "--network", "host", "-t", PODTWIN_IMAGE, "-t", release_image_name(),
-               "--label", f"{HASH_LABEL}={digest}"]
+        cmd = ["docker", "build", "--network", "host", "--label", f"{HASH_LABEL}={digest}"]
+        for name in (image, *also):
+            cmd += ["-t", name]
         for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # follow the host's PyPI mirror
             if os.environ.get(var):
                 cmd += ["--build-arg", f"{var}={os.environ[var]}"]
         if force:
             cmd.append("--no-cache")
         _stream([*cmd, str(ctx)], echo, env=_legacy_build_env())
-    _drop_if_replaced(PODTWIN_IMAGE, old)
+    _drop_if_replaced(image, old)
 
 
 def _is_static_elf(path: Path) -> bool:
@@ -290,13 +310,13 @@ def build_busybox(echo: Echo, force: bool) -> None:
     _drop_if_replaced(BUSYBOX_IMAGE, old)
 
 
-def build_images(echo: Echo = print, force: bool = False) -> None:
-    """Build the missing images (all of them with force); rebuild podtwin:dev if sources changed."""
-    if not (REPO / "pyproject.toml").exists() or not (REPO / "images/Dockerfile").exists():
-        raise ImageBuildError(f"{REPO} is not a podtwin checkout",
-                              "images are built from a git checkout installed with `make setup`")
+def build_images(echo: Echo = print, force: bool = False, tag: str | None = None) -> str:
+    """Build the missing images (all of them with force); rebuild the podtwin image if the
+    package's files changed. ``tag``: the podtwin image's name (default: the one sessions use).
+    Returns that name."""
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        raise ImageBuildError("the Docker engine does not answer", "run scripts/docker-engine.sh")
+        raise ImageBuildError("the Docker engine does not answer",
+                              "start it (in a checkout: scripts/docker-engine.sh), or set DOCKER_HOST")
     # Image tags are machine-wide: concurrent `make setup`/`make test` runs take turns.
     with open(LOCK_FILE, "w") as lock:
         try:
@@ -304,38 +324,62 @@ def build_images(echo: Echo = print, force: bool = False) -> None:
         except BlockingIOError:
             echo("[images] another image build is running; waiting for it...")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        _build_all(echo, force)
+        return _build_all(echo, force, tag or PODTWIN_IMAGE)
 
 
-def _build_all(echo: Echo, force: bool) -> None:
-    new_base = force or _image_id(BASE_IMAGE) is None
-    if new_base:
-        build_base(echo)
-    else:
+def _is_checkout() -> bool:
+    return (REPO / "pyproject.toml").is_file() and (REPO / "images" / "busybox" / "Dockerfile").is_file()
+
+
+def _base(echo: Echo, force: bool) -> bool:
+    """The base image: kept if present; else pulled when a registry answers; else made with
+    debootstrap. Returns whether it is new."""
+    if not force and _image_id(BASE_IMAGE) is not None:
         echo(f"[images] {BASE_IMAGE}: present")
+        return False
+    if not force:
+        pulled = subprocess.run(["docker", "pull", "-q", PYTHON_BASE], capture_output=True, text=True, timeout=300)
+        if pulled.returncode == 0:
+            subprocess.run(["docker", "tag", PYTHON_BASE, BASE_IMAGE], check=True, capture_output=True)
+            echo(f"[images] base: {PYTHON_BASE}, pulled (a registry answers)")
+            return True
+        echo(f"[images] base: no registry answers ({(pulled.stderr.strip().splitlines() or ['?'])[-1][:120]}); "
+             "making it with debootstrap instead")
+    build_base(echo)
+    return True
 
+
+def _build_all(echo: Echo, force: bool, image: str) -> str:
+    new_base = _base(echo, force)
     digest = source_hash()
-    if new_base or _label(PODTWIN_IMAGE, HASH_LABEL) != digest:
-        build_podtwin(echo, digest, force)
+    # The default build also carries the release's name (the agent's in clusters) and podtwin:dev
+    # (a checkout's habit); a --tag build carries its own name only.
+    also = (release_image_name(), DEV_IMAGE) if image == PODTWIN_IMAGE else ()
+    if new_base or force or _label(image, HASH_LABEL) != digest:
+        build_podtwin(echo, digest, force, image, also)
     else:
-        echo(f"[images] {PODTWIN_IMAGE}: up to date ({digest[:12]})")
-    if _image_id(release_image_name()) != _image_id(PODTWIN_IMAGE):   # the agent's name in clusters
-        subprocess.run(["docker", "tag", PODTWIN_IMAGE, release_image_name()], check=True, capture_output=True)
-
-    if force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
+        echo(f"[images] {image}: up to date ({digest[:12]})")
+    for name in also:
+        if _image_id(name) != _image_id(image):
+            subprocess.run(["docker", "tag", image, name], check=True, capture_output=True)
+    if not _is_checkout():
+        echo(f"[images] {BUSYBOX_IMAGE}: not built (a checkout's test image)")
+    elif force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
         build_busybox(echo, force)
     else:
         echo(f"[images] {BUSYBOX_IMAGE}: present")
     echo("[images] done")
+    return image
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m podtwin.runner.tools.images",
                                      description="Build the local images podtwin needs.")
     parser.add_argument("--force", action="store_true", help="rebuild every image from scratch")
+    parser.add_argument("--tag", help="the podtwin image's name (default: the one sessions use)")
     args = parser.parse_args(argv)
     try:
-        build_images(echo=lambda line: print(line, flush=True), force=args.force)
+        build_images(echo=lambda line: print(line, flush=True), force=args.force, tag=args.tag)
     except ImageBuildError as exc:
         print(exc.one_line(), file=sys.stderr)
         return 1
