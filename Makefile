@@ -39,7 +39,7 @@ demo: setup
 
 # docs/cli.md from the commands' own help (a unit test fails when they differ).
 docs:
-	$(VENV)/python -m podtwin.runner.tools.cli_doc > docs/cli.md
+	$(VENV)/python -m podtwin.runner.cli_doc > docs/cli.md
 
 bench: setup
 	$(VENV)/python bench/run.py

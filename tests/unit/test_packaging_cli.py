@@ -10,7 +10,7 @@ import click
 from click.testing import CliRunner
 
 from podtwin.runner.cli import main
-from podtwin.runner.tools.cli_doc import _walk, render
+from podtwin.runner.cli_doc import _walk, render
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 """docs/cli.md, generated from the click commands themselves so it cannot drift from them:
 every command's `--help`, in the order a reader meets them.
 
-``python -m podtwin.runner.tools.cli_doc > docs/cli.md`` (``make docs``); a unit test fails when
+``python -m podtwin.runner.cli_doc > docs/cli.md`` (``make docs``); a unit test fails when
 the file and the commands differ.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ WIDTH = 100
 
 HEADER = """# podtwin command line
 
-Generated from the commands' own help by `make docs` (`python -m podtwin.runner.tools.cli_doc`);
+Generated from the commands' own help by `make docs` (`python -m podtwin.runner.cli_doc`);
 a unit test fails when this page and the commands differ. Exit codes are in the
 [README](../README.md#exit-codes); the config keys in [config.md](config.md).
 """
