@@ -82,7 +82,8 @@ class Bench:
         self.kube = KubeEngine(args.kubeconfig, None)
         self.client = client
         self.ns = f"eph-bench-{secrets.token_hex(3)}"
-        self.image = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+        from podtwin.runner.config.image import podtwin_image_name
+        self.image = podtwin_image_name()
 
     # -- staging ----------------------------------------------------------------------------
     def stage(self):

@@ -55,7 +55,9 @@ sys.modules.setdefault("run", sys.modules[__name__])
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+from podtwin.runner.config.image import podtwin_image_name  # noqa: E402 - after the sections' alias
+
+PODTWIN_IMAGE = podtwin_image_name()   # what sessions run: podtwin:<version>, or PODTWIN_IMAGE
 APP_BASE_IMAGE = "podtwin-test/busybox:latest"
 LABEL = "podtwin-bench"
 RESULTS_START = "<!-- bench:results:start -->"

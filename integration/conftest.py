@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from podtwin.runner.config.image import podtwin_image_name
 from podtwin.runner.state.session import process_start
 
 ASSETS = Path(__file__).parent / "assets"
-PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+PODTWIN_IMAGE = podtwin_image_name()   # what sessions run: podtwin:<version>, or PODTWIN_IMAGE
 APP_IMAGE = "podtwin-test/busybox:latest"
 TEST_LABEL = "podtwin-test"
 

@@ -26,13 +26,14 @@ import pytest
 import yaml
 
 from kubeutil import wait_until
+from podtwin.runner.config.image import podtwin_image_name
 
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
 APP_IMAGE = "podtwin-test/busybox:latest"   # built from images/busybox by `make images`
 TEST_LABEL = "podtwin-test"
 # The tests load the locally built image (PODTWIN_IMAGE) into the cluster and have the agent
 # use it; the release's name, the default, is tried by test_agent_image.py.
-os.environ.setdefault("PODTWIN_AGENT_IMAGE", os.environ.get("PODTWIN_IMAGE") or "podtwin:dev")
+os.environ.setdefault("PODTWIN_AGENT_IMAGE", podtwin_image_name())
 
 
 def _enabled() -> bool:

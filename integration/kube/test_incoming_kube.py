@@ -20,8 +20,9 @@ from kubernetes.stream import stream
 
 from kubeutil import wait_until
 from podtwin.agent.target.nsenter import main_pid
+from podtwin.runner.config.image import podtwin_image_name
 
-PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+PODTWIN_IMAGE = podtwin_image_name()   # what sessions run: podtwin:<version>, or PODTWIN_IMAGE
 APP = "podtwin-test/busybox:latest"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 WEB = """

@@ -19,8 +19,9 @@ import pytest
 from kubernetes import client, utils
 
 from kubeutil import exec_in, wait_until
+from podtwin.runner.config.image import podtwin_image_name
 
-PODTWIN_IMAGE = os.environ.get("PODTWIN_IMAGE") or "podtwin:dev"
+PODTWIN_IMAGE = podtwin_image_name()   # what sessions run: podtwin:<version>, or PODTWIN_IMAGE
 
 APP = "podtwin-test/busybox:latest"
 BACKEND = """
