@@ -5,6 +5,7 @@ image, and the `podtwin` fixture fails the test if anything is left behind.
 """
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -295,3 +296,53 @@ def test_cli_extra_args_refuses_a_network_flag_in_one_line(podtwin, staging, tmp
     assert result.returncode == 125
     assert result.stderr.strip().splitlines()[-1].startswith(
         "podtwin: container.cli_extra_args: --network is not allowed")
+
+
+def test_mirrords_container_form_and_docker_run_flags(podtwin, staging, tmp_path):
+    """`podtwin container [OPTIONS] -- docker run [FLAGS] IMAGE [CMD]`, mirrord's form: docker's
+    flags as docker takes them (-e, --env-file, -p, --name, -l, -it combined, --cap-add through
+    container.cli_extra_args); the app's port published on this machine through the sidecar."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host_port = probe.getsockname()[1]
+    (tmp_path / "app.env").write_text("FROM_FILE=file\nBOTH=file\n")
+    name = f"pt-form-{staging.target[-6:]}"
+    proc = podtwin.start("container", "--target", f"container/{staging.target}", "-q", "--",
+                         "docker", "run", "--rm", "-e", "BOTH=flag", f"--env-file={tmp_path / 'app.env'}",
+                         "-p", f"127.0.0.1:{host_port}:8080", "--name", name, "-l", "team=payments",
+                         "--cap-add", "NET_BIND_SERVICE", APP_IMAGE, "sh", "-c",
+                         "echo APP_MODE=$APP_MODE FROM_FILE=$FROM_FILE BOTH=$BOTH; mkdir -p /tmp/www && "
+                         "echo published-app > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
+
+    def answer() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=2) as resp:
+                return resp.read().decode().strip()
+        except OSError:
+            return None
+    try:
+        wait_until(lambda: answer() == "published-app" or proc.poll() is not None, 60, "the published port")
+        assert proc.poll() is None, proc.err_path.read_text()
+        assert "APP_MODE=staging FROM_FILE=file BOTH=flag" in proc.out_path.read_text()   # -e over --env-file
+        inspect = json.loads(docker("inspect", name).stdout)[0]
+        assert inspect["Config"]["Labels"]["team"] == "payments" and inspect["Config"]["Labels"]["podtwin.role"] == "app"
+        assert "NET_BIND_SERVICE" in inspect["HostConfig"]["CapAdd"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--", "docker", "run", "-d", APP_IMAGE], "-d/--detach is not supported yet"),
+    (["--", "docker", "run", "--add-host", "a:10.0.0.1", APP_IMAGE], "--add-host is not allowed"),
+    (["--", "docker", "run", "--privileged", APP_IMAGE], "--privileged is not supported"),
+    (["--", "docker", "build", "."], "after --, give the `docker run` command"),
+])
+def test_docker_run_flags_podtwin_cannot_honour_are_one_line(podtwin, staging, args, expect):
+    result = podtwin.run("container", "--target", f"container/{staging.target}", *args)
+    assert result.returncode == 125, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert expect in line and "Traceback" not in result.stderr, result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +41,17 @@ class RunOptions:
     kubeconfig: str | None = None
     cwd: Path = field(default_factory=Path.cwd)
     overrides: dict = field(default_factory=dict)
+    env_files: tuple[Path, ...] = ()     # docker run --env-file: below -e
+    name: str | None = None              # the app container's name
+    docker_args: tuple[str, ...] = ()    # more docker run flags, as container.cli_extra_args takes them
 
 
 def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig, Target]:
     cfg, warnings = load_config(opts.config_file, opts.profile, opts.cwd, opts.overrides)
+    if opts.docker_args:   # after the config's own: -p, -l, --cap-add, ... from the command line
+        container = cfg.container.model_copy(update={"cli_extra_args": [*cfg.container.cli_extra_args,
+                                                                          *opts.docker_args]})
+        cfg = cfg.model_copy(update={"container": container})
     for warning in warnings:
         progress.warn(warning)
     target = parse_target(opts.target) if opts.target else cfg.target_spec()
@@ -73,6 +81,12 @@ def check_config(config_file: Path | None, profile: str | None, cwd: Path,
 def run(opts: RunOptions) -> int:
     """One session (``session.pipeline``); the app's exit code."""
     progress = Progress(opts.quiet)
+    if opts.env_files:   # as docker run: the files' values, then -e over them
+        from podtwin.runner.env import read_env_file
+        merged: dict[str, str] = {}
+        for path in opts.env_files:
+            merged.update(read_env_file(path if path.is_absolute() else opts.cwd / path))
+        opts = dataclasses.replace(opts, env={**merged, **opts.env})
     cfg, target = resolve_config(opts, progress)
     from podtwin.runner.session import pipeline
 

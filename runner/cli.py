@@ -54,13 +54,56 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="podtwin %(levelname)s %(name)s: %(message)s")
 
 
-@main.group()
+class _ContainerGroup(click.Group):
+    """`container run`, and mirrord's form `container [OPTIONS] -- docker run [FLAGS] IMAGE [CMD...]`:
+    the docker command's flags become `container run`'s own where it has them, and
+    container.cli_extra_args's (--cap-add, -m, ...) otherwise, which names what it refuses."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args and not (args and args[0] in self.commands):
+            cut = args.index("--")
+            docker = args[cut + 1:]
+            if docker[:2] != ["docker", "run"]:
+                raise click.UsageError("after --, give the `docker run` command: podtwin container [OPTIONS] -- "
+                                       "docker run [FLAGS] IMAGE [COMMAND...]", ctx)
+            args = ["run", *args[:cut], *_docker_run_args(docker[2:])]
+        return super().parse_args(ctx, args)
+
+
+# docker run flags `container run` has itself (the rest go through --docker-arg)
+_OWN_FLAGS = {"-e", "--env", "--env-file", "-p", "--publish", "--name", "-l", "--label", "-d", "--detach",
+              "-i", "--interactive", "-t", "--tty", "--rm", "--entrypoint", "-w", "--workdir", "-u", "--user",
+              "-v", "--volume", "--network"}
+# docker run's flags that take no value
+_BOOLEAN = {"-d", "--detach", "-i", "--interactive", "-t", "--tty", "--rm", "--init", "--read-only",
+            "--privileged", "-P", "--publish-all", "--no-healthcheck", "--oom-kill-disable", "--sig-proxy"}
+
+
+def _docker_run_args(args: list[str]) -> list[str]:
+    """docker run's flags and IMAGE [CMD...] as `container run` takes them."""
+    out: list[str] = []
+    while args:
+        item = args.pop(0)
+        if not item.startswith("-") or item == "--":
+            return [*out, "--", item, *args] if item != "--" else [*out, "--", *args]
+        flag, eq, _ = item.partition("=")
+        combined = not item.startswith("--") and len(item) > 2 and all(f"-{c}" in _BOOLEAN for c in item[1:])
+        takes_value = not eq and flag not in _BOOLEAN and not combined and not (
+            not item.startswith("--") and len(item) > 2)   # -p8080:80, -eA=1: the value is attached
+        own = flag in _OWN_FLAGS or combined or (not item.startswith("--") and flag[:2] in _OWN_FLAGS)
+        value = [args.pop(0)] if takes_value and args else []
+        out += [item, *value] if own else [f"--docker-arg={item}", *(f"--docker-arg={v}" for v in value)]
+    return out
+
+
+@main.group(cls=_ContainerGroup)
 def container() -> None:
-    """Run a local container bridged to a target.
+    """Run a local container bridged to a target; mirrord's `container -- docker run ...` form too.
 
     \b
     Example:
       podtwin container run --target container/api myimage:dev
+      podtwin container --target deploy/api -- docker run -e A=1 -p 8080:80 myimage:dev
     """
 
 
@@ -73,6 +116,16 @@ def container() -> None:
 @click.option("--profile", help="A ready-made profile from profiles/ (see `podtwin config profiles`).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE",
               help="Set an environment variable in the app; wins over the target's and the config's.")
+@click.option("--env-file", "env_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Read KEY=VALUE lines into the app's environment, as docker run does (-e wins).")
+@click.option("-p", "--publish", "publish", multiple=True, metavar="[IP:]HOST:APP",
+              help="Publish an app port on this machine, as docker run -p (on the sidecar, which owns the "
+                   "app's network).")
+@click.option("--name", help="Name of the app container (default: podtwin-<session>-app).")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label on the app container.")
+@click.option("-d", "--detach", is_flag=True, hidden=True)
+@click.option("--docker-arg", "docker_args", multiple=True, hidden=True,
+              help="A docker run flag for the app or the sidecar, as container.cli_extra_args takes them.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and connect it to the app.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a terminal for the app.")
 @click.option("--rm", is_flag=True, help="Accepted for docker compatibility: the app container is always removed.")
@@ -94,8 +147,9 @@ def container() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Do not print progress.")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def container_run(target, config_file, profile, env, interactive, tty, rm, entrypoint, workdir, user,
-                  as_target_user, volumes, namespace, context, kubeconfig, network, fs_mode, quiet, image, command) -> None:
+def container_run(target, config_file, profile, env, env_files, publish, name, labels, detach, docker_args, interactive,
+                  tty, rm, entrypoint, workdir, user, as_target_user, volumes, namespace, context, kubeconfig, network,
+                  fs_mode, quiet, image, command) -> None:
     """Run IMAGE [COMMAND...] with the target's environment, network and DNS.
 
     \b
@@ -104,12 +158,16 @@ def container_run(target, config_file, profile, env, interactive, tty, rm, entry
     """
     if command and command[0] == "--":
         command = command[1:]
+    if detach:
+        raise ConfigError("-d/--detach is not supported yet: podtwin stays in the foreground for the session",
+                          "run it in the background of your shell or a terminal multiplexer")
+    extra = [*docker_args, *(a for v in publish for a in ("-p", v)), *(a for v in labels for a in ("-l", v))]
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
         env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
         workdir=workdir, user=user, as_target_user=as_target_user, volumes=tuple(volumes), network=network, namespace=namespace,
-        context=context, kubeconfig=kubeconfig, cwd=Path.cwd(),
-        overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
+        context=context, kubeconfig=kubeconfig, cwd=Path.cwd(), env_files=tuple(env_files), name=name,
+        docker_args=tuple(extra), overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
     sys.exit(api.run(opts))
 
 

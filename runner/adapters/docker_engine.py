@@ -313,7 +313,8 @@ class DockerEngine:
                    sidecar_id: str, tty: bool, interactive: bool, entrypoint: list[str] | None = None,
                    workdir: str | None = None, user: str | None = None,
                    volumes: list[str] | None = None, extra: dict | None = None,
-                   files: list[tuple[str, str, bool]] | None = None, group_add: tuple[str, ...] = ()) -> str:
+                   files: list[tuple[str, str, bool]] | None = None, group_add: tuple[str, ...] = (),
+                   name: str | None = None) -> str:
         """``extra``: more SDK keywords from container.cli_extra_args (volumes and labels add to
         the session's own). ``files``: (source on the daemon's side, path in the app, writable):
         the target's files, bound rslave so a remount in the sidecar reaches the app too."""
@@ -328,7 +329,7 @@ class DockerEngine:
         labels = {**extra.pop("labels", {}), **session.labels("app")}
         try:
             c = self.client.containers.create(
-                image, command or None, name=session.name("app"), labels=labels,
+                image, command or None, name=name or session.name("app"), labels=labels,
                 environment=env, network_mode=f"container:{sidecar_id}", tty=tty,
                 stdin_open=interactive, entrypoint=entrypoint, working_dir=workdir, user=user,
                 volumes=volumes or None, **extra,

@@ -34,6 +34,7 @@ class AppOptions(Protocol):
     user: str | None
     as_target_user: bool
     volumes: tuple[str, ...]
+    name: str | None
 
 
 class FileBind(NamedTuple):
@@ -115,7 +116,8 @@ class App:
                 session, opts.image, list(opts.command), env, sidecar_id, tty=opts.tty,
                 interactive=opts.interactive, entrypoint=[opts.entrypoint] if opts.entrypoint else None,
                 workdir=opts.workdir, user=opts.user or identity[0] or None, volumes=list(opts.volumes),
-                extra=self.extra, files=[(b.source, b.path, b.writable) for b in binds], group_add=identity[1])
+                extra=self.extra, files=[(b.source, b.path, b.writable) for b in binds], group_add=identity[1],
+                name=opts.name)
         copy = files if files and os.environ.get("PODTWIN_FS_COPY") == "1" else []
         try:
             app_id = create([] if copy else files)

@@ -257,6 +257,13 @@ RUNS = [
         env={"PODTWIN_STATE_DIR": "/tmp/" + "d" * 120}),
     run("state-dir-unwritable", ["--target", "container/t", "app"], "not writable",
         files={"ro/": None}, env={"PODTWIN_STATE_DIR": "{tmp}/ro/state"}),
+    run("detach", ["--target", "container/t", "-d", "app"], "-d/--detach is not supported yet"),
+    run("docker-arg-network", ["--target", "container/t", "--docker-arg=--add-host", "--docker-arg=a:1.2.3.4", "app"],
+        "--add-host is not allowed"),
+    Case("container-form-not-run", ["container", "--target", "container/t", "--", "docker", "build", "."],
+         "after --, give the `docker run` command"),
+    Case("container-form-detach", ["container", "--target", "container/t", "--", "docker", "run", "-d", "app"],
+         "-d/--detach is not supported yet"),
     Case("unknown-command", ["bogus"], "No such command 'bogus'"),
     Case("clean-bad-target", ["clean", "--target", "deploy/x"], "container/NAME"),
 ]

@@ -51,3 +51,13 @@ def test_the_wheel_carries_everything_the_image_build_needs(tmp_path):
     wanted = {"podtwin/images/Dockerfile" if rel == "Dockerfile" else rel for rel in package_files()}
     assert wanted <= names, sorted(wanted - names)
     assert any(n.startswith("podtwin/runner/profiles/") for n in names)
+
+
+def test_docker_run_flags_translate_to_container_run():
+    from podtwin.runner.cli import _docker_run_args
+    assert _docker_run_args(["-e", "A=1", "-eB=2", "-it", "--rm", "-p8080:80", "--name=x", "--cap-add", "NET_ADMIN",
+                             "--cpus=1", "-m", "512m", "img:1", "sh", "-c", "echo -e"]) == [
+        "-e", "A=1", "-eB=2", "-it", "--rm", "-p8080:80", "--name=x", "--docker-arg=--cap-add",
+        "--docker-arg=NET_ADMIN", "--docker-arg=--cpus=1", "--docker-arg=-m", "--docker-arg=512m",
+        "--", "img:1", "sh", "-c", "echo -e"]
+    assert _docker_run_args(["--privileged", "img"]) == ["--docker-arg=--privileged", "--", "img"]
