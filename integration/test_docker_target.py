@@ -258,12 +258,7 @@ def test_dns_off_resolves_locally(podtwin, staging, local_service, tmp_path):
 def test_cli_extra_args_publish_the_apps_port_through_the_sidecar(podtwin, staging, tmp_path):
     """container.cli_extra_args: -p goes to the sidecar (which owns the app's network namespace),
     so the app's port is reachable from this machine; -l labels the app container."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:   # a free port on this machine's loopback
-        probe.bind(("127.0.0.1", 0))
-        host_port = probe.getsockname()[1]
+    host_port = free_port()
     cfg = write_config(tmp_path / "publish.json", {
         "feature": {"network": {"incoming": "off"}},
         "container": {"cli_extra_args": ["-p", f"127.0.0.1:{host_port}:8080", "--label", "team=payments"]}})
@@ -272,14 +267,9 @@ def test_cli_extra_args_publish_the_apps_port_through_the_sidecar(podtwin, stagi
                          "mkdir -p /tmp/www && echo published-app > /tmp/www/index.html && "
                          "exec httpd -f -p 8080 -h /tmp/www")
 
-    def answer() -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=2) as resp:
-                return resp.read().decode().strip()
-        except OSError:
-            return None
     try:
-        wait_until(lambda: answer() == "published-app" or proc.poll() is not None, 60, "the published port")
+        wait_until(lambda: http_answer(host_port) == "published-app" or proc.poll() is not None, 60,
+                   "the published port")
         assert proc.poll() is None, proc.err_path.read_text()
         app = session_containers("app", runner=proc)
         assert len(app) == 1
@@ -302,12 +292,7 @@ def test_mirrords_container_form_and_docker_run_flags(podtwin, staging, tmp_path
     """`podtwin container [OPTIONS] -- docker run [FLAGS] IMAGE [CMD]`, mirrord's form: docker's
     flags as docker takes them (-e, --env-file, -p, --name, -l, -it combined, --cap-add through
     container.cli_extra_args); the app's port published on this machine through the sidecar."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        host_port = probe.getsockname()[1]
+    host_port = free_port()
     (tmp_path / "app.env").write_text("FROM_FILE=file\nBOTH=file\n")
     name = f"pt-form-{staging.target[-6:]}"
     proc = podtwin.start("container", "--target", f"container/{staging.target}", "-q", "--",
@@ -317,14 +302,9 @@ def test_mirrords_container_form_and_docker_run_flags(podtwin, staging, tmp_path
                          "echo APP_MODE=$APP_MODE FROM_FILE=$FROM_FILE BOTH=$BOTH; mkdir -p /tmp/www && "
                          "echo published-app > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
 
-    def answer() -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=2) as resp:
-                return resp.read().decode().strip()
-        except OSError:
-            return None
     try:
-        wait_until(lambda: answer() == "published-app" or proc.poll() is not None, 60, "the published port")
+        wait_until(lambda: http_answer(host_port) == "published-app" or proc.poll() is not None, 60,
+                   "the published port")
         assert proc.poll() is None, proc.err_path.read_text()
         assert "APP_MODE=staging FROM_FILE=file BOTH=flag" in proc.out_path.read_text()   # -e over --env-file
         inspect = json.loads(docker("inspect", name).stdout)[0]
@@ -346,3 +326,21 @@ def test_docker_run_flags_podtwin_cannot_honour_are_one_line(podtwin, staging, a
     assert result.returncode == 125, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert expect in line and "Traceback" not in result.stderr, result.stderr
+
+
+def free_port() -> int:
+    """A free port on this machine's loopback."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_answer(port: int) -> str | None:
+    """The body of GET / on this machine's loopback port, or None while nothing answers."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+            return resp.read().decode().strip()
+    except OSError:
+        return None
