@@ -73,9 +73,9 @@ class _ContainerGroup(click.Group):
 # docker run flags `container run` has itself (the rest go through --docker-arg)
 _OWN_FLAGS = {"-e", "--env", "--env-file", "-p", "--publish", "--name", "-l", "--label", "-d", "--detach",
               "-i", "--interactive", "-t", "--tty", "--rm", "--entrypoint", "-w", "--workdir", "-u", "--user",
-              "-v", "--volume", "--network"}
+              "-v", "--volume", "--network", "-q", "--quiet"}
 # docker run's flags that take no value
-_BOOLEAN = {"-d", "--detach", "-i", "--interactive", "-t", "--tty", "--rm", "--init", "--read-only",
+_BOOLEAN = {"-d", "--detach", "-i", "--interactive", "-t", "--tty", "--rm", "-q", "--quiet", "--init", "--read-only",
             "--privileged", "-P", "--publish-all", "--no-healthcheck", "--oom-kill-disable", "--sig-proxy"}
 
 
@@ -138,7 +138,8 @@ def container() -> None:
 @click.option("-v", "--volume", "volumes", multiple=True, help="Bind mount, as in docker run -v.")
 @click.option("-n", "--namespace", help="Kubernetes namespace of the target (default: the context's).")
 @click.option("--context", help="kubeconfig context to use (default: the current one).")
-@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False),
+              help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config).")
 @click.option("--network", help="Local Docker network for the app (reach local services; pair with "
               "a `local` outgoing/DNS filter). Default: Docker's default bridge.")
 @click.option("--fs", "fs_mode", type=click.Choice(["read", "write", "local", "localwithoverrides"]),
@@ -165,7 +166,8 @@ def container_run(target, config_file, profile, env, env_files, publish, name, l
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
         env=_env_pairs(env), interactive=interactive, tty=tty, quiet=quiet, entrypoint=entrypoint,
-        workdir=workdir, user=user, as_target_user=as_target_user, volumes=tuple(volumes), network=network, namespace=namespace,
+        workdir=workdir, user=user, as_target_user=as_target_user, volumes=tuple(volumes), network=network,
+        namespace=namespace,
         context=context, kubeconfig=kubeconfig, cwd=Path.cwd(), env_files=tuple(env_files), name=name,
         docker_args=tuple(extra), overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
     sys.exit(api.run(opts))

@@ -197,7 +197,12 @@ class TargetSFTPServer(asyncssh.SFTPServer):
 
         def directory() -> int:
             raise OSError(errno.EISDIR, "is a directory")
-        fd = await self._run(path, lambda root, p: root.open(p, flags, mode), directory, write=writing)
+        # Always in a thread, even on a local file system: opening a FIFO (or a device) waits for
+        # its other end, and the event loop serves every channel of the link.
+        placed = self._place(normalise(path), writing)
+        if placed is None:
+            directory()
+        fd = await asyncio.to_thread(self._in_export, placed, lambda root, p: root.open(p, flags, mode))
         return OpenFile(fd, writable=writing)
 
     async def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:

@@ -219,13 +219,17 @@ class DockerEngine:
         path = volume.attrs["Mountpoint"]
         probe = None
         try:
-            probe = self.client.containers.run(
+            probe = self.client.containers.create(
                 image, ["sh", "-c", f"exec 3<>/dev/fuse || exit 3; mkdir -p {FILES_MOUNT}/m && "
                                     f"mount -t tmpfs probe {FILES_MOUNT}/m && echo seen > {FILES_MOUNT}/m/x || exit 4; "
                                     "echo MOUNTED; exec sleep 60"],
-                detach=True, cap_add=["SYS_ADMIN"], cap_drop=["ALL"], security_opt=["apparmor=unconfined"],
+                cap_add=["SYS_ADMIN"], cap_drop=["ALL"], security_opt=["apparmor=unconfined"],
                 devices=["/dev/fuse:/dev/fuse:rwm"], labels={"podtwin.role": "doctor"},
                 mounts=[Mount(target=FILES_MOUNT, source=path, type="bind", propagation="rshared")])
+            try:
+                probe.start()
+            except docker.errors.APIError as exc:   # no /dev/fuse on the host: the device cannot be added
+                return _short(exc), None
             deadline = time.monotonic() + 30
             while b"MOUNTED" not in probe.logs() and time.monotonic() < deadline:
                 probe.reload()
@@ -248,6 +252,9 @@ class DockerEngine:
             if probe is not None:
                 try:
                     probe.exec_run(["umount", "-l", f"{FILES_MOUNT}/m"])
+                except docker.errors.APIError:
+                    pass   # it has exited: its mount went with it
+                try:
                     probe.remove(force=True)
                 except docker.errors.APIError:
                     pass
@@ -347,18 +354,21 @@ class DockerEngine:
         """``paths`` (relative to ``root``) from a running container into another, at the same
         paths below ``/``: a tar made in the source (it sees its own mounts, which the engine's
         archive API does not), unpacked by the engine in the destination (created, not started)."""
+        api = self.client.api
         try:
-            result = self.client.containers.get(source_id).exec_run(["tar", "-C", root, "-cf", "-", *paths],
-                                                                     stderr=False)
+            exec_id = api.exec_create(source_id, ["tar", "-C", root, "-cf", "-", *paths], stderr=False)["Id"]
+            data = bytearray()
+            for chunk in api.exec_start(exec_id, stream=True):   # never more than the limit in memory
+                data += chunk
+                if len(data) > limit:
+                    raise SessionError(f"more than a snapshot holds ({limit // 2**20} MiB)")
+            code = api.exec_inspect(exec_id).get("ExitCode")
         except docker.errors.APIError as exc:
             raise SessionError(_short(exc)) from exc
-        if result.exit_code != 0:
-            raise SessionError(f"tar in the sidecar exited {result.exit_code}")
-        if len(result.output) > limit:
-            raise SessionError(f"{len(result.output) // 2**20} MiB is more than a snapshot holds "
-                               f"({limit // 2**20} MiB)")
+        if code != 0:
+            raise SessionError(f"tar in the sidecar exited {code}")
         try:
-            self.client.api.put_archive(dest_id, "/", result.output)
+            self.client.api.put_archive(dest_id, "/", bytes(data))
         except docker.errors.APIError as exc:
             raise SessionError(_short(exc)) from exc
 

@@ -71,8 +71,10 @@ class Placement(ABC):
     # Whether the runner makes the agent's host key (and the agent reads it from the session
     # directory), or the agent makes its own and announces it in its READY line.
     runner_makes_host_key: ClassVar[bool] = False
-    # Whether there is a target whose incoming traffic a session can mirror or steal.
+    # Whether there is a target whose incoming traffic a session can mirror or steal, and whose
+    # files it can mount (a targetless agent has neither: its own pod is not the app's).
     serves_incoming: ClassVar[bool] = True
+    serves_files: ClassVar[bool] = True
 
     def __init__(self, target: "Target", cfg: "PodtwinConfig", image: str) -> None:
         self.target, self.cfg = target, cfg

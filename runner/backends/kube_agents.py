@@ -126,6 +126,7 @@ class KubeTargetlessAgent(_KubeAgent):
     name = "kube-targetless"
     what = "agent job"
     serves_incoming = False
+    serves_files = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -114,11 +114,12 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
         settings = settings.model_copy(update={"incoming": None})
     if opts.network:
         engine.require_network(opts.network)
-    files, notices = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT)
+    files, notices = FilesSettings.from_config(cfg, found.mounts, FILES_MOUNT) if placement.serves_files else (None, [])
     for notice in notices:
         progress.warn(notice)
     if files is not None:
-        progress("the target's files: " + ", ".join(e.path + (" (writable)" if e.writable else "") for e in files.exports))
+        progress("the target's files: "
+                 + ", ".join(e.path + (" (writable)" if e.writable else "") for e in files.exports))
         settings = settings.model_copy(update={"files": files})
     return Plan(opts, cfg, target, placement, transport, found, settings, extra)
 

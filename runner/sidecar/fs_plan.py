@@ -67,14 +67,22 @@ def literal_path(pattern: str) -> str | None:
             literal.append(nxt)
             i += 2
             continue
+        if char == "." and body[i + 1:i + 2] not in _QUANTIFIERS:
+            literal.append(char)   # `config.json`: a lone dot in a name is the name's own dot
+            i += 1
+            continue
         if char in _META:
             break
         literal.append(char)
         i += 1
     rest = body[i:]
     if rest and rest[0] in _QUANTIFIERS and literal:
-        literal.pop()   # the last character is optional or repeated: not part of the name
-        rest = "?" + rest
+        if literal[-1] == "/":   # `^/app/config/?$`, `/*`: an optional slash still names the directory
+            literal.pop()
+            rest = "$" if rest[1:] in ("", "$") else "/" + rest
+        else:
+            literal.pop()   # the last character is optional or repeated: not part of the name
+            rest = "?" + rest
     text = "".join(literal)
     if not text.startswith("/"):
         return None
@@ -82,6 +90,12 @@ def literal_path(pattern: str) -> str | None:
         text = posixpath.dirname(text)   # ^/etc/app.*\.yaml names /etc only
     path = posixpath.normpath(text)
     return None if path in ("/", "//") else path
+
+
+def _names_exactly(pattern: str, path: str) -> bool:
+    """Whether ``pattern`` names ``path`` itself (and its tree), not just something inside it."""
+    regex = re.compile(pattern, re.IGNORECASE)
+    return bool(regex.search(path) or regex.search(path + "/"))
 
 
 def _within(path: str, top: str) -> bool:
@@ -124,11 +138,14 @@ def python_template(replacement: str) -> str:
 
 def map_path(pattern: str, replacement: str, path: str) -> str | None:
     """``path`` (a directory: tried as ``path/`` first) rewritten by one mapping, normalised;
-    None when the mapping does not match it."""
+    None when the mapping does not match it or its replacement names a group it lacks."""
     regex = re.compile(pattern, re.IGNORECASE)
     for candidate in (path + "/", path):
         if regex.search(candidate):
-            mapped = regex.sub(python_template(replacement), candidate, count=1)
+            try:
+                mapped = regex.sub(python_template(replacement), candidate, count=1)
+            except (re.error, IndexError):   # `$1` with no group 1
+                return None
             return posixpath.normpath(mapped) if mapped.startswith("/") else None
     return None
 
@@ -180,12 +197,15 @@ def plan_files(fs: FsConfig, mounts: tuple[tuple[str, bool], ...]) -> FsPlan:
             if path is not None:
                 write = key == "read_write"
                 exports[path] = Export(path, write=write, writable=write)
+                if not _names_exactly(pattern, path):
+                    plan.notices.append(f"feature.fs.{key} {pattern!r}: podtwin mounts {path} whole (the "
+                                        "directory the regex's literal start lies in)")
     for pattern, replacement in fs.mapping.items():
         path = literal_path(pattern)
         source = None if path is None else map_path(pattern, replacement, path)
         if path is None or source is None or source == "/":
             plan.notices.append(f"feature.fs.mapping {pattern!r}: podtwin maps whole directories, and this "
-                                f"one names none it can mount; not applied")
+                                f"one names none it can mount (or its replacement does not fit it); not applied")
             continue
         if path in SYSTEM_DIRS or source in SYSTEM_DIRS:
             plan.notices.append(f"feature.fs.mapping {pattern!r}: {path} -> {source} would replace a system "

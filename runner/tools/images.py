@@ -338,15 +338,31 @@ def _base(echo: Echo, force: bool) -> bool:
         echo(f"[images] {BASE_IMAGE}: present")
         return False
     if not force:
-        pulled = subprocess.run(["docker", "pull", "-q", PYTHON_BASE], capture_output=True, text=True, timeout=300)
-        if pulled.returncode == 0:
-            subprocess.run(["docker", "tag", PYTHON_BASE, BASE_IMAGE], check=True, capture_output=True)
-            echo(f"[images] base: {PYTHON_BASE}, pulled (a registry answers)")
+        try:
+            pulled = subprocess.run(["docker", "pull", "-q", PYTHON_BASE], capture_output=True, text=True, timeout=300)
+            why = (pulled.stderr.strip().splitlines() or ["?"])[-1][:120]
+        except subprocess.TimeoutExpired:
+            pulled, why = None, "no answer within 300 s"
+        if pulled is not None and pulled.returncode == 0:
+            _pulled_base(echo)
             return True
-        echo(f"[images] base: no registry answers ({(pulled.stderr.strip().splitlines() or ['?'])[-1][:120]}); "
-             "making it with debootstrap instead")
+        echo(f"[images] base: no registry answers ({why}); making it with debootstrap instead")
     build_base(echo)
     return True
+
+
+def _pulled_base(echo: Echo) -> None:
+    """The pulled Debian, pointed at the host's apt mirror (as the debootstrapped base is), so
+    the podtwin image's apt-get reaches what the host reaches."""
+    mirror, sources = _debian_sources()
+    deb822 = "URIs:" in sources
+    target = "/etc/apt/sources.list.d/debian.sources" if deb822 else "/etc/apt/sources.list"
+    with tempfile.TemporaryDirectory(prefix="podtwin-base-") as ctx:
+        (Path(ctx) / "sources").write_text(sources)
+        (Path(ctx) / "Dockerfile").write_text(
+            f"FROM {PYTHON_BASE}\nRUN rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*\nCOPY sources {target}\n")
+        _stream(["docker", "build", "-q", "-t", BASE_IMAGE, ctx], echo, env=_legacy_build_env())
+    echo(f"[images] base: {PYTHON_BASE}, pulled (a registry answers), apt pointed at {mirror}")
 
 
 def _build_all(echo: Echo, force: bool, image: str) -> str:

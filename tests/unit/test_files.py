@@ -334,3 +334,24 @@ def test_local_file_systems_are_told_apart(tmp_path):
             assert is_local(fd) is local, path
         finally:
             os.close(fd)
+
+
+
+def test_opening_a_fifo_never_blocks_the_agents_loop(target):
+    """A FIFO in an export (a log pipe shared by two containers) blocks its opener until a writer
+    comes: only that request waits, every other call on the link goes on."""
+    os.mkfifo(target / "etc" / "config" / "pipe")
+    srv = server(target, False, ("/etc/config", False))
+
+    async def scenario():
+        opening = asyncio.ensure_future(srv.open(b"/etc/config/pipe", asyncssh.FXF_READ, asyncssh.SFTPAttrs()))
+        await asyncio.sleep(0.2)
+        assert not opening.done()
+        assert await read_all(srv, b"/etc/config/app.yaml") == b"key: value"   # the loop still serves
+        writer = os.open(target / "etc" / "config" / "pipe", os.O_WRONLY)    # the other end comes
+        try:
+            srv.close(await asyncio.wait_for(opening, 5))
+        finally:
+            os.close(writer)
+        srv.exit()
+    asyncio.run(scenario())

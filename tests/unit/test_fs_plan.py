@@ -17,6 +17,8 @@ MOUNTS = (("/etc/config", False), ("/data", True), ("/var/run/secrets/kubernetes
     (r"^/etc/config(/|$)", "/etc/config"), (r"/app/config", "/app/config"), (r"^/app/configs?/x", "/app"),
     (r"^/home/user/(.*)", "/home/user"), (r"^/a/b/", "/a/b"), (r".*\.json$", None), (r"^/.*", None),
     (r"^/\w+/x", None), (r"config/app", None), (r"^/a$", "/a"), (r"^/opt/app(/.*)?$", "/opt/app"),
+    (r"^/app/config/?$", "/app/config"), (r"^/app/config/*", "/app/config"), (r"^/app/config.json$", "/app/config.json"),
+    (r"^/app/.*", "/app"),
 ])
 def test_literal_path(pattern, path):
     assert literal_path(pattern) == path
@@ -117,3 +119,11 @@ def test_doctor_names_what_the_files_need_and_the_way_out():
     assert [c.passed for c in bad] == [False, False]
     assert "FAIL  /dev/fuse not usable in a container (No such device) — load the fuse module" in bad[0].line()
     assert "--fs local" in bad[0].line() and "--fs local" in bad[1].line()
+
+
+def test_coarser_mounts_and_bad_replacements_are_said():
+    plan = plan_files(fs(read_only=[r"^/data/cache-.*", r"^/srv/app/"], mapping={r"^/app/config": "/srv/$1"}), ())
+    assert plan.exports == [Export("/data"), Export("/srv/app")]
+    text = "\n".join(plan.notices)
+    assert "podtwin mounts /data whole" in text and "/srv/app whole" not in text
+    assert "feature.fs.mapping '^/app/config'" in text and "not applied" in text
