@@ -101,6 +101,10 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         """The root the export's lookups start from, opened once per channel: (root, the name
         prefix of a file export in its parent directory, whether its file system is local)."""
         known = self._roots.get(export.target)
+        if known is not None and os.fstat(known[0].fd).st_nlink == 0:
+            # the directory was removed (a target that swaps its config dir in with mv): look again
+            known[0].close()
+            known = None
         if known is None:
             fd = self.root.open(export.target, os.O_PATH)
             if stat.S_ISDIR(os.fstat(fd).st_mode):

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -353,5 +354,25 @@ def test_opening_a_fifo_never_blocks_the_agents_loop(target):
             srv.close(await asyncio.wait_for(opening, 5))
         finally:
             os.close(writer)
+        srv.exit()
+    asyncio.run(scenario())
+
+
+
+@pytest.mark.parametrize("userspace", RESOLVERS)
+def test_an_export_directory_swapped_in_with_mv_is_served_anew(target, userspace):
+    """The export's root is opened once per channel; a target that replaces the directory (write a
+    new one, mv it into place, remove the old) is served from the new one, not the removed one."""
+    srv = server(target, userspace, ("/etc/config", False))
+
+    async def scenario():
+        assert await read_all(srv, b"/etc/config/app.yaml") == b"key: value"
+        new = target / "etc" / "config.new"
+        new.mkdir()
+        (new / "app.yaml").write_text("key: new")
+        (target / "etc" / "config").rename(target / "etc" / "config.old")
+        new.rename(target / "etc" / "config")
+        shutil.rmtree(target / "etc" / "config.old")
+        assert await read_all(srv, b"/etc/config/app.yaml") == b"key: new"
         srv.exit()
     asyncio.run(scenario())
