@@ -123,7 +123,8 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         root, prefix, _ = self._export_root(placed.export)
         return op(root, prefix + (b"/" + placed.below if placed.below or not prefix else b""))
 
-    async def _in_export_async(self, placed: Placed, op: Callable[[TargetRoot, bytes], T]) -> T:
+    async def _in_export_async(self, placed: Placed, op: Callable[[TargetRoot, bytes], T],
+                               may_block: bool = False) -> T:
         """On the event loop for an export on a local file system (tmpfs for ConfigMaps, Secrets
         and tokens, a node's disk for emptyDir): a thread hop per call would cost more than the
         call. In a worker thread for anything else (NFS, CSI volumes), so a hung volume stalls
@@ -131,19 +132,20 @@ class TargetSFTPServer(asyncssh.SFTPServer):
         export = placed.export
         if export.target not in self._roots:
             await asyncio.to_thread(self._export_root, export)
-        if self._roots[export.target][2]:
+        if self._roots[export.target][2] and not may_block:
             return self._in_export(placed, op)
         return await asyncio.to_thread(self._in_export, placed, op)
 
     async def _run(self, path: bytes, op: Callable[[TargetRoot, bytes], T],
-                   way: Callable[[], T] | None = None, write: bool = False) -> T:
+                   way: Callable[[], T] | None = None, write: bool = False, may_block: bool = False) -> T:
         """``op`` on ``path`` in its export, or ``way()`` for a directory on the way to them
-        (reads only: ``_place`` refuses writes there)."""
+        (reads only: ``_place`` refuses writes there). ``may_block``: a call that can wait on
+        something other than the file system (opening a FIFO), always in a thread."""
         placed = self._place(normalise(path), write)
         if placed is None:
             assert way is not None
             return way()
-        return await self._in_export_async(placed, op)
+        return await self._in_export_async(placed, op, may_block)
 
     def _refuse_export_itself(self, path: bytes) -> Placed:
         placed = self._place(normalise(path), write=True)
@@ -201,12 +203,10 @@ class TargetSFTPServer(asyncssh.SFTPServer):
 
         def directory() -> int:
             raise OSError(errno.EISDIR, "is a directory")
-        # Always in a thread, even on a local file system: opening a FIFO (or a device) waits for
-        # its other end, and the event loop serves every channel of the link.
-        placed = self._place(normalise(path), writing)
-        if placed is None:
-            directory()
-        fd = await asyncio.to_thread(self._in_export, placed, lambda root, p: root.open(p, flags, mode))
+        # In a thread even on a local file system: opening a FIFO (or a device) waits for its
+        # other end, and the event loop serves every channel of the link.
+        fd = await self._run(path, lambda root, p: root.open(p, flags, mode), directory, write=writing,
+                             may_block=True)
         return OpenFile(fd, writable=writing)
 
     async def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
