@@ -4,9 +4,9 @@ Usable without click; the CLI only parses options into these calls and turns err
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,6 @@ from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
 from podtwin.runner.session.housekeeping import clean, clean_targets, kube_for_listing, list_sessions
 from podtwin.runner.progress import Progress
-from podtwin.runner.state.session import check_state_dir
 from podtwin.runner.targets import Target, Targetless, parse_target
 
 
@@ -88,18 +87,21 @@ def run(opts: RunOptions) -> int:
             merged.update(read_env_file(path if path.is_absolute() else opts.cwd / path))
         opts = dataclasses.replace(opts, env={**merged, **opts.env})
     cfg, target = resolve_config(opts, progress)
+    from podtwin.runner.config.image import podtwin_image_name
     from podtwin.runner.session import pipeline
 
-    pipeline.check_options(opts)   # everything the input alone can refuse, before Docker is asked
-    pipeline.derived_settings(cfg)
-    check_state_dir()
+    return pipeline.run(opts, cfg, target, _docker_engine, podtwin_image_name(), progress)
+
+
+def _docker_engine():
+    """The Docker engine a session runs on; asked only once the input alone has been checked."""
     if shutil.which("docker") is None:
         raise DockerUnavailable("the `docker` command is not on PATH",
                                 "install the Docker CLI (podtwin uses it to attach to the app)")
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.config.image import podtwin_image_name
 
-    return pipeline.run(opts, cfg, target, DockerEngine(), podtwin_image_name(), progress)
+    return DockerEngine()
 
 
-__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing", "PodtwinError"]
+__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing",
+           "PodtwinError"]

@@ -29,7 +29,7 @@ from podtwin.runner.session.app import App, AppOptions, FileBind
 from podtwin.runner.progress import Progress
 from podtwin.runner.session.teardown import Teardown
 from podtwin.runner.sidecar.settings import FilesSettings, SidecarSettings
-from podtwin.runner.state.session import Session
+from podtwin.runner.state.session import Session, check_state_dir
 
 from podtwin.runner.adapters.docker_engine import FILES_MOUNT
 
@@ -60,6 +60,7 @@ class Plan:
     found: Resolved
     settings: SidecarSettings
     extra: ExtraRunArgs
+    engine: "DockerEngine"
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,13 @@ class Bridge:
     files: list[FileBind]   # the target's files
 
 
-def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
+def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
         image: str, progress: Progress) -> int:
     """One ``podtwin container run``: plan, bridge, run the app, tear down. ``image``: the local
-    podtwin image (the sidecar's; the agent's unless agent.image says)."""
-    p = plan(opts, cfg, target, engine, image, progress)
+    podtwin image (the sidecar's; the agent's unless agent.image says); ``make_engine``: the Docker
+    engine, asked once the input alone has been checked."""
+    p = plan(opts, cfg, target, make_engine, image, progress)
+    engine = p.engine
     app = App(engine, progress, p.extra.app)
     with Teardown(progress) as teardown:
         bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
@@ -98,12 +101,15 @@ def target_identity(opts: SessionOptions, found: Resolved, progress: Progress) -
     return found.user, found.groups
 
 
-def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "DockerEngine",
+def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
          image: str, progress: Progress) -> Plan:
-    """Everything that can be refused before anything is made: the config, the backends, the
-    images, the target."""
+    """Everything that can be refused before anything is made: first what the input alone can
+    refuse (options, derived settings, the state directory), then, asking the Docker engine
+    ``make_engine`` gives, the backends, the images, the target."""
     check_options(opts)
     settings, extra = derived_settings(cfg)
+    check_state_dir()
+    engine = make_engine()
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
         kubeconfig=opts.kubeconfig or cfg.kubeconfig_path(), context=opts.context or cfg.kube_context)
@@ -121,7 +127,7 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", engine: "
         progress("the target's files: "
                  + ", ".join(e.path + (" (writable)" if e.writable else "") for e in files.exports))
         settings = settings.model_copy(update={"files": files})
-    return Plan(opts, cfg, target, placement, transport, found, settings, extra)
+    return Plan(opts, cfg, target, placement, transport, found, settings, extra, engine)
 
 
 def derived_settings(cfg: "PodtwinConfig") -> tuple[SidecarSettings, ExtraRunArgs]:
