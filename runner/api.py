@@ -93,6 +93,18 @@ def run(opts: RunOptions) -> int:
     return pipeline.run(opts, cfg, target, _docker_engine, podtwin_image_name(), progress)
 
 
+def compose(files: tuple[str, ...], project_name: str | None, profiles: tuple[str, ...], env_files: tuple[str, ...],
+            project_directory: str | None, command: str, args: tuple[str, ...], quiet: bool = False,
+            cwd: Path | None = None) -> int:
+    """``podtwin compose``: compose's own exit code (``compose.project``)."""
+    from podtwin.runner.compose.project import main
+    from podtwin.runner.compose.tool import ProjectArgs
+    from podtwin.runner.config.image import podtwin_image_name
+
+    project = ProjectArgs(files, project_name, profiles, env_files, project_directory, cwd or Path.cwd())
+    return main(project, command, args, Progress(quiet), _docker_engine, podtwin_image_name())
+
+
 def _docker_engine():
     """The Docker engine a session runs on; asked only once the input alone has been checked."""
     if shutil.which("docker") is None:
@@ -103,5 +115,5 @@ def _docker_engine():
     return DockerEngine()
 
 
-__all__ = ["RunOptions", "run", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing",
+__all__ = ["RunOptions", "run", "compose", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing",
            "PodtwinError"]

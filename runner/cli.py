@@ -173,6 +173,34 @@ def container_run(target, config_file, profile, env, env_files, publish, name, l
     sys.exit(api.run(opts))
 
 
+@main.command("compose", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-f", "--file", "files", multiple=True, metavar="FILE", help="Compose file(s), as docker compose -f.")
+@click.option("-p", "--project-name", help="Project name, as docker compose -p.")
+@click.option("--profile", "profiles", multiple=True, help="Profile to enable, as docker compose --profile.")
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE",
+              help="Interpolation variables, as docker compose --env-file.")
+@click.option("--project-directory", metavar="DIR", help="The project's directory, as docker compose's.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not print podtwin's progress.")
+@click.argument("command", metavar="COMMAND")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+def compose(files, project_name, profiles, env_files, project_directory, quiet, command, args) -> None:
+    """Run a compose project whose `x-podtwin` services are bridged to their targets.
+
+    A service with `x-podtwin: {target: deploy/api}` (any podtwin or mirrord key may go there,
+    or `config: FILE`) runs as a podtwin session: the target's environment (the compose file's
+    values win), network and DNS (the project's own services stay local), incoming traffic and
+    files. `up` runs the project attached and removes it at the end; `config` prints the
+    project podtwin runs; other commands go to docker compose unchanged.
+
+    \b
+    Example:
+      podtwin compose up
+      podtwin compose -f compose.yaml up --exit-code-from api api
+      podtwin compose config
+    """
+    sys.exit(api.compose(files, project_name, profiles, env_files, project_directory, command, args, quiet))
+
+
 @main.group()
 def config() -> None:
     """Inspect configuration.

@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # 1. Host packages. debootstrap + busybox-static build the images; iptables/iproute2/fuse3/sshfs
 #    are used by the runner and the tests; python3-venv makes .venv.
-echo "[setup] 1/4 host packages"
+echo "[setup] 1/5 host packages"
 # etcd-server, containernetworking-plugins, conntrack and socat are for the offline test cluster
 # (integration/cluster; containerd and runc come with docker.io).
 PKGS="debootstrap busybox-static iptables iproute2 fuse3 sshfs python3-venv etcd-server containernetworking-plugins conntrack socat docker-registry"
@@ -31,7 +31,7 @@ fi
 # 2. The virtualenv, with podtwin installed in editable mode. pip is re-run only when
 #    pyproject.toml is newer than the stamp (kept inside .venv, so deleting .venv resets it)
 #    or the install is broken.
-echo "[setup] 2/4 python environment (.venv)"
+echo "[setup] 2/5 python environment (.venv)"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -45,10 +45,14 @@ else
 fi
 
 # 3. A running Docker engine.
-echo "[setup] 3/4 docker engine"
+echo "[setup] 3/5 docker engine"
 $SUDO scripts/docker-engine.sh
 
 # 4. The images (skips those already built and up to date). debootstrap needs root.
-echo "[setup] 4/4 images"
+echo "[setup] 4/5 images"
 $SUDO .venv/bin/python -m podtwin.runner.tools.images
+
+# 5. Docker Compose v2 for `podtwin compose` (built once from the Go module proxy, cached).
+echo "[setup] 5/5 docker compose"
+scripts/compose.sh
 echo "[setup] done"

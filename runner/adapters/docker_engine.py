@@ -40,6 +40,20 @@ FILES_MOUNT = "/podtwin/fs"   # in the sidecar: the session volume, shared (rsha
 
 
 @dataclass(frozen=True)
+class SidecarSpec:
+    """A session's sidecar container: what ``docker run`` or a compose service needs."""
+
+    image: str
+    command: list[str]
+    name: str
+    labels: dict[str, str]
+    cap_add: list[str]              # with every other capability dropped
+    devices: list[str]              # host:container:permissions
+    security_opt: list[str]
+    binds: list[tuple[str, str, str]]   # (source on the daemon's side, target, propagation or "")
+
+
+@dataclass(frozen=True)
 class LeftoverObject:
     kind: str  # "container", "network" or "volume"
     id: str
@@ -156,26 +170,35 @@ class DockerEngine:
             time.sleep(0.05)
         self.remove(container_id)
 
-    def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None,
-                      ports: dict | None = None, files_volume: str | None = None) -> str:
-        """The sidecar owns the app's network namespace: on ``network`` (docker's default bridge
-        if None), so local services on that network stay reachable with a local filter; it
-        publishes ``ports`` (SDK form) for the app, which listens in its namespace. With
-        ``files_volume`` (a session volume's path on the daemon's side) it also mounts the
-        target's files there with FUSE: /dev/fuse, SYS_ADMIN for the mount, AppArmor's default
-        profile (which denies mount) lifted, and the volume bound rshared so the mounts reach
-        the daemon, which binds them into the app."""
-        caps, extra = ["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], {}
-        mounts = [self._session_mount(session)]
+    def sidecar_spec(self, session: Session, image: str, files_volume: str | None = None) -> "SidecarSpec":
+        """How a session's sidecar runs, wherever it is started (``start_sidecar`` here, a
+        service of a generated compose project there). It owns the app's network namespace
+        (NET_ADMIN for its rules). With ``files_volume`` (a session volume's path on the daemon's
+        side) it also mounts the target's files there with FUSE: /dev/fuse, SYS_ADMIN for the
+        mount, AppArmor's default profile (which denies mount) lifted, and the volume bound
+        rshared so the mounts reach the daemon, which binds them into the app."""
+        caps, devices, security = ["NET_ADMIN", "NET_BIND_SERVICE", *_session_dir_caps()], [], []
+        binds = [(str(session.dir), MOUNT_POINT, "")]
         if files_volume:
             caps.append("SYS_ADMIN")
-            extra = {"devices": ["/dev/fuse:/dev/fuse:rwm"], "security_opt": ["apparmor=unconfined"]}
-            mounts.append(Mount(target=FILES_MOUNT, source=files_volume, type="bind", propagation="rshared"))
+            devices, security = ["/dev/fuse:/dev/fuse:rwm"], ["apparmor=unconfined"]
+            binds.append((files_volume, FILES_MOUNT, "rshared"))
+        return SidecarSpec(image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
+                           session.name("sidecar"), session.labels("sidecar"), caps, devices, security, binds)
+
+    def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None,
+                      ports: dict | None = None, files_volume: str | None = None) -> str:
+        """The sidecar (``sidecar_spec``) on ``network`` (docker's default bridge if None), so
+        local services on that network stay reachable with a local filter; it publishes
+        ``ports`` (SDK form) for the app, which listens in its namespace."""
+        spec = self.sidecar_spec(session, image, files_volume)
         container = self._run(
-            image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
-            name=session.name("sidecar"), labels=session.labels("sidecar"),
+            spec.image, spec.command, name=spec.name, labels=spec.labels,
             hostname=hostname or None, network=network, ports=ports or None,
-            cap_add=caps, cap_drop=["ALL"], mounts=mounts, **extra,
+            cap_add=spec.cap_add, cap_drop=["ALL"], devices=spec.devices or None,
+            security_opt=spec.security_opt or None,
+            mounts=[Mount(target=target, source=source, type="bind", propagation=propagation or None)
+                    for source, target, propagation in spec.binds],
         )
         return container.id
 
@@ -189,6 +212,10 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             raise SessionError(f"cannot create the session's files volume: {_short(exc)}") from exc
         return volume.attrs["Mountpoint"]
+
+    def volume_root(self) -> str:
+        """Where the engine keeps local volumes (on the daemon's side)."""
+        return self.client.info().get("DockerRootDir", "/var/lib/docker") + "/volumes"
 
     def remove_files_volume(self, name: str, image: str) -> None:
         """Remove a session's files volume. A FUSE mount left on it by a killed sidecar stays in
@@ -408,6 +435,18 @@ class DockerEngine:
         if not state.get("Error"):
             return None
         return int(state.get("ExitCode") or 125), str(state["Error"])
+
+    def failed_with(self, container_id: str) -> tuple[int, str] | None:
+        """(exit code, its last meaningful output line) of a container that exited with an
+        error; None if it runs, exited 0, or is gone."""
+        try:
+            c = self.client.containers.get(container_id)
+            code = int(c.attrs.get("State", {}).get("ExitCode") or 0)
+            if c.status != "exited" or code == 0:
+                return None
+            return code, _tail(c.logs(tail=20).decode(errors="replace").splitlines())
+        except docker.errors.APIError:
+            return None
 
     def is_running(self, container_id: str) -> bool:
         try:

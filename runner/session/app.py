@@ -172,7 +172,7 @@ def attach(engine, app_id: str, interactive: bool) -> int:
     forwarding exactly as `docker run` does. Ctrl-C/SIGTERM stop the app (SIGTERM, then SIGKILL
     after 2 s: a PID 1 without handlers ignores SIGINT) and podtwin exits with 130."""
     cmd = ["docker", "start", "--attach"] + (["--interactive"] if interactive else []) + [app_id]
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -198,7 +198,7 @@ def _load_prctl():
 _prctl = _load_prctl()  # resolved before any fork: the child only makes the call
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the attach child: get SIGKILL if the runner dies, so no orphaned `docker start -a`
     holds the terminal (the guard then removes the container)."""
     PR_SET_PDEATHSIG = 1

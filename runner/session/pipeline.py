@@ -72,6 +72,7 @@ class Bridge:
     sidecar_id: str
     remote: wire.Info   # the target's info: env, pid, hostname, resolver files
     files: list[FileBind]   # the target's files
+    files_volume: str | None   # where the sidecar mounts them (the daemon's path), if it does
 
 
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
@@ -102,11 +103,13 @@ def target_identity(opts: SessionOptions, found: Resolved, progress: Progress) -
 
 
 def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
-         image: str, progress: Progress) -> Plan:
+         image: str, progress: Progress, app: bool = True) -> Plan:
     """Everything that can be refused before anything is made: first what the input alone can
     refuse (options, derived settings, the state directory), then, asking the Docker engine
-    ``make_engine`` gives, the backends, the images, the target."""
-    check_options(opts)
+    ``make_engine`` gives, the backends, the images, the target. ``app``: the session runs an app
+    container of its own (``opts`` name its image); in a compose project compose runs it."""
+    if app:
+        check_options(opts)
     settings, extra = derived_settings(cfg)
     check_state_dir()
     engine = make_engine()
@@ -114,7 +117,8 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engi
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
         kubeconfig=opts.kubeconfig or cfg.kubeconfig_path(), context=opts.context or cfg.kube_context)
     engine.require_image(placement.sidecar_image, "build it with `podtwin images build`")
-    engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
+    if app:
+        engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
     found = placement.resolve(progress)
     if not placement.serves_incoming:
         settings = settings.model_copy(update={"incoming": None})
@@ -157,9 +161,12 @@ def check_options(opts: SessionOptions) -> None:
 
 
 def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: Teardown,
-                on_lost: Callable[[], None], on_notice: Callable[[str, str], None]) -> Bridge:
+                on_lost: Callable[[], None], on_notice: Callable[[str, str], None],
+                start_sidecar: bool = True) -> Bridge:
     """Start the agent and the sidecar and open the link, recording each undo in ``teardown``.
-    ``on_lost``: the link to the agent dropped; ``on_notice``: the agent has something to say."""
+    ``on_lost``: the link to the agent dropped; ``on_notice``: the agent has something to say.
+    Without ``start_sidecar`` the sidecar is left to whoever runs the app (a compose project's
+    service, ``engine.sidecar_spec``): it finds the agent through the session directory."""
     session = Session.create(str(p.target))
     teardown.add("session directory", session.remove_dir)
     reaper.spawn(session.id, session.runner_pid, session.dir)
@@ -174,9 +181,11 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         binds = [FileBind(root + e.path, e.path, e.writable, in_sidecar + e.path) for e in p.settings.files.exports]
     # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
     p.settings.write(session.files.sidecar_settings)
-    sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
-                                      ports=p.extra.ports, files_volume=files_volume)
-    teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+    sidecar_id = ""
+    if start_sidecar:
+        sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
+                                          ports=p.extra.ports, files_volume=files_volume)
+        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
     ready = p.placement.wait_ready(progress)
 
     loop = LoopThread()
@@ -192,4 +201,4 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
             raise AgentError(f"{p.transport.what} to the agent failed: {why}", p.transport.hint) from exc
         raise
     progress(f"agent ready; target process {remote.pid} has {len(remote.env)} environment variables")
-    return Bridge(session, sidecar_id, remote, binds)
+    return Bridge(session, sidecar_id, remote, binds, files_volume)

@@ -54,6 +54,8 @@ def wait_for_exit(pid: int) -> None:
 def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
     from podtwin.runner.adapters.docker_engine import DockerEngine
 
+    _compose_down(session_dir)
+
     for attempt in range(attempts):
         try:
             removed = DockerEngine().clean_session(session_id)
@@ -68,6 +70,24 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
             time.sleep(1 + attempt)
     _clean_kube(session_id, session_dir)
     shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def _compose_down(session_dir: Path) -> None:
+    """A compose project's session: take the whole project down as ``podtwin compose up`` would
+    have (containers and networks; the user's volumes stay)."""
+    marker = SessionFiles(session_dir).compose_marker
+    if not marker.exists():
+        return
+    try:
+        import json
+
+        where = json.loads(marker.read_text())
+        subprocess.run([*where["argv"], "-p", where["project"], "-f", where["file"], "--project-directory",
+                        where["directory"], "down", "--remove-orphans", "--timeout", "1"],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        log.info("compose project %s: down", where["project"])
+    except Exception as exc:  # noqa: BLE001 - best effort; the labelled containers go next anyway
+        log.warning("compose project: could not take it down: %r", exc)
 
 
 def _clean_kube(session_id: str, session_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -17,12 +18,13 @@ from podtwin.runner.link.client import Link, LinkKeys
 from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.settings import SidecarSettings
 from podtwin.runner.state.files import SessionFiles
+from podtwin.runner.sidecar import READY_FILE
 
 from podtwin.runner.sidecar.dns.resolver import DnsServer
 from podtwin.runner.sidecar.files import FileMounts
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
 from podtwin.runner.sidecar.dns.names import NameCache
-from podtwin.runner.sidecar.outgoing.netsetup import NetSetup
+from podtwin.runner.sidecar.outgoing.netsetup import NetSetup, own_subnets
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
 from podtwin.runner.sidecar.outgoing.tcp import TcpProxy
 from podtwin.runner.sidecar.outgoing.udp import UdpRelay
@@ -45,10 +47,15 @@ def resolv_conf_for_app(target_resolv: str) -> str:
 
 class Decider:
     """Per-connection and per-query decisions for filters the kernel rules cannot express (host
-    names), using the names the app knows each address by."""
+    names), using the names the app knows each address by. ``local_names`` (a compose project's
+    services) resolve locally; under ``search`` domains (the app's resolver tries those first)
+    they are not found, so that a cluster's namesake never shadows the local service."""
 
-    def __init__(self, outgoing: OutgoingFilter, dns: DnsFilter, names: NameCache) -> None:
+    def __init__(self, outgoing: OutgoingFilter, dns: DnsFilter, names: NameCache,
+                 local_names: tuple[str, ...] = (), search: tuple[str, ...] = ()) -> None:
         self.outgoing, self.dns, self.names = outgoing, dns, names
+        self.local_names = frozenset(n.lower() for n in local_names)
+        self.search = tuple(s.lower().strip(".") for s in search)
 
     def connection(self, proto: str, ip: str, port: int) -> str:
         flt = self.outgoing
@@ -59,6 +66,13 @@ class Decider:
         return "remote" if "remote" in decisions else "local"
 
     def query(self, name: str) -> str:
+        if self.local_names:
+            name_ = name.lower().rstrip(".")
+            if name_ in self.local_names:
+                return "local"
+            first, _, rest = name_.partition(".")
+            if first in self.local_names and rest in self.search:
+                return "nxdomain"
         return self.dns.decide(name)
 
 
@@ -85,8 +99,12 @@ async def amain(args: argparse.Namespace) -> int:
     link = await Link.connect_unix(str(files.agent_socket), keys, role="sidecar", wait=settings.connect_timeout)
     info = await link.control.info()
 
+    if settings.local_subnets:   # a compose project's networks: the sidecar's own
+        rules = dataclasses.replace(rules, local_cidrs=rules.local_cidrs + tuple(
+            (cidr, None, None) for cidr in await asyncio.to_thread(own_subnets)))
     names = NameCache()
-    decider = Decider(outgoing, settings.dns_filter(), names)
+    search = ResolvConf.parse(info.resolv_conf if dns_enabled else Path("/etc/resolv.conf").read_text()).search
+    decider = Decider(outgoing, settings.dns_filter(), names, settings.local_names, tuple(search))
     # Our resolver answers every query: remote ones through the agent, local ones (dns off, or
     # the filter says so) from the resolver this container had, over sockets that bypass our rules.
     own_resolv = Path("/etc/resolv.conf").read_text()
@@ -122,6 +140,7 @@ async def amain(args: argparse.Namespace) -> int:
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)
+        Path(READY_FILE).touch()   # what a compose healthcheck looks for
         closed = loop.create_task(link.wait_closed(), name="sidecar:link")
         stopped = loop.create_task(stop.wait(), name="sidecar:signal")
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)

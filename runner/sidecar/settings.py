@@ -101,6 +101,11 @@ class SidecarSettings(_Frozen):
     incoming: IncomingSettings | None = None
     files: FilesSettings | None = None
     connect_timeout: float = Field(60.0, description="how long to wait for the agent's socket")
+    local_names: tuple[str, ...] = Field((), description=(
+        "names that resolve locally whatever the DNS filter says (a compose project's services); under the "
+        "target's search domains they are not found, so the resolver moves on to the bare name"))
+    local_subnets: bool = Field(False, description=(
+        "connections to the subnets of the sidecar's own networks (a compose project's) stay local"))
 
     @classmethod
     def from_config(cls, cfg: PodtwinConfig) -> "SidecarSettings":

@@ -64,6 +64,12 @@ class SessionFiles:
         return self.root / "owner.json"
 
     @property
+    def compose_marker(self) -> Path:
+        """For the reaper: the compose project a session's service runs in (JSON: the compose
+        command, the project's name, the generated file, the project directory)."""
+        return self.root / "compose.json"
+
+    @property
     def kube_marker(self) -> Path:
         """For the reaper: the kubeconfig and context of a Kubernetes session's agent."""
         return self.root / "kube.json"

@@ -54,6 +54,16 @@ def test_listening_ports_reads_both_families(tmp_path: Path):
     assert listening_ports(tmp_path) == {80, 8080}   # the ESTABLISHED one (st 01) is not a listener
 
 
+def test_listening_ports_skips_listeners_on_other_loopback_addresses(tmp_path: Path):
+    """Docker's embedded DNS listens on 127.0.0.11 in a container on a user-defined network: not
+    the app's port. One on 127.0.0.1 is (incoming connections are delivered there)."""
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    (tmp_path / "tcp").write_text(header
+        + "   0: 0B00007F:9315 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0\n"
+        + "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0\n")
+    assert listening_ports(tmp_path) == {8080}
+
+
 FILTERED_SAVE = """*nat
 :PREROUTING ACCEPT [0:0]
 :PODTWIN_IN_aaaa - [0:0]

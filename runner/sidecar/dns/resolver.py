@@ -49,9 +49,16 @@ def servfail(query: bytes) -> bytes:
     return query[:2] + struct.pack("!HHHHH", flags, qdcount, 0, 0, 0) + query[12:end]
 
 
+def nxdomain(query: bytes) -> bytes:
+    """A "no such name" answer to ``query``, in the form of ``servfail``'s but RCODE=3."""
+    answer = servfail(query)
+    return answer[:3] + bytes([(answer[3] & 0xF0) | 3]) + answer[4:] if answer else b""
+
+
 class DnsServer:
     """``remote`` and ``local`` are async (query bytes) -> answer bytes (b"" when nothing
-    answered); ``decide(name)`` picks one per query; ``learn(answer)`` sees every answer."""
+    answered); ``decide(name)`` picks one per query ("remote", "local", or "nxdomain": answered
+    here, not found); ``learn(answer)`` sees every answer."""
 
     def __init__(self, remote, local=None, decide=None, learn=None,
                  host: str = "127.0.0.1", port: int = 53) -> None:
@@ -66,6 +73,8 @@ class DnsServer:
     async def answer(self, query: bytes) -> bytes:
         name = question_name(query)
         side = self.decide(name) if name is not None and self.local is not None else "remote"
+        if side == "nxdomain":
+            return nxdomain(query)
         try:
             answer = await (self.local if side == "local" else self.remote)(query)
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:

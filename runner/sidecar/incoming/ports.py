@@ -32,8 +32,18 @@ def listening_ports(proc_net: Path = Path("/proc/net")) -> set[int]:
         for line in lines:
             fields = line.split()
             if len(fields) > 3 and fields[3] == LISTEN:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                address, port = fields[1].rsplit(":", 1)
+                if _unreachable(address):
+                    continue
+                ports.add(int(port, 16))
     return ports
+
+
+def _unreachable(address: str) -> bool:
+    """A listener the agent's connections (delivered to 127.0.0.1) cannot reach: on another
+    loopback address, such as Docker's embedded DNS server on 127.0.0.11 in a container on a
+    user-defined network. /proc/net/tcp writes an IPv4 address as 8 hex digits, low byte first."""
+    return len(address) == 8 and address[6:] == "7F" and address != "0100007F"
 
 
 class IncomingPorts:

@@ -45,6 +45,17 @@ class NetSetup:
         self.undo.unwind()   # logs what it could not remove
 
 
+def own_subnets() -> list[str]:
+    """The IPv4 subnets of this namespace's interfaces other than loopback: the networks the
+    container is attached to (a compose project's)."""
+    import ipaddress
+
+    with IPRoute() as ipr:
+        return sorted({str(ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network)
+                       for a in ipr.get_addr(family=socket.AF_INET)
+                       if not str(a.get_attr("IFA_ADDRESS")).startswith("127.")})
+
+
 def _restore(script: str) -> None:
     proc = subprocess.run(["iptables-restore", "--noflush"], input=script, text=True,
                           capture_output=True)
