@@ -23,9 +23,9 @@ SIDECAR_PREFIX = "podtwin-"
 # What Docker refuses on a container that joins another's network (``network_mode: service:``):
 # moved to the sidecar, which owns the namespace.
 MOVED_TO_SIDECAR = ("ports", "expose", "hostname", "domainname", "dns", "dns_search", "dns_opt",
-                    "extra_hosts", "mac_address")
+                    "extra_hosts", "mac_address", "links")
 # ...and what goes with the network itself.
-DROPPED_FROM_SERVICE = ("networks", "links", "network_mode", *MOVED_TO_SIDECAR)
+DROPPED_FROM_SERVICE = ("networks", "network_mode", *MOVED_TO_SIDECAR)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def engaged_services(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, service in (model.get("services") or {}).items():
         if EXTENSION in service:
             own = service.get(EXTENSION)
-            out[name] = {**defaults, **(own if isinstance(own, dict) else {"target": own})}
+            own = {} if own is None else own if isinstance(own, dict) else {"target": own}
+            out[name] = {**defaults, **own}
     return out
 
 
@@ -83,6 +84,7 @@ def local_names(model: dict[str, Any]) -> list[str]:
             for net in networks.values():
                 names.update(str(a) for a in ((net or {}).get("aliases") or []))
         names.update(_extra_host_names(service.get("extra_hosts")))
+        names.update(str(link).split(":")[-1] for link in service.get("links") or [])
     return sorted(n.lower() for n in names)
 
 
@@ -134,7 +136,9 @@ def _bridge(name: str, service: dict[str, Any], e: Engaged) -> tuple[dict[str, A
     sidecar_networks = {}
     for net, opts in networks.items():
         opts = dict(opts or {})
-        opts["aliases"] = _unique([name, *(opts.get("aliases") or [])])
+        # container_name too: Docker resolves a container's name only on its own networks
+        opts["aliases"] = _unique([name, *([service["container_name"]] if service.get("container_name") else []),
+                                   *(opts.get("aliases") or [])])
         sidecar_networks[net] = opts
     sidecar: dict[str, Any] = {
         "image": s.image,
@@ -178,7 +182,7 @@ def _bridge(name: str, service: dict[str, Any], e: Engaged) -> tuple[dict[str, A
     if e.labels:
         app["labels"] = {**(service.get("labels") or {}), **e.labels}
     volumes = list(service.get("volumes") or [])
-    declared = {_target(v) for v in volumes}
+    declared = {_target(v) for v in volumes} | {str(t).split(":")[0].rstrip("/") for t in _list(service.get("tmpfs"))}
     for source, path, writable in e.files:
         if path.rstrip("/") in declared:
             continue   # the user's declaration wins
@@ -205,6 +209,10 @@ def _target(volume: Any) -> str:
         return str(volume.get("target", "")).rstrip("/")
     parts = str(volume).split(":")
     return (parts[1] if len(parts) > 1 else parts[0]).rstrip("/")
+
+
+def _list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def _unique(items: list[Any]) -> list[str]:
