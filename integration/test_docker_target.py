@@ -316,7 +316,7 @@ def test_mirrords_container_form_and_docker_run_flags(podtwin, staging, tmp_path
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--", "docker", "run", "-d", APP_IMAGE], "-d/--detach is not supported yet"),
+    (["--", "docker", "run", "-di", APP_IMAGE], "-d and -i cannot go together"),
     (["--", "docker", "run", "--add-host", "a:10.0.0.1", APP_IMAGE], "--add-host is not allowed"),
     (["--", "docker", "run", "--privileged", APP_IMAGE], "--privileged is not supported"),
     (["--", "docker", "build", "."], "after --, give the `docker run` command"),
@@ -326,6 +326,27 @@ def test_docker_run_flags_podtwin_cannot_honour_are_one_line(podtwin, staging, a
     assert result.returncode == 125, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert expect in line and "Traceback" not in result.stderr, result.stderr
+
+
+def test_detached_session_and_podtwin_stop(podtwin, staging):
+    """`docker run -d`'s contract: the app container's id on stdout, exit 0, the app running with
+    the target's env and network; `podtwin sessions` lists it; `podtwin stop ID` ends it and
+    removes everything (the fixture checks that nothing is left)."""
+    name = f"pt-detached-{staging.target[-6:]}"
+    result = podtwin.run("container", "--target", f"container/{staging.target}", "-q", "--", "docker", "run", "-d",
+                         "--name", name, APP_IMAGE, "sh", "-c",
+                         "echo APP_MODE=$APP_MODE $(wget -qO- http://backend/ | head -c 17); "
+                         "trap 'exit 0' TERM; while sleep 1; do :; done")
+    assert result.returncode == 0, result.stderr
+    app_id = result.stdout.strip()
+    assert docker("inspect", "-f", "{{.Name}} {{.State.Running}}", app_id).stdout.strip() == f"/{name} true"
+    wait_until(lambda: "APP_MODE=staging hello from backend" in docker("logs", name).stdout, 10, "the app's output")
+    session = next(line.split()[0] for line in podtwin.run("sessions").stdout.splitlines() if f"app:{name}" in line)
+    stopped = podtwin.run("stop", app_id[:12])
+    assert stopped.returncode == 0 and stopped.stdout.strip() == session, stopped.stderr
+    assert docker("ps", "-a", "-q", "--filter", f"name={name}").stdout.strip() == ""
+    again = podtwin.run("stop", session)
+    assert again.returncode == 125 and f"no podtwin session '{session}'" in again.stderr
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from podtwin.runner.config.loader import load_config
 from podtwin.runner.config.models import PodtwinConfig
-from podtwin.runner.errors import ConfigError, DockerUnavailable, PodtwinError
+from podtwin.runner.errors import EXIT_INFRA, EXIT_INTERRUPTED, ConfigError, DockerUnavailable, PodtwinError
 from podtwin.runner.session.housekeeping import clean, clean_targets, kube_for_listing, list_sessions
 from podtwin.runner.progress import Progress
 from podtwin.runner.targets import Target, Targetless, parse_target
@@ -43,6 +43,7 @@ class RunOptions:
     env_files: tuple[Path, ...] = ()     # docker run --env-file: below -e
     name: str | None = None              # the app container's name
     docker_args: tuple[str, ...] = ()    # more docker run flags, as container.cli_extra_args takes them
+    detach: bool = False                 # docker run -d: the session runs on in the background
 
 
 def resolve_config(opts: RunOptions, progress: Progress) -> tuple[PodtwinConfig, Target]:
@@ -77,8 +78,11 @@ def check_config(config_file: Path | None, profile: str | None, cwd: Path,
     return cfg, warnings
 
 
-def run(opts: RunOptions) -> int:
-    """One session (``session.pipeline``); the app's exit code."""
+def run(opts: RunOptions, detached=None) -> int:
+    """One session (``session.pipeline``); the app's exit code. With ``opts.detach`` the session
+    goes on in a process of its own (``run_detached``) and this returns once the app runs."""
+    if opts.detach:
+        return run_detached(opts)
     progress = Progress(opts.quiet)
     if opts.env_files:   # as docker run: the files' values, then -e over them
         from podtwin.runner.env import read_env_file
@@ -90,7 +94,84 @@ def run(opts: RunOptions) -> int:
     from podtwin.runner.config.image import podtwin_image_name
     from podtwin.runner.session import pipeline
 
-    return pipeline.run(opts, cfg, target, _docker_engine, podtwin_image_name(), progress)
+    return pipeline.run(opts, cfg, target, _docker_engine, podtwin_image_name(), progress, detached=detached)
+
+
+_STARTED = b"\0podtwin-detached-app "
+
+
+def run_detached(opts: RunOptions) -> int:
+    """``docker run -d``'s contract: print the app container's id once it runs, exit 0, and leave
+    it running; the session (its link, agent, rules, mounts) lives on in a child process of its
+    own session (no terminal), which ends it when the app exits or on ``podtwin stop``, and whose
+    guard covers it as any runner's. Start-up progress and errors come here first, then the
+    child's log (``<state dir>/detached/<pid>.log``) has the rest."""
+    if opts.interactive:
+        raise ConfigError("-d and -i cannot go together: a detached app has no terminal to read",
+                          "leave out -i, or run in the foreground")
+    import signal
+    import sys
+
+    from podtwin.runner.state.session import state_dir
+
+    logs = state_dir() / "detached"
+    logs.mkdir(parents=True, exist_ok=True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the session's process
+        os.close(read)
+        os.setsid()
+        code = EXIT_INFRA
+        try:
+            log = os.open(logs / f"{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(log, 1)
+            os.dup2(write, 2)
+
+            def started(app_id: str) -> None:
+                sys.stderr.flush()
+                os.write(2, _STARTED + app_id.encode() + b"\n")
+                os.dup2(log, 2)   # from now on, to the log: nobody reads the pipe
+                os.close(write)
+
+            code = run(dataclasses.replace(opts, detach=False), detached=started)
+        except PodtwinError as exc:
+            print(exc.one_line(), file=sys.stderr)
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        except BaseException:   # noqa: BLE001 - the child must never return into the parent's code
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            sys.stdout.flush()
+            if code in (0, EXIT_INTERRUPTED):   # ended as asked: the log has nothing to tell
+                (logs / f"{os.getpid()}.log").unlink(missing_ok=True)
+            os._exit(code)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                if line.startswith(_STARTED):
+                    app_id = line[len(_STARTED):].decode().strip()
+                    print(app_id, flush=True)
+                    return 0
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)   # Ctrl-C before the app ran: the session is undone
+        os.waitpid(pid, 0)
+        raise
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) or EXIT_INFRA
+
+
+def stop(ref: str, timeout: float = 60) -> str:
+    """End a session (``podtwin stop``): its id, or its app container's name or id."""
+    from podtwin.runner.session.housekeeping import stop_session
+
+    return stop_session(ref, timeout)
 
 
 def compose(files: tuple[str, ...], project_name: str | None, profiles: tuple[str, ...], env_files: tuple[str, ...],
@@ -115,5 +196,5 @@ def _docker_engine():
     return DockerEngine()
 
 
-__all__ = ["RunOptions", "run", "compose", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing",
+__all__ = ["RunOptions", "run", "run_detached", "stop", "compose", "check_config", "list_sessions", "clean", "clean_targets", "kube_for_listing",
            "PodtwinError"]

@@ -123,7 +123,9 @@ def container() -> None:
                    "app's network).")
 @click.option("--name", help="Name of the app container (default: podtwin-<session>-app).")
 @click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label on the app container.")
-@click.option("-d", "--detach", is_flag=True, hidden=True)
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background and print the app container's id, as docker run -d; "
+                   "`podtwin stop ID` ends the session.")
 @click.option("--docker-arg", "docker_args", multiple=True, hidden=True,
               help="A docker run flag for the app or the sidecar, as container.cli_extra_args takes them.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and connect it to the app.")
@@ -159,9 +161,6 @@ def container_run(target, config_file, profile, env, env_files, publish, name, l
     """
     if command and command[0] == "--":
         command = command[1:]
-    if detach:
-        raise ConfigError("-d/--detach is not supported yet: podtwin stays in the foreground for the session",
-                          "run it in the background of your shell or a terminal multiplexer")
     extra = [*docker_args, *(a for v in publish for a in ("-p", v)), *(a for v in labels for a in ("-l", v))]
     opts = api.RunOptions(
         image=image, command=tuple(command), target=target, config_file=config_file, profile=profile,
@@ -169,7 +168,7 @@ def container_run(target, config_file, profile, env, env_files, publish, name, l
         workdir=workdir, user=user, as_target_user=as_target_user, volumes=tuple(volumes), network=network,
         namespace=namespace,
         context=context, kubeconfig=kubeconfig, cwd=Path.cwd(), env_files=tuple(env_files), name=name,
-        docker_args=tuple(extra), overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
+        docker_args=tuple(extra), detach=detach, overrides={"feature": {"fs": {"mode": fs_mode}}} if fs_mode else {})
     sys.exit(api.run(opts))
 
 
@@ -358,6 +357,21 @@ def sessions(context, kubeconfig) -> None:
     for row in rows:
         state = "live" if row["alive"] else "dead"
         click.echo(f"{row['session']}  {state:4}  {row['target']:30}  {' '.join(row['objects'])}")
+
+
+@main.command("stop")
+@click.argument("sessions", nargs=-1, required=True, metavar="SESSION...")
+def stop(sessions) -> None:
+    """End sessions as Ctrl-C would: a session's id (`podtwin sessions`), or its app container's
+    name or id (what `container run -d` printed). Waits until each one has removed what it made.
+
+    \b
+    Example:
+      podtwin stop 3f2a9c1e
+      podtwin stop $(podtwin container run -d --target container/api myimage:dev)
+    """
+    for ref in sessions:
+        click.echo(api.stop(ref))
 
 
 @main.command("clean")

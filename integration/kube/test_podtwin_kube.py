@@ -439,3 +439,40 @@ def test_real_users_mirrord_file_shapes_work(cluster, staging, tmp_path):
                             capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["staging", "from-the-environment", "the-default"]
+
+
+def test_compose_project_with_two_bridged_services_and_a_local_one(cluster, staging, tmp_path):
+    """`podtwin compose up`: `api` runs as deploy/api (its env, the compose file's value winning;
+    the cluster's backend by short and full names) next to a plain local `db` it reaches by its
+    compose name; `reader` runs as deploy/files with the pod's ConfigMap at its path. compose's
+    exit code; afterwards no agent, no container of the project, and the target pods untouched."""
+    import yaml
+
+    def pods():
+        return {(p.metadata.name, p.metadata.uid, sum(s.restart_count for s in p.status.container_statuses or []))
+                for p in client.CoreV1Api(cluster.api).list_namespaced_pod(staging).items}
+    before = pods()
+    project = f"ptk{os.getpid()}"
+    file = tmp_path / "compose.yaml"
+    file.write_text(yaml.safe_dump({"services": {
+        "db": {"image": APP, "command": ["sh", "-c", "mkdir -p /w && echo local-db > /w/index.html && "
+                                         "exec httpd -f -p 5432 -h /w"]},
+        "api": {"image": APP, "depends_on": ["db"], "environment": {"APP_MODE": "local"},
+                "command": ["sh", "-c", "echo APP_MODE=$$APP_MODE LOG_LEVEL=$$LOG_LEVEL; wget -qO- http://db:5432/; "
+                            "wget -qO- http://backend/short; "
+                            f"wget -qO- http://backend.{staging}.svc.cluster.local/full; sleep 1; exit 5"],
+                "x-podtwin": {"target": "deploy/api", "namespace": staging}},
+        "reader": {"image": APP, "command": ["sh", "-c", "trap 'exit 0' TERM; cat /etc/config/app.yaml; "
+                                             "while sleep 1; do :; done"],
+                   "x-podtwin": {"target": "deploy/files", "namespace": staging}},
+    }}))
+    result = podtwin(cluster, "compose", "-p", project, "-f", str(file), "up", "--exit-code-from", "api")
+    assert result.returncode == 5, result.stdout + result.stderr
+    for expected in ("APP_MODE=local LOG_LEVEL=debug", "local-db", "k8s backend /short", "k8s backend /full",
+                     "greeting: from the pod's ConfigMap"):
+        assert expected in result.stdout, (expected, result.stdout, result.stderr)
+    no_agent_left(cluster, 15)
+    left = subprocess.run(["docker", "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+                          capture_output=True, text=True).stdout.split()
+    assert left == []
+    assert pods() == before

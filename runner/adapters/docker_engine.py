@@ -65,8 +65,12 @@ class DockerEngine:
     def __init__(self, client: "docker.DockerClient | None" = None) -> None:
         try:
             self.client = client or docker.from_env(timeout=60)
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailable(f"the Docker engine does not answer ({_short(exc)})") from exc
+        try:
             self.client.ping()
         except docker.errors.DockerException as exc:
+            self.client.close()
             raise DockerUnavailable(f"the Docker engine does not answer ({_short(exc)})") from exc
 
     # -- images ---------------------------------------------------------------------------
@@ -407,6 +411,12 @@ class DockerEngine:
             return None
         except (docker.errors.APIError, OSError):   # the engine went away: the session is lost too
             return None
+
+    def start(self, container_id: str) -> None:
+        try:
+            self.client.containers.get(container_id).start()
+        except docker.errors.APIError as exc:
+            raise SessionError(f"cannot start the app: {_short(exc)}") from exc
 
     def stop(self, container_id: str, timeout: int = 3) -> None:
         try:

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import threading
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
 from podtwin.runner.config.models import PodtwinConfig
 from podtwin.runner.env import apply_env
@@ -98,9 +98,12 @@ class App:
 
     def run(self, session: Session, opts: AppOptions, cfg: PodtwinConfig, remote_env: dict,
             sidecar_id: str, teardown: Teardown, files: list[FileBind] | None = None,
-            identity: tuple[str, tuple[str, ...]] = ("", ())) -> int:
+            identity: tuple[str, tuple[str, ...]] = ("", ()),
+            detached: Callable[[str], None] | None = None) -> int:
         """Once the sidecar has bridged the network: create the app container and run it.
-        ``identity``: the user and extra groups to run it as (``--as-target-user``)."""
+        ``identity``: the user and extra groups to run it as (``--as-target-user``). With
+        ``detached``, the app is started without attaching to it, ``detached(app id)`` is told,
+        and the session lasts until the app exits or this process gets SIGTERM."""
         self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         self.progress("network bridged; starting the app")
         if files and session.files.files_missing.exists():
@@ -132,7 +135,8 @@ class App:
         threading.Thread(target=self._watch_sidecar, args=(sidecar_id, attached), name="podtwin-sidecar-watch",
                          daemon=True).start()
         try:
-            code = attach(self.engine, app_id, opts.interactive)
+            code = (in_background(self.engine, app_id, detached) if detached
+                    else attach(self.engine, app_id, opts.interactive))
         finally:
             attached.set()
         failed = self.engine.start_failure(app_id) if code != 0 else None
@@ -187,6 +191,27 @@ def attach(engine, app_id: str, interactive: bool) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 130 if stopping.is_set() else code
+
+
+def in_background(engine, app_id: str, started: Callable[[str], None]) -> int:
+    """Start the app unattached, say so, and wait for it to exit; SIGTERM/SIGINT (``podtwin stop``)
+    stop it as in ``attach``."""
+    engine.start(app_id)
+    started(app_id)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=engine.stop, args=(app_id, 2), name="podtwin-stop", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = engine.wait_exit(app_id)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stopping.is_set() else 125 if code is None else code
 
 
 def _load_prctl():

@@ -109,3 +109,45 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
         raise SessionError("clean-up was incomplete: " + "; ".join(errors) + (
             " (removed: " + ", ".join(removed) + ")" if removed else ""), "fix the cause and run `podtwin clean` again")
     return removed
+
+
+def stop_session(ref: str, timeout: float = 60) -> str:
+    """End a running session as Ctrl-C would (``podtwin stop``): ``ref`` is its id, or the name
+    or id of one of its containers (the app's, as ``docker run -d`` printed it). Waits until its
+    runner has removed everything; returns the session's id."""
+    import os
+    import signal
+
+    from podtwin.runner.adapters.docker_engine import DockerEngine
+    from podtwin.runner.session.reaper import wait_for_exit
+    from podtwin.runner.state.session import LABEL_RUNNER_PID
+
+    ref = ref.strip()
+    if not ref:
+        raise ConfigError("no session named", "give a session's id (`podtwin sessions`), or its app container's name")
+    matches: dict[str, dict] = {}
+    for obj in DockerEngine().session_objects():
+        sid = obj.labels.get(LABEL_SESSION, "")
+        if (ref == sid or ref == obj.name
+                    or (obj.kind == "container" and len(ref) >= 6 and obj.id.startswith(ref))):
+            matches[sid] = obj.labels
+    if not matches:
+        raise ConfigError(f"no podtwin session {ref!r} on this machine",
+                          "`podtwin sessions` lists them (a session's id, or its app container's name or id)")
+    if len(matches) > 1:
+        raise ConfigError(f"{ref!r} names several sessions ({', '.join(sorted(matches))})", "give a session's id")
+    sid, labels = next(iter(matches.items()))
+    if labels.get(LABEL_HOST) != socket.gethostname():
+        raise SessionError(f"session {sid} runs on {labels.get(LABEL_HOST)}, not here", "stop it there")
+    if not runner_alive(labels):
+        raise SessionError(f"session {sid}'s runner is gone", "`podtwin clean` removes what it left")
+    pid = int(labels[LABEL_RUNNER_PID])
+    os.kill(pid, signal.SIGTERM)
+    import threading
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (wait_for_exit(pid), done.set()), daemon=True).start()
+    if not done.wait(timeout):
+        raise SessionError(f"session {sid} did not end within {timeout:.0f}s",
+                           "`podtwin sessions` shows it; `podtwin clean --all` removes it")
+    return sid

@@ -76,17 +76,18 @@ class Bridge:
 
 
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
-        image: str, progress: Progress) -> int:
+        image: str, progress: Progress, detached: Callable[[str], None] | None = None) -> int:
     """One ``podtwin container run``: plan, bridge, run the app, tear down. ``image``: the local
     podtwin image (the sidecar's; the agent's unless agent.image says); ``make_engine``: the Docker
-    engine, asked once the input alone has been checked."""
+    engine, asked once the input alone has been checked; ``detached``: the app runs unattached
+    (``App.run``)."""
     p = plan(opts, cfg, target, make_engine, image, progress)
     engine = p.engine
     app = App(engine, progress, p.extra.app)
     with Teardown(progress) as teardown:
         bridge = open_bridge(p, engine, progress, teardown, on_lost=app.link_lost, on_notice=app.on_notice)
         return app.run(bridge.session, opts, cfg, bridge.remote.env, bridge.sidecar_id, teardown, bridge.files,
-                       identity=target_identity(opts, p.found, progress))
+                       identity=target_identity(opts, p.found, progress), detached=detached)
 
 
 def target_identity(opts: SessionOptions, found: Resolved, progress: Progress) -> tuple[str, tuple[str, ...]]:
