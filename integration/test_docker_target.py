@@ -335,7 +335,7 @@ def test_detached_session_and_podtwin_stop(podtwin, staging):
     name = f"pt-detached-{staging.target[-6:]}"
     result = podtwin.run("container", "--target", f"container/{staging.target}", "-q", "--", "docker", "run", "-d",
                          "--name", name, APP_IMAGE, "sh", "-c",
-                         "echo APP_MODE=$APP_MODE $(wget -qO- http://backend/ | head -c 17); "
+                         "echo APP_MODE=$APP_MODE $(wget -qO- http://backend/ | head -c 18); "
                          "trap 'exit 0' TERM; while sleep 1; do :; done")
     assert result.returncode == 0, result.stderr
     app_id = result.stdout.strip()
