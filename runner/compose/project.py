@@ -116,7 +116,10 @@ def service_config(name: str, ext: dict[str, Any], directory: Path, progress: Pr
         overrides["kube_context"] = ext.pop("context")
     overrides.update(ext)
     try:
-        cfg, warnings = load_config(Path(config_file) if config_file else None, profile, directory, overrides)
+        # only the file x-podtwin names: one found in the project's directory could be anything
+        # (a compose file called podtwin.yaml, another service's config)
+        cfg, warnings = load_config(Path(config_file) if config_file else None, profile, directory, overrides,
+                                    discover=False)
     except PodtwinError as exc:
         raise ConfigError(f"service {name!r}: {exc.message}", exc.hint) from exc
     for warning in warnings:

@@ -235,8 +235,9 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: Path | None, profile: str | None, cwd: Path,
-                overrides: dict[str, Any] | None = None) -> tuple[PodtwinConfig, list[str]]:
-    """Built-in defaults < profile < config file (-f, else found in cwd) < CLI overrides.
+                overrides: dict[str, Any] | None = None, discover: bool = True) -> tuple[PodtwinConfig, list[str]]:
+    """Built-in defaults < profile < config file (-f, else found in cwd unless not ``discover``)
+    < CLI overrides.
 
     Returns the config and the warnings for mirrord keys podtwin ignores.
     """
@@ -250,7 +251,7 @@ def load_config(path: Path | None, profile: str | None, cwd: Path,
         if not file.is_file():
             raise ConfigError(f"config file {file} is not a regular file", "give -f a JSON, YAML or TOML file")
     else:
-        file = find_config_file(cwd)
+        file = find_config_file(cwd) if discover else None
     if file is not None:
         layers.append((str(file), read_config_file(file)))
     if overrides:

@@ -38,6 +38,14 @@ def test_x_podtwin_keys_become_the_services_config(tmp_path: Path):
     assert cfg.feature.network.incoming.mode == "steal"   # from the file it names, relative to the project
 
 
+def test_no_config_file_is_picked_up_from_the_project_directory(tmp_path: Path):
+    """A compose file named podtwin.yaml (or another service's config) in the project's directory
+    is not taken for this service's config: only the file x-podtwin names is read."""
+    (tmp_path / "podtwin.yaml").write_text("services: {api: {image: x}}\n")
+    cfg = service_config("api", {"target": "container/t"}, tmp_path, Progress(True))
+    assert cfg.target.path == "container/t"
+
+
 def test_a_bad_x_podtwin_names_the_service(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
         service_config("worker", {"target": "deploy/w", "feature": {"nope": 1}}, tmp_path, Progress(True))
