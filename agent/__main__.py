@@ -14,6 +14,7 @@ import asyncssh
 from podtwin.agent.incoming.service import IncomingServer
 from podtwin.agent.incoming.steal.nat import sweep_dead_sessions
 from podtwin.agent.target.nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
+from podtwin.agent.link.handoff import HandoffServer
 from podtwin.agent.link.server import Agent, make_listener, serve
 from podtwin.agent.target.process import TargetProcess
 
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the exec transport); default with --target-container-id: " + EXEC_SOCKET +
                         " (exec'd processes join the network namespace the agent moved to, where its "
                         "loopback listener is not; a unix socket's path does not depend on it)")
+    p.add_argument("--handoff", metavar="unix:PATH",
+                   help="also hand connected sockets to a client on the same kernel (a Docker target's "
+                        "sidecar): see podtwin.agent.link.handoff")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
@@ -65,20 +69,22 @@ def prepare(args: argparse.Namespace):
     node agent, find the target container's process and enter its network namespace; for an
     ephemeral container in the target's pod, only find the process (the namespaces are shared)."""
     listener, cleanup = make_listener(args.listen)
+    handoff = make_listener(args.handoff) if args.handoff else None
     exec_path = args.exec_socket or (EXEC_SOCKET if args.target_container_id else None)
     exec_socket = (exec_path, *make_listener(f"unix:{exec_path}")) if exec_path else None
     pid = args.target_pid
     if args.targetless:
-        return listener, cleanup, exec_socket, TargetProcess(os.getpid(), targetless=True)
+        return listener, cleanup, exec_socket, handoff, TargetProcess(os.getpid(), targetless=True)
     if args.target_container_id:
         pid = main_pid(args.target_container_id)
         enter_netns(pid)
     elif args.target_in_pod:
         pid = pod_main_pid(args.target_in_pod)
-    return listener, cleanup, exec_socket, TargetProcess(pid)
+    return listener, cleanup, exec_socket, handoff, TargetProcess(pid)
 
 
-async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, target: TargetProcess) -> int:
+async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, handoff,
+                target: TargetProcess) -> int:
     if not target.exists():
         print(f"podtwin-agent: target process {target.pid} not found", file=sys.stderr)
         return 3
@@ -105,7 +111,17 @@ async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, target
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")
-    await serve(agent, listener, cleanup, exec_socket)
+    server = None
+    if handoff is not None:
+        server = HandoffServer(handoff[0])
+        server.start()
+    try:
+        await serve(agent, listener, cleanup, exec_socket)
+    finally:
+        if server is not None:
+            server.close()
+            handoff[0].close()
+            handoff[1]()
     return 0
 
 
@@ -115,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s agent %(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     try:
-        listener, cleanup, exec_socket, target = prepare(args)
+        listener, cleanup, exec_socket, handoff, target = prepare(args)
     except (NamespaceError, ValueError, OSError) as exc:
         print(f"podtwin-agent: {exc}", file=sys.stderr)
         return 3
-    return asyncio.run(amain(args, listener, cleanup, exec_socket, target))
+    return asyncio.run(amain(args, listener, cleanup, exec_socket, handoff, target))
 
 
 if __name__ == "__main__":

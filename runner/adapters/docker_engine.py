@@ -118,6 +118,7 @@ class DockerEngine:
             image,
             ["python", "-m", "podtwin.agent", "--listen", f"unix:{files.agent_socket}",
              "--authorized-keys", str(files.client_public_key), "--target-pid", "1",
+             "--handoff", f"unix:{files.handoff_socket}",
              "--host-key", str(files.agent_host_key),
              "--startup-timeout", str(startup_timeout),
              "--communication-timeout", str(communication_timeout),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from podtwin.agent.dns import Forwarder, ResolvConf
+from podtwin.agent.link.handoff import HandoffClient
 from podtwin.runner.link.client import Link, LinkKeys
 from podtwin.runner.sidecar.outgoing.policy import DnsFilter, OutgoingFilter
 from podtwin.runner.sidecar.settings import SidecarSettings
@@ -127,8 +128,9 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
         if rules.tcp:
+            handoff = HandoffClient(str(files.handoff_socket)) if files.handoff_socket.exists() else None
             services.append(TcpProxy(link, rules.tcp_port, decide=(
-                lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None))
+                lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff))
         if rules.udp:
             services.append(UdpRelay(link.control, rules.udp_port, decide=(
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))

@@ -48,6 +48,12 @@ class SessionFiles:
         return self.root / "agent.sock"
 
     @property
+    def handoff_socket(self) -> Path:
+        """A Docker agent's socket handoff (``podtwin.agent.link.handoff``): present when the agent
+        shares the sidecar's kernel; the sidecar's outgoing TCP then bypasses the SSH link."""
+        return self.root / "handoff.sock"
+
+    @property
     def sidecar_settings(self) -> Path:
         """``SidecarSettings`` as JSON, written by the runner before the sidecar starts."""
         return self.root / "sidecar.json"

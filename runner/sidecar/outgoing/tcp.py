@@ -1,4 +1,6 @@
-"""Transparent TCP proxy: each redirected connection becomes a direct-tcpip channel to the agent."""
+"""Transparent TCP proxy: each redirected connection becomes a direct-tcpip channel to the agent,
+or, where the agent shares the sidecar's kernel (a Docker target), a socket it connected in the
+target's namespace and handed over (``podtwin.agent.link.handoff``)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,6 +8,7 @@ import logging
 import socket
 import struct
 
+from podtwin.agent.link.handoff import HandoffClient
 from podtwin.agent.sockopts import SO_MARK, original_dst
 from podtwin.agent.streams import splice
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
@@ -42,8 +45,9 @@ class TcpProxy:
     """``decide(ip, port)`` says "remote" (through the agent) or "local" (from here) for each
     connection whose fate the kernel rules could not settle (filters with host names)."""
 
-    def __init__(self, link, port: int, decide=None) -> None:
+    def __init__(self, link, port: int, decide=None, handoff: HandoffClient | None = None) -> None:
         self.link = link
+        self.handoff = handoff   # the agent shares our kernel: it hands over connected sockets
         self.port = port
         self.decide = decide
         self.server: asyncio.base_events.Server | None = None
@@ -68,6 +72,9 @@ class TcpProxy:
         try:
             if side == "local":
                 r_reader, r_writer = await open_local(host, port)
+            elif self.handoff is not None:
+                r_reader, r_writer = await asyncio.open_connection(
+                    sock=await self.handoff.connect(host, port), limit=256 * 1024)
             else:
                 r_reader, r_writer = await self.link.open_tcp(host, port, orig=(peer[0], peer[1]))
         except Exception as exc:  # ChannelOpenError (refused, unreachable) or the link is gone

@@ -1,0 +1,146 @@
+"""The socket handoff: outgoing TCP with no SSH framing, where agent and sidecar share a kernel.
+
+For a Docker target on the same engine, the agent and the sidecar both see the session
+directory. There the agent also listens on ``handoff.sock``: a client sends one request line
+(``{"host": ADDRESS, "port": PORT}``), the agent connects to it from the target's network
+namespace, and hands the connected socket itself back (``SCM_RIGHTS``), with ``{"ok": true}``;
+or answers ``{"error": ..., "errno": N}``. The sidecar then joins the app's connection to that
+socket directly: no SSH channel, no encryption, no copy through the agent.
+
+Who may ask: whoever can open a socket in the session directory (mode 0700), which is whoever can
+read the session's private key beside it; the SSH link's authentication proves nothing more.
+A Kubernetes agent runs on another machine (or kernel) and has no handoff: the SSH link carries
+every stream there.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import logging
+import socket
+
+log = logging.getLogger("podtwin.agent.handoff")
+
+MAX_REQUEST = 512
+CONNECT_TIMEOUT = 30.0
+
+
+def encode_request(host: str, port: int) -> bytes:
+    return json.dumps({"host": host, "port": port}).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> tuple[str, int]:
+    """(address, port) of a request line; ValueError if it is not one."""
+    msg = json.loads(line)
+    host, port = msg["host"], msg["port"]
+    ipaddress.ip_address(host)   # addresses only: the sidecar has resolved names already
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"bad port {port!r}")
+    return host, port
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await loop.sock_recv(sock, MAX_REQUEST)
+        if not chunk:
+            raise ConnectionError("closed before a whole request")
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data.split(b"\n", 1)[0]
+
+
+class HandoffServer:
+    """The agent's side: serve requests on ``listener`` until ``close``."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.tasks: set[asyncio.Task] = set()
+        self.accepting: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.accepting = asyncio.get_running_loop().create_task(self._accept(), name="handoff:accept")
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _ = await loop.sock_accept(self.listener)
+            task = loop.create_task(self._serve(client), name="handoff:request")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        out = None
+        try:
+            host, port = decode_request(await asyncio.wait_for(_read_line(loop, client), 10))
+            out = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            out.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(out, (host, port)), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.ETIMEDOUT
+                await loop.sock_sendall(client, json.dumps({"error": str(exc) or "timed out", "errno": code})
+                                        .encode() + b"\n")
+                return
+            client.setblocking(True)   # one small message with its descriptor
+            client.settimeout(5)
+            socket.send_fds(client, [b'{"ok": true}\n'], [out.fileno()])
+        except (OSError, ValueError, KeyError, TypeError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.debug("handoff request failed: %r", exc)
+        finally:
+            if out is not None:
+                out.close()   # the sidecar holds the connection now (or nobody does)
+            client.close()
+
+    def close(self) -> None:
+        if self.accepting is not None:
+            self.accepting.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class HandoffClient:
+    """The sidecar's side: a TCP connection made in the target's network namespace."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def connect(self, host: str, port: int) -> socket.socket:
+        """The connected socket; OSError (with the agent's errno, e.g. ECONNREFUSED) if the
+        target could not connect."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self.path)
+            await loop.sock_sendall(sock, encode_request(host, port))
+            await asyncio.wait_for(_readable(loop, sock), CONNECT_TIMEOUT + 5)
+            msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
+        finally:
+            sock.close()
+        if fds:
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(False)
+            for extra in fds[1:]:
+                socket.close(extra)
+            return conn
+        try:
+            reply = json.loads(msg.split(b"\n", 1)[0])
+        except ValueError:
+            reply = {}
+        code = reply.get("errno") or errno.ECONNABORTED
+        raise OSError(code, reply.get("error") or "the agent handed no connection")
