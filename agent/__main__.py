@@ -11,7 +11,6 @@ import sys
 
 import asyncssh
 
-from podtwin.agent.incoming.service import IncomingServer
 from podtwin.agent.incoming.steal.nat import sweep_dead_sessions
 from podtwin.agent.target.nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
 from podtwin.agent.link.handoff import HandoffServer
@@ -106,6 +105,8 @@ async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, handof
             swept = await asyncio.to_thread(sweep_dead_sessions)
             if swept:
                 logging.getLogger("podtwin.agent").info("removed rules of dead sessions: %s", ", ".join(swept))
+        from podtwin.agent.incoming.service import IncomingServer   # only a session with incoming needs it
+
         agent.incoming = IncomingServer(args.session, notify=agent.notify)
         await agent.incoming.start()
     loop = asyncio.get_running_loop()

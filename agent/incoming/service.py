@@ -31,7 +31,6 @@ from podtwin.agent.streams import splice
 from podtwin.agent.tasks import TaskSet
 
 log = logging.getLogger("podtwin.agent.incoming.service")
-INCOMING_HOST = "podtwin-incoming"
 STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
 PROXY_TIMEOUT = 3.0

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import asyncssh
 from asyncssh.stream import SSHServerStreamSession
@@ -27,9 +27,11 @@ from podtwin.agent.files.root import TargetRoot
 from podtwin.agent.files.sftp import TargetSFTPServer
 from podtwin.agent.link import wire
 from podtwin.agent.link.control_session import ControlSession
-from podtwin.agent.incoming.service import INCOMING_HOST, IncomingServer
 from podtwin.agent.target.process import TargetProcess
 from podtwin.agent.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from podtwin.agent.incoming.service import IncomingServer
 
 log = logging.getLogger("podtwin.agent")
 
@@ -125,7 +127,7 @@ class AgentConnection(asyncssh.SSHServer):
 
     def server_requested(self, listen_host: str, listen_port: int):
         """Remote forwarding of a port this client subscribed: the steal rule goes in now."""
-        if self.agent.incoming is None or listen_host != INCOMING_HOST:
+        if self.agent.incoming is None or listen_host != wire.INCOMING_HOST:
             return False
         return self.agent.incoming.activate(self, listen_port) or False
 
@@ -140,7 +142,7 @@ class AgentConnection(asyncssh.SSHServer):
     async def open_forwarded(self, port: int, peer: tuple[str, int]):
         """A forwarded-tcpip channel to this client for a connection to ``port`` from ``peer``."""
         assert self.conn is not None
-        return await self.conn.open_connection(INCOMING_HOST, port, peer[0], peer[1], encoding=None)
+        return await self.conn.open_connection(wire.INCOMING_HOST, port, peer[0], peer[1], encoding=None)
 
     def session_requested(self):
         return LinkSession(self)

@@ -349,3 +349,8 @@ def check_hello(msg: Message, expected: type[Hello] | type[HelloOk] = HelloOk) -
             f"protocol version mismatch: peer speaks {version!r}, we speak {PROTOCOL_VERSION}"
             " — use the podtwin image built from the same podtwin version (`podtwin images build`)")
     return expected.decode(msg)
+
+
+# The host name of the remote forwards that carry incoming connections (agent -> client): the
+# client asks to forward (INCOMING_HOST, port) for each port it subscribed.
+INCOMING_HOST = "podtwin-incoming"

@@ -104,15 +104,7 @@ class App:
         ``identity``: the user and extra groups to run it as (``--as-target-user``). With
         ``detached``, the app is started without attaching to it, ``detached(app id)`` is told,
         and the session lasts until the app exits or this process gets SIGTERM."""
-        self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
-        self.progress("network bridged; starting the app")
-        if files and session.files.files_missing.exists():
-            missing = set(json.loads(session.files.files_missing.read_text()))
-            for path in sorted(missing):
-                self.progress.warn(f"{path}: the target has no such path; not mounted")
-            files = [bind for bind in files if bind.path not in missing]
         env = apply_env(remote_env, cfg.feature.env, opts.env)
-        files = files or []
 
         def create(binds: list[FileBind]) -> str:
             return self.engine.create_app(
@@ -121,12 +113,32 @@ class App:
                 workdir=opts.workdir, user=opts.user or identity[0] or None, volumes=list(opts.volumes),
                 extra=self.extra, files=[(b.source, b.path, b.writable) for b in binds], group_add=identity[1],
                 name=opts.name)
-        copy = files if files and os.environ.get("PODTWIN_FS_COPY") == "1" else []
+
+        # Without the target's files nothing about the app waits for the sidecar: create it
+        # meanwhile (it only joins the sidecar's namespace once started).
+        early = _Background(create, []) if not files else None
         try:
-            app_id = create([] if copy else files)
-        except PropagationRefused:
-            copy = files
-            app_id = create([])
+            self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
+        except BaseException:
+            if early is not None:
+                early.discard(self.engine.remove)
+            raise
+        self.progress("network bridged; starting the app")
+        if files and session.files.files_missing.exists():
+            missing = set(json.loads(session.files.files_missing.read_text()))
+            for path in sorted(missing):
+                self.progress.warn(f"{path}: the target has no such path; not mounted")
+            files = [bind for bind in files if bind.path not in missing]
+        files = files or []
+        copy = files if files and os.environ.get("PODTWIN_FS_COPY") == "1" else []
+        if early is not None:
+            app_id = early.result()
+        else:
+            try:
+                app_id = create([] if copy else files)
+            except PropagationRefused:
+                copy = files
+                app_id = create([])
         self.id = app_id
         teardown.add("app container", lambda: self.engine.remove(app_id))
         if copy:
@@ -169,6 +181,33 @@ class App:
                                "this engine refuses mount propagation; run with --fs local to go without them")
         self.progress.warn(f"this Docker engine refuses mount propagation: {', '.join(b.path for b in copied)} "
                            "copied into the app as a snapshot (changes in the target will not show)")
+
+
+class _Background:
+    """One call on a thread of its own, whose result is taken later (or undone if not wanted)."""
+
+    def __init__(self, fn, *args) -> None:
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="podtwin-early", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:   # noqa: BLE001 - handed to whoever takes the result
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def discard(self, undo) -> None:
+        """Not wanted after all: undo what the call made, if it made anything."""
+        self.thread.join()
+        if self.error is None and self.value is not None:
+            undo(self.value)
 
 
 def attach(engine, app_id: str, interactive: bool) -> int:

@@ -13,6 +13,7 @@ process itself is killed.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -172,7 +173,6 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
     teardown.add("session directory", session.remove_dir)
     reaper.spawn(session.id, session.runner_pid, session.dir)
     session.write_keys(agent_host_key=p.placement.runner_makes_host_key)
-    teardown.setup(p.placement, session, progress)
     files_volume, binds = None, []
     if p.settings.files is not None:
         # The target's files: the sidecar mounts them on a session volume, the app binds them.
@@ -180,13 +180,22 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
         teardown.add("files volume", lambda: engine.remove_files_volume(session.name("fs"), p.placement.sidecar_image))
         root, in_sidecar = p.settings.files.root(files_volume), p.settings.files.root()
         binds = [FileBind(root + e.path, e.path, e.writable, in_sidecar + e.path) for e in p.settings.files.exports]
-    # The sidecar starts alongside the agent: it waits for the agent's host key and socket.
+    # The sidecar starts alongside the agent, at the same time: it waits for the agent's host key
+    # and socket. Its undo is recorded whichever of the two starts fails.
     p.settings.write(session.files.sidecar_settings)
     sidecar_id = ""
-    if start_sidecar:
-        sidecar_id = engine.start_sidecar(session, p.placement.sidecar_image, p.found.hostname, p.opts.network,
-                                          ports=p.extra.ports, files_volume=files_volume)
-        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="podtwin-sidecar-start") as pool:
+        sidecar = pool.submit(engine.start_sidecar, session, p.placement.sidecar_image, p.found.hostname,
+                              p.opts.network, ports=p.extra.ports, files_volume=files_volume) if start_sidecar else None
+        try:
+            teardown.setup(p.placement, session, progress)
+        finally:
+            if sidecar is not None:
+                try:
+                    sidecar_id = sidecar.result()
+                finally:
+                    if sidecar.exception() is None:
+                        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
     ready = p.placement.wait_ready(progress)
 
     loop = LoopThread()

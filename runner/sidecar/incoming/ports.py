@@ -12,7 +12,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from podtwin.agent.incoming.service import INCOMING_HOST
+from podtwin.agent.link.wire import INCOMING_HOST
 from podtwin.agent.streams import splice
 from podtwin.runner.sidecar.settings import IncomingSettings
 
