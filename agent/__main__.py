@@ -13,7 +13,7 @@ import asyncssh
 
 from podtwin.agent.incoming.steal.nat import sweep_dead_sessions
 from podtwin.agent.target.nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
-from podtwin.agent.link.handoff import HandoffServer
+from podtwin.agent.link.handoff import HANDOFF_BACKLOG, HandoffServer
 from podtwin.agent.link.server import Agent, make_listener, serve
 from podtwin.agent.target.process import TargetProcess
 
@@ -68,7 +68,8 @@ def prepare(args: argparse.Namespace):
     node agent, find the target container's process and enter its network namespace; for an
     ephemeral container in the target's pod, only find the process (the namespaces are shared)."""
     listener, cleanup = make_listener(args.listen)
-    handoff = make_listener(args.handoff) if args.handoff else None
+    # one connection per app connection being opened: as deep a queue as the sidecar's own listener
+    handoff = make_listener(args.handoff, backlog=HANDOFF_BACKLOG) if args.handoff else None
     exec_path = args.exec_socket or (EXEC_SOCKET if args.target_container_id else None)
     exec_socket = (exec_path, *make_listener(f"unix:{exec_path}")) if exec_path else None
     pid = args.target_pid

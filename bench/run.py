@@ -429,6 +429,40 @@ class Bench:
                 runs["podtwin"].append(p)
         return runs
 
+    def soak(self) -> dict:
+        """``--soak`` concurrent connections through podtwin's outgoing path (ptbench soak): each
+        answered a request when opened and again after being held; errors, and the RSS of the
+        sidecar and the agent before the connections and while they are all held."""
+        n = self.args.soak
+        log(f"soak: {n} concurrent connections through podtwin")
+        cmd = self.podtwin_cmd(["ptbench", "soak", "-addr", "backend:8080", "-c", str(n), "-hold", "5s",
+                                "-wait", "3s"])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                text=True, env=self.env)
+        self.children.append(proc)
+        out: dict = {"before": {}, "held": {}}
+        pids: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            pids = self.session_pids()
+            time.sleep(0.2)
+        time.sleep(1)
+        out["before"] = {role: proc_status(pid).get("VmRSS", 0) for role, pid in pids.items()}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("event") == "held":
+                out["held"] = {role: proc_status(pid).get("VmRSS", 0) for role, pid in pids.items()}
+            elif msg.get("event") == "result":
+                out["result"] = msg
+        proc.wait(timeout=120)
+        if "result" not in out:
+            raise RuntimeError(f"soak: no result: {proc.stderr.read()[-500:] if proc.stderr else ''}")
+        return out
+
     # -- clean-up ------------------------------------------------------------------------------
     def session_selectors(self) -> list[str]:
         """Docker label filters for the podtwin sessions this run started (outgoing, incoming)."""
@@ -540,7 +574,7 @@ def _mib(kib: int) -> str:
 
 
 def report(b: Bench, facts: dict, direct: dict, pod: dict, variant: dict, start: dict, command: str,
-           started: dt.datetime, elapsed: float) -> str:
+           started: dt.datetime, elapsed: float, soak: dict | None = None, image_mb: float | None = None) -> str:
     a = b.args
     var = bool(variant)
     rows = []
@@ -571,6 +605,19 @@ def report(b: Bench, facts: dict, direct: dict, pod: dict, variant: dict, start:
         rows.append([f"Whole run of `echo ready` incl. teardown, s (median of {n})",
                      fmt(med("direct", "exit")), fmt(med("podtwin", "exit")),
                      ratio(med("podtwin", "exit"), med("direct", "exit"), "s"), "not measured"])
+
+    if soak:
+        r = soak["result"]
+        rows.append([f"Concurrent connections through the outgoing path ({r['connections']}, each answering when "
+                     "opened and after 5 s held): answered / failed", "", f"{r['ok']} / {r['failed']}",
+                     r.get("first_error") or "no error", ""])
+        for role in ("sidecar", "agent"):
+            if role in soak["before"] and role in soak["held"]:
+                rows.append([f"{role} RSS before the connections → with all held, MiB", "",
+                             f"{_mib(soak['before'][role])} → {_mib(soak['held'][role])}", "", ""])
+    if image_mb:
+        rows.append(["Image a cluster pulls for the agent (podtwin image, uncompressed), MB", "", f"{image_mb:.0f}",
+                     "", ""])
 
     out = [f"Run on {started.strftime('%Y-%m-%d %H:%M %Z').strip()} in {elapsed:.0f} s with:", "",
            "```", command, "```", ""]
@@ -661,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--newconn", type=int, default=500, help="requests with a new TCP connection each")
     p.add_argument("--dns", type=int, default=500, help="DNS lookups")
     p.add_argument("--startup-runs", type=int, default=5, help="start-up runs per arm (0 skips)")
+    p.add_argument("--soak", type=int, default=1000,
+                   help="concurrent connections held through podtwin's outgoing path (0 skips)")
     p.add_argument("--max-phase", type=int, default=60, help="upper bound on each client phase, s")
     p.add_argument("--output", type=Path, default=REPO / "docs" / "performance.md",
                    help="markdown file to update (default docs/performance.md)")
@@ -715,8 +764,11 @@ def main(argv: list[str] | None = None) -> int:
             if config is not None:
                 variant = bench.run_suite("variant", config)
         start = bench.startup() if args.startup_runs > 0 else {"direct": [], "podtwin": []}
+        soak = bench.soak() if args.soak > 0 else None
+        size = docker("image", "inspect", "-f", "{{.Size}}", PODTWIN_IMAGE, check=False).stdout.strip()
         blocks.append((report(bench, facts, direct, pod, variant, start, command, started,
-                              time.monotonic() - t0), RESULTS_START, RESULTS_END))
+                              time.monotonic() - t0, soak, int(size) / MB if size.isdigit() else None),
+                       RESULTS_START, RESULTS_END))
 
     def incoming() -> None:
         from incoming import Incoming

@@ -24,6 +24,9 @@ import socket
 log = logging.getLogger("podtwin.agent.handoff")
 
 MAX_REQUEST = 512
+# Connections the app opens at once queue here and at the sidecar's proxy (1,000 are measured by
+# the bench's soak): the kernel caps it at net.core.somaxconn.
+HANDOFF_BACKLOG = 4096
 CONNECT_TIMEOUT = 30.0
 
 

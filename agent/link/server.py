@@ -226,7 +226,7 @@ class LinkSession(asyncssh.SSHServerSession):
             self.inner.connection_lost(exc)
 
 
-def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
+def make_listener(spec: str, backlog: int = 16) -> tuple[socket.socket, Callable[[], None]]:
     """``unix:/path`` (inside the per-session directory only the session can reach) or
     ``tcp:127.0.0.1:PORT`` (loopback of the agent's own pod: only a port-forward or an exec'd relay
     reaches it; PORT 0 lets the kernel choose a free one, announced in the READY line).
@@ -247,7 +247,7 @@ def make_listener(spec: str) -> tuple[socket.socket, Callable[[], None]]:
         cleanup = lambda: None  # noqa: E731
     else:
         raise ValueError(f"bad --listen {spec!r}")
-    listener.listen(16)
+    listener.listen(backlog)
     listener.setblocking(False)
     return listener, cleanup
 

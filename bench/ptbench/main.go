@@ -5,6 +5,7 @@
 //	ptbench client -name backend -port 8080 [-bytes N] [-repeat R] [-keepalive K] [-newconn C] [-dns D] ...
 //	ptbench load -url http://web/ping [-H 'name: value'] [-c C] [-n N | -duration D] [-newconn] [-expect NAME]
 //	ptbench files -big FILE -small DIR [-passes P]
+//	ptbench soak -addr backend:8080 [-c 1000] [-hold 5s] [-wait 0s]
 //
 // The server answers GET /zeros?bytes=N (N zero bytes), GET /ping ("pong\n") and POST /sink
 // (reads the body, answers with its length); with -name it tags every answer with the header
@@ -17,6 +18,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
@@ -451,9 +453,88 @@ func files(args []string) {
 		"warm_p50_us": percentile(warm, 50), "warm_p99_us": percentile(warm, 99)})
 }
 
+// soak: -c connections opened at once, each sends GET /ping, all are held open for -hold, then
+// each sends GET /ping again on the same connection; one result line: how many connections
+// answered both times, how many failed (and the first error), and how long opening all took.
+func soak(args []string) {
+	fs := flag.NewFlagSet("soak", flag.ExitOnError)
+	addr := fs.String("addr", "backend:8080", "host:port of the server")
+	conc := fs.Int("c", 1000, "concurrent connections")
+	hold := fs.Duration("hold", 5*time.Second, "how long every connection is held open")
+	wait := fs.Duration("wait", 0, "pause before opening them (lets the caller measure the idle state)")
+	fs.Parse(args)
+	time.Sleep(*wait)
+	ping := func(c net.Conn, r *bufioReader) error {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := c.Write([]byte("GET /ping HTTP/1.1\r\nHost: soak\r\n\r\n")); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(r.Reader, nil)
+		if err != nil {
+			return err
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || string(body) != "pong\n" {
+			return fmt.Errorf("bad answer %q: %v", body, err)
+		}
+		return nil
+	}
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	conns := make([]net.Conn, *conc)
+	readers := make([]*bufioReader, *conc)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < *conc; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			c, err := net.DialTimeout("tcp", *addr, 30*time.Second)
+			if err == nil {
+				readers[i] = newBufioReader(c)
+				err = ping(c, readers[i])
+			}
+			if err != nil {
+				failed.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				if c != nil {
+					c.Close()
+				}
+				return
+			}
+			conns[i] = c
+		}(i)
+	}
+	wg.Wait()
+	opened := time.Since(start)
+	emit(map[string]any{"event": "held", "open": *conc - int(failed.Load())})
+	time.Sleep(*hold)
+	for i, c := range conns {
+		if c == nil {
+			continue
+		}
+		wg.Add(1)
+		go func(i int, c net.Conn) {
+			defer wg.Done()
+			defer c.Close()
+			if err := ping(c, readers[i]); err != nil {
+				failed.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			ok.Add(1)
+		}(i, c)
+	}
+	wg.Wait()
+	e, _ := firstErr.Load().(string)
+	emit(map[string]any{"event": "result", "phase": "soak", "connections": *conc, "ok": ok.Load(),
+		"failed": failed.Load(), "first_error": e, "open_seconds": opened.Seconds()})
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files|soak [flags]")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -465,8 +546,15 @@ func main() {
 		load(os.Args[2:])
 	case "files":
 		files(os.Args[2:])
+	case "soak":
+		soak(os.Args[2:])
 	default:
-		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files [flags]")
+		fmt.Fprintln(os.Stderr, "usage: ptbench serve|client|load|files|soak [flags]")
 		os.Exit(2)
 	}
 }
+
+type bufioReader struct{ *bufio.Reader }
+
+func newBufioReader(c net.Conn) *bufioReader { return &bufioReader{bufio.NewReader(c)} }
+

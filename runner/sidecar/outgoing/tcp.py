@@ -8,7 +8,7 @@ import logging
 import socket
 import struct
 
-from podtwin.agent.link.handoff import HandoffClient
+from podtwin.agent.link.handoff import HANDOFF_BACKLOG, HandoffClient
 from podtwin.agent.sockopts import SO_MARK, original_dst
 from podtwin.agent.streams import splice
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
@@ -55,7 +55,7 @@ class TcpProxy:
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                 limit=256 * 1024)
+                                                 limit=256 * 1024, backlog=HANDOFF_BACKLOG)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
