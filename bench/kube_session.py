@@ -200,6 +200,7 @@ class KubeSection:
         self.b.env["PODTWIN_AGENT_IMAGE"] = self.podtwin_image   # the image loaded above, not the release's name
         client = self.b.client_args(self.b.args.kube_mb)
         self.in_pod = self.b.run_suite("in-pod", cmd=self.kubectl_cmd(client))
+        self.forward = self.port_forward()
         self.pod = self.b.run_suite("podtwin", cmd=self.podtwin_cmd(client), find_pids=self.session_pids)
         self.start = self.startup()
         self.files = self.files_run()
@@ -234,19 +235,55 @@ class KubeSection:
         out["kubectl exec cat"] = {"mb_s": mb_s, "p50_us": statistics.median(times)}
         return out
 
+    def port_forward(self) -> dict:
+        """The transport's ceiling: the same client on this machine through `kubectl port-forward`
+        to the backend Service (one API-server stream per connection, no podtwin at all); names
+        are not resolved through it, so no DNS phase."""
+        import re
+        pf = subprocess.Popen([self.kubectl, "--kubeconfig", str(self.kubeconfig), "-n", self.ns, "port-forward",
+                               "svc/backend", ":8080"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.b.children.append(pf)
+        try:
+            assert pf.stdout is not None
+            line = pf.stdout.readline()
+            found = re.search(r"127\.0\.0\.1:(\d+)", line)
+            if not found:
+                raise RuntimeError(f"kubectl port-forward said {line!r}")
+            client = self.b.client_args(self.b.args.kube_mb)
+            client[client.index("-name") + 1] = "127.0.0.1"
+            client[client.index("-port") + 1] = found.group(1)
+            client[client.index("-dns") + 1] = "0"
+            from run import LABEL
+            cmd = ["docker", "run", "--rm", "--label", f"{LABEL}={self.b.tag}", "--network", "host", self.b.image,
+                   *client]
+            return self.b.run_suite("port-forward", cmd=cmd)
+        finally:
+            pf.terminate()
+            pf.wait(timeout=10)
+
     def startup(self) -> dict[str, list[dict[str, float]]]:
-        runs: dict[str, list[dict[str, float]]] = {"in-pod": [], "podtwin": []}
+        """To the first line of `echo ready`: in the pod (`kubectl exec`), and through podtwin with
+        each kind of agent: a Job on the node (the default) and an ephemeral container."""
+        runs: dict[str, list[dict[str, float]]] = {"in-pod": [], "podtwin": [], "ephemeral": []}
         n = self.b.args.kube_startup_runs
         if n <= 0:
             return runs
+        ephemeral = self.b.state_dir / "ephemeral.json"
+        ephemeral.write_text(json.dumps({"agent": {"ephemeral": True}}))
         self.log(f"kubernetes: start-up: {n} runs per arm, alternating (plus one warm-up each)")
         for i in range(n + 1):
             d = self.b.first_line(self.kubectl_cmd(["echo", "ready"]))
             p = self.b.first_line(self.podtwin_cmd(["echo", "ready"], quiet=False), timeout=180)
+            e = self.b.first_line(self.ephemeral_cmd(ephemeral), timeout=180)
             if i > 0:
                 runs["in-pod"].append(d)
                 runs["podtwin"].append(p)
+                runs["ephemeral"].append(e)
         return runs
+
+    def ephemeral_cmd(self, config: Path) -> list[str]:
+        return [*self.b.podtwin, "container", "run", "-f", str(config), "-n", self.ns, "--target", "deploy/api",
+                self.b.image, "echo", "ready"]
 
     def note(self) -> str:
         return (f"Target `deploy/api` in namespace `bench-<tag>` on the test cluster (the same machine); "
@@ -267,8 +304,9 @@ class KubeSection:
             y, rates = throughput(p, phase)
             if x is None and y is None:
                 continue
+            f, _ = throughput(self.forward, phase)
             rows.append([f"{what} throughput, MB/s (median of {len(rates)} × {a.kube_mb:g} MB; higher is better)",
-                         fmt(x, 0), fmt(y, 1), ratio(y, x)])
+                         fmt(x, 0), fmt(f, 1), fmt(y, 1), ratio(y, x), ratio(y, f)])
         for phase, what in (("keepalive", "HTTP request to `backend`, one kept-alive connection"),
                             ("newconn", "HTTP request, new TCP connection each"),
                             ("dns", "DNS lookup of `backend` (A, uncached)")):
@@ -276,20 +314,28 @@ class KubeSection:
             p50, p99, n = lat(p, phase)
             if not n:
                 continue
-            rows.append([f"{what}: p50, ms (n={n})", fmt(d50, 3), fmt(p50, 3), ratio(p50, d50, "ms")])
-            rows.append([f"{what}: p99, ms", fmt(d99, 3), fmt(p99, 3), ratio(p99, d99, "ms")])
+            f50, f99, fn = lat(self.forward, phase)
+            rows.append([f"{what}: p50, ms (n={n})", fmt(d50, 3), fmt(f50, 3) if fn else "—", fmt(p50, 3),
+                         ratio(p50, d50, "ms"), ratio(p50, f50, "ms") if fn else "—"])
+            rows.append([f"{what}: p99, ms", fmt(d99, 3), fmt(f99, 3) if fn else "—", fmt(p99, 3),
+                         ratio(p99, d99, "ms"), ratio(p99, f99, "ms") if fn else "—"])
         s = self.start
         if s["podtwin"]:
             med = lambda arm, key: statistics.median(x[key] for x in s[arm])  # noqa: E731
             n = len(s["podtwin"])
             rows.append([f"Start-up: command to the first output line of `echo ready`, s (median of {n}; in-pod: "
-                         "`kubectl exec`)", fmt(med("in-pod", "first")), fmt(med("podtwin", "first")),
-                         ratio(med("podtwin", "first"), med("in-pod", "first"), "s")])
+                         "`kubectl exec`), Job agent", fmt(med("in-pod", "first")), "—", fmt(med("podtwin", "first")),
+                         ratio(med("podtwin", "first"), med("in-pod", "first"), "s"), "—"])
+            if s.get("ephemeral"):
+                rows.append([f"Start-up, the same with an ephemeral agent (`agent.ephemeral: true`), s (median of {n})",
+                             fmt(med("in-pod", "first")), "—", fmt(med("ephemeral", "first")),
+                             ratio(med("ephemeral", "first"), med("in-pod", "first"), "s"), "—"])
             rows.append([f"Whole run incl. teardown (agent Job deleted), s (median of {n})",
-                         fmt(med("in-pod", "exit")), fmt(med("podtwin", "exit")),
-                         ratio(med("podtwin", "exit"), med("in-pod", "exit"), "s")])
-        out = ["| Kubernetes measurement (`deploy/` target) | in the target pod | podtwin | podtwin / in-pod |",
-               "|---|---:|---:|---:|"]
+                         fmt(med("in-pod", "exit")), "—", fmt(med("podtwin", "exit")),
+                         ratio(med("podtwin", "exit"), med("in-pod", "exit"), "s"), "—"])
+        out = ["| Kubernetes measurement (`deploy/` target) | in the target pod | `kubectl port-forward` "
+               "| podtwin | podtwin / in-pod | podtwin / port-forward |",
+               "|---|---:|---:|---:|---:|---:|"]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         if s["podtwin"] and all(k in x for x in s["podtwin"] for k in ("agent", "agent_ready", "bridged")):
             med1 = lambda f: statistics.median(f(x) for x in s["podtwin"])  # noqa: E731

@@ -274,9 +274,9 @@ class Bench:
                   find_pids=None) -> dict:
         """Run the client through one arm; sample the session's processes while it runs.
         ``cmd`` and ``find_pids`` (-> {role: host pid}) for other targets than this staging's;
-        arms named "direct" or "in-pod" are baselines (nothing of podtwin to sample)."""
+        arms named "direct", "in-pod" or "port-forward" are baselines (nothing of podtwin to sample)."""
         name = f"ptbench-client-{self.tag}"
-        baseline = arm in ("direct", "in-pod")
+        baseline = arm in ("direct", "in-pod", "port-forward")
         find_pids = find_pids or self.session_pids
         if cmd is None:
             cmd = self.direct_cmd(self.client_args(), name) if arm == "direct" else \
