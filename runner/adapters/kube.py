@@ -326,7 +326,8 @@ class KubeEngine:
                 for line in self._logs(ns, pod.metadata.name, tail=None).splitlines():
                     if line.startswith("PODTWIN_AGENT_READY "):
                         return pod.metadata.name, line.split(" ", 1)[1]
-            time.sleep(0.2)
+            # the agent needs about a second from scheduled to READY: poll finely, for a few seconds
+            time.sleep(0.05 if phase == "Running" else 0.1)
         raise AgentError(f"the agent was not ready within {timeout:.0f}s",
                          "raise agent.startup_timeout, or look at `kubectl describe job` for it")
 
