@@ -30,13 +30,18 @@ HANDOFF_BACKLOG = 4096
 CONNECT_TIMEOUT = 30.0
 
 
+UDP = "udp"   # a request for an unconnected UDP socket of the target's namespace: {"udp": true}
+
+
 def encode_request(host: str, port: int) -> bytes:
     return json.dumps({"host": host, "port": port}).encode() + b"\n"
 
 
 def decode_request(line: bytes) -> tuple[str, int]:
-    """(address, port) of a request line; ValueError if it is not one."""
+    """(address, port) of a request line, or (UDP, 0); ValueError if it is not one."""
     msg = json.loads(line)
+    if msg.get("udp") is True:
+        return UDP, 0
     host, port = msg["host"], msg["port"]
     ipaddress.ip_address(host)   # addresses only: the sidecar has resolved names already
     if not isinstance(port, int) or not 0 < port < 65536:
@@ -90,6 +95,13 @@ class HandoffServer:
         out = None
         try:
             host, port = decode_request(await asyncio.wait_for(_read_line(loop, client), 10))
+            if host == UDP:   # bound to an ephemeral port of the target's namespace, for the client to use
+                out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                out.bind(("0.0.0.0", 0))
+                client.setblocking(True)
+                client.settimeout(5)
+                socket.send_fds(client, [b'{"ok": true}\n'], [out.fileno()])
+                return
             out = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             out.setblocking(False)
             try:
@@ -125,18 +137,25 @@ class HandoffClient:
     async def connect(self, host: str, port: int) -> socket.socket:
         """The connected socket; OSError (with the agent's errno, e.g. ECONNREFUSED) if the
         target could not connect."""
+        return await self._ask(encode_request(host, port))
+
+    async def udp(self) -> socket.socket:
+        """An unconnected UDP socket of the target's namespace (IPv4, an ephemeral port)."""
+        return await self._ask(json.dumps({"udp": True}).encode() + b"\n")
+
+    async def _ask(self, request: bytes) -> socket.socket:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, self.path)
-            await loop.sock_sendall(sock, encode_request(host, port))
+            await loop.sock_sendall(sock, request)
             await asyncio.wait_for(_readable(loop, sock), CONNECT_TIMEOUT + 5)
             msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
         finally:
             sock.close()
         if fds:
-            conn = socket.socket(fileno=fds[0])
+            conn = socket.socket(fileno=fds[0])   # family and type come from the descriptor
             conn.setblocking(False)
             for extra in fds[1:]:
                 socket.close(extra)

@@ -21,6 +21,7 @@ from podtwin.runner.sidecar.settings import SidecarSettings
 from podtwin.runner.state.files import SessionFiles
 from podtwin.runner.sidecar import READY_FILE
 
+from podtwin.runner.sidecar.dns.handed import HandedResolver
 from podtwin.runner.sidecar.dns.resolver import DnsServer
 from podtwin.runner.sidecar.files import FileMounts
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
@@ -125,16 +126,22 @@ async def amain(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     services: list = []
+    # a Docker agent on our kernel hands over sockets of the target's namespace (TCP, DNS)
+    handoff = HandoffClient(str(files.handoff_socket)) if files.handoff_socket.exists() else None
     try:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
         if rules.tcp:
-            handoff = HandoffClient(str(files.handoff_socket)) if files.handoff_socket.exists() else None
             services.append(TcpProxy(link, rules.tcp_port, decide=(
                 lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff))
         if rules.udp:
             services.append(UdpRelay(link.control, rules.udp_port, decide=(
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
-        services.append(DnsServer(link.control.dns, local_dns.forward, decider.query, names.learn_answer))
+        remote_dns = link.control.dns
+        if handoff is not None and dns_enabled:   # the agent off the path of every query
+            handed = HandedResolver(await handoff.udp(), ResolvConf.parse(info.resolv_conf), link.control.dns)
+            services.append(handed)   # started below, before the DNS server that uses it
+            remote_dns = handed.query
+        services.append(DnsServer(remote_dns, local_dns.forward, decider.query, names.learn_answer))
         if settings.incoming is not None:
             services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}))
         if settings.files is not None:

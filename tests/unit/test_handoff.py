@@ -63,3 +63,59 @@ def test_a_refused_connection_comes_back_as_the_same_error(tmp_path):
             await client.connect("127.0.0.1", port)
         return err.value.errno
     assert asyncio.run(_session(tmp_path, go)) == errno.ECONNREFUSED
+
+
+def test_dns_through_a_handed_udp_socket_keeps_the_apps_id_and_falls_back_when_truncated(tmp_path):
+    """The sidecar's resolver on a UDP socket the agent handed over: the query reaches the
+    nameserver with the resolver's own id, the answer comes back with the app's; a truncated
+    answer is asked again through the fallback (the agent, which retries over TCP)."""
+    from podtwin.agent.dns import ResolvConf
+    from podtwin.runner.sidecar.dns.handed import HandedResolver
+
+    async def go(client: HandoffClient):
+        loop = asyncio.get_running_loop()
+        seen = []
+
+        class Nameserver(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                seen.append(data[:2])
+                flags = b"\x83\x80" if data[12:].startswith(b"\x03big") else b"\x81\x80"   # TC for "big"
+                self.transport.sendto(data[:2] + flags + data[4:], addr)
+
+        ns, _ = await loop.create_datagram_endpoint(Nameserver, local_addr=("127.0.0.1", 0))
+        port = ns.get_extra_info("sockname")[1]
+        fallbacks = []
+
+        async def fallback(query):
+            fallbacks.append(query)
+            return b"via-agent"
+        resolver = HandedResolver(await client.udp(), ResolvConf(nameservers=("127.0.0.1",)), fallback)
+        await resolver.start()
+        resolver.transport = _PortShift(resolver.transport, port)   # the test's nameserver is not on 53
+        q = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05small\x00\x00\x01\x00\x01"
+        answer = await resolver.query(q)
+        big = b"\x12\x34" + q[2:12] + b"\x03big\x00\x00\x01\x00\x01"
+        via = await resolver.query(big)
+        resolver.close()
+        ns.close()
+        return answer, seen, via, fallbacks, q
+    answer, seen, via, fallbacks, q = asyncio.run(_session(tmp_path, go))
+    assert answer[:2] == b"\xab\xcd" and answer[2:4] == b"\x81\x80" and answer[4:] == q[4:]
+    assert seen[0] != b"\xab\xcd"          # the resolver's own id went out
+    assert via == b"via-agent" and fallbacks[0][:2] == b"\x12\x34"
+
+
+class _PortShift:
+    """A datagram transport that sends what goes to port 53 to the test nameserver's port."""
+
+    def __init__(self, transport, port):
+        self.transport, self.port = transport, port
+
+    def sendto(self, data, addr):
+        self.transport.sendto(data, (addr[0], self.port))
+
+    def close(self):
+        self.transport.close()
