@@ -13,7 +13,7 @@ import asyncssh
 
 from podtwin.agent.incoming.steal.nat import sweep_dead_sessions
 from podtwin.agent.target.nsenter import NamespaceError, enter_netns, main_pid, pod_main_pid
-from podtwin.agent.link.handoff import HANDOFF_BACKLOG, HandoffServer
+from podtwin.agent.link.handoff import HANDOFF_BACKLOG, HandoffServer, IncomingPush
 from podtwin.agent.link.server import Agent, make_listener, serve
 from podtwin.agent.target.process import TargetProcess
 
@@ -115,7 +115,10 @@ async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, handof
         loop.add_signal_handler(sig, agent.stop, f"signal {sig.name}")
     server = None
     if handoff is not None:
-        server = HandoffServer(handoff[0])
+        push = IncomingPush()
+        if agent.incoming is not None and args.incoming == "steal":
+            agent.incoming.push = push
+        server = HandoffServer(handoff[0], push)
         server.start()
     try:
         await serve(agent, listener, cleanup, exec_socket)

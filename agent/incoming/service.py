@@ -100,6 +100,7 @@ class IncomingServer:
     _mirror: Any = None
     _next_hops: dict = field(default_factory=dict)   # port -> (read at, listener ports of later sessions)
     _stolen_ever: set = field(default_factory=set)   # ports this session has redirected
+    push: Any = None   # handoff.IncomingPush: whole-port steals' connections as sockets, where it is held
 
     async def start(self) -> None:
         """Listen (any port, all addresses) and announce liveness in this namespace."""
@@ -208,6 +209,11 @@ class IncomingServer:
             original = original_dst(conn)
         except OSError:
             original = None
+        if original is not None and self.push is not None and original[1] != self.rules.listen_port:
+            sub = self.subs.get(original[1])
+            if sub is not None and sub.active and not self._filters(sub) and self.push.send(conn, original[1]):
+                conn.close()   # the sidecar holds it now
+                return
         reader, writer = await asyncio.open_connection(sock=conn)
         try:
             await self._route(reader, writer, peer, original)

@@ -31,6 +31,7 @@ CONNECT_TIMEOUT = 30.0
 
 
 UDP = "udp"   # a request for an unconnected UDP socket of the target's namespace: {"udp": true}
+PUSH = "push"   # {"incoming": true}: this connection receives stolen connections (IncomingPush)
 
 
 def encode_request(host: str, port: int) -> bytes:
@@ -42,6 +43,8 @@ def decode_request(line: bytes) -> tuple[str, int]:
     msg = json.loads(line)
     if msg.get("udp") is True:
         return UDP, 0
+    if msg.get("incoming") is True:
+        return PUSH, 0
     host, port = msg["host"], msg["port"]
     ipaddress.ip_address(host)   # addresses only: the sidecar has resolved names already
     if not isinstance(port, int) or not 0 < port < 65536:
@@ -49,7 +52,7 @@ def decode_request(line: bytes) -> tuple[str, int]:
     return host, port
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     ready = loop.create_future()
     loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
     try:
@@ -73,8 +76,9 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
 class HandoffServer:
     """The agent's side: serve requests on ``listener`` until ``close``."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, push: "IncomingPush | None" = None) -> None:
         self.listener = listener
+        self.push = push   # where a client's {"incoming": true} connection goes
         self.tasks: set[asyncio.Task] = set()
         self.accepting: asyncio.Task | None = None
 
@@ -95,6 +99,9 @@ class HandoffServer:
         out = None
         try:
             host, port = decode_request(await asyncio.wait_for(_read_line(loop, client), 10))
+            if host == PUSH and self.push is not None:
+                await self.push.hold(client)   # until either side closes it
+                return
             if host == UDP:   # bound to an ephemeral port of the target's namespace, for the client to use
                 out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 out.bind(("0.0.0.0", 0))
@@ -128,6 +135,40 @@ class HandoffServer:
             task.cancel()
 
 
+class IncomingPush:
+    """The agent's end of the stolen-connection channel: a whole-port steal's connections go to
+    the sidecar as sockets (``send``, with ``{"port": TARGET_PORT}``) instead of SSH channels,
+    while a client holds the channel open. The channel is the session's sidecar's: only it can
+    open the handoff socket."""
+
+    def __init__(self) -> None:
+        self.channel: socket.socket | None = None
+
+    async def hold(self, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self.channel = client
+        try:
+            while await loop.sock_recv(client, 64):   # nothing is sent this way: wait for its end
+                pass
+        finally:
+            if self.channel is client:
+                self.channel = None
+
+    def send(self, conn: socket.socket, port: int) -> bool:
+        """Hand ``conn`` over for target port ``port``; False (nothing sent) if no channel is held
+        or it is not taking more just now: the caller forwards it over the link instead."""
+        channel = self.channel
+        if channel is None:
+            return False
+        try:
+            sent = socket.send_fds(channel, [json.dumps({"port": port}).encode() + b"\n"], [conn.fileno()],
+                                   socket.MSG_DONTWAIT)
+            return sent > 0
+        except OSError as exc:
+            log.debug("incoming push: %r", exc)
+            return False
+
+
 class HandoffClient:
     """The sidecar's side: a TCP connection made in the target's network namespace."""
 
@@ -138,6 +179,19 @@ class HandoffClient:
         """The connected socket; OSError (with the agent's errno, e.g. ECONNREFUSED) if the
         target could not connect."""
         return await self._ask(encode_request(host, port))
+
+    async def incoming(self) -> socket.socket:
+        """The channel stolen connections arrive on (``IncomingPush``), connected and asked for."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self.path)
+            await loop.sock_sendall(sock, json.dumps({"incoming": True}).encode() + b"\n")
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def udp(self) -> socket.socket:
         """An unconnected UDP socket of the target's namespace (IPv4, an ephemeral port)."""
@@ -150,7 +204,7 @@ class HandoffClient:
         try:
             await loop.sock_connect(sock, self.path)
             await loop.sock_sendall(sock, request)
-            await asyncio.wait_for(_readable(loop, sock), CONNECT_TIMEOUT + 5)
+            await asyncio.wait_for(readable(loop, sock), CONNECT_TIMEOUT + 5)
             msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
         finally:
             sock.close()

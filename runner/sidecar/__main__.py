@@ -143,7 +143,7 @@ async def amain(args: argparse.Namespace) -> int:
             remote_dns = handed.query
         services.append(DnsServer(remote_dns, local_dns.forward, decider.query, names.learn_answer))
         if settings.incoming is not None:
-            services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}))
+            services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}, handoff=handoff))
         if settings.files is not None:
             services.append(FileMounts(link, settings.files, files.files_missing))
         for service in services:

@@ -119,3 +119,41 @@ class _PortShift:
 
     def close(self):
         self.transport.close()
+
+
+def test_stolen_connections_are_pushed_as_sockets_while_the_channel_is_held(tmp_path):
+    """A whole-port steal on a Docker target: the agent sends each stolen connection to the
+    sidecar's held channel with its target port; without a held channel it sends nothing (the
+    caller forwards it over the link instead)."""
+    from podtwin.agent.link.handoff import IncomingPush, readable
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        path = str(tmp_path / "push.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)
+        listener.setblocking(False)
+        push = IncomingPush()
+        a, b = socket.socketpair()
+        assert push.send(a, 80) is False              # nobody holds the channel
+        server = HandoffServer(listener, push)
+        server.start()
+        channel = await HandoffClient(path).incoming()
+        for _ in range(100):                          # until the agent holds it
+            if push.channel is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert push.send(a, 8080) is True
+        await readable(loop, channel)
+        msg, fds, _, _ = socket.recv_fds(channel, 4096, 4)
+        got = socket.socket(fileno=fds[0])
+        b.sendall(b"through the pushed socket")
+        data = got.recv(100)
+        for s in (a, b, got, channel):
+            s.close()
+        server.close()
+        listener.close()
+        return msg, data
+    msg, data = asyncio.run(go())
+    assert msg == b'{"port": 8080}\n' and data == b"through the pushed socket"

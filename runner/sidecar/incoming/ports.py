@@ -9,10 +9,13 @@ forwards to the app's port on loopback. When the app stops listening, the port i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 from pathlib import Path
 
 from podtwin.agent.link.wire import INCOMING_HOST
+from podtwin.agent.link.handoff import readable
 from podtwin.agent.streams import splice
 from podtwin.runner.sidecar.settings import IncomingSettings
 
@@ -47,16 +50,56 @@ def _unreachable(address: str) -> bool:
 
 
 class IncomingPorts:
-    def __init__(self, link, settings: IncomingSettings, own_ports: set[int]) -> None:
+    def __init__(self, link, settings: IncomingSettings, own_ports: set[int], handoff=None) -> None:
         self.link = link
+        self.handoff = handoff   # a Docker agent on our kernel: stolen connections arrive as sockets
         self.settings = settings
         self.own_ports = own_ports
         self.listeners: dict[int, object] = {}   # app port -> asyncssh listener
         self.refused: set[int] = set()            # app ports refused while they keep listening
         self.task: asyncio.Task | None = None
+        self.push: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._follow(), name="incoming:follow")
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self._follow(), name="incoming:follow")
+        if self.handoff is not None and self.settings.mode == "steal":
+            self.push = loop.create_task(self._receive(await self.handoff.incoming()), name="incoming:push")
+
+    async def _receive(self, channel: socket.socket) -> None:
+        """Whole-port steals' connections handed over by the agent: each to the app's port that
+        takes its target port (the agent sends only ports this session subscribed)."""
+        loop = asyncio.get_running_loop()
+        buffered = b""
+        try:
+            while True:
+                await readable(loop, channel)
+                msg, fds, _, _ = socket.recv_fds(channel, 4096, 16)
+                if not msg and not fds:
+                    return   # the agent is gone
+                conns = [socket.socket(fileno=fd) for fd in fds]
+                buffered += msg
+                lines = buffered.split(b"\n")
+                buffered = lines.pop()
+                for line, conn in zip(lines, conns):
+                    remote = json.loads(line)["port"]
+                    local = next((lo for lo, re in self.settings.wanted(set(self.listeners)).items() if re == remote),
+                                 None)
+                    if local is None:
+                        conn.close()
+                        continue
+                    conn.setblocking(False)
+                    loop.create_task(self._deliver_socket(conn, local), name="incoming:conn")
+                for extra in conns[len(lines):]:
+                    extra.close()
+        except (OSError, ValueError, KeyError) as exc:
+            log.info("incoming push channel: %r", exc)
+        finally:
+            channel.close()
+
+    async def _deliver_socket(self, conn: socket.socket, local: int) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn, limit=256 * 1024)
+        await self._deliver_to(local)(reader, writer)
 
     async def _follow(self) -> None:
         while True:
@@ -100,6 +143,8 @@ class IncomingPorts:
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        if self.push is not None:
+            self.push.cancel()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
