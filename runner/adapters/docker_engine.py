@@ -45,7 +45,7 @@ class SidecarSpec:
 
     image: str
     command: list[str]
-    name: str
+    container_name: str
     labels: dict[str, str]
     cap_add: list[str]              # with every other capability dropped
     devices: list[str]              # host:container:permissions
@@ -198,7 +198,7 @@ class DockerEngine:
         ``ports`` (SDK form) for the app, which listens in its namespace."""
         spec = self.sidecar_spec(session, image, files_volume)
         container = self._run(
-            spec.image, spec.command, name=spec.name, labels=spec.labels,
+            spec.image, spec.command, name=spec.container_name, labels=spec.labels,
             hostname=hostname or None, network=network, ports=ports or None,
             cap_add=spec.cap_add, cap_drop=["ALL"], devices=spec.devices or None,
             security_opt=spec.security_opt or None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from podtwin.runner.adapters.docker_engine import SidecarSpec as Sidecar   # a session's sidecar, as a service
 from podtwin.runner.sidecar import READY_FILE
 
 EXTENSION = "x-podtwin"
@@ -26,20 +27,6 @@ MOVED_TO_SIDECAR = ("ports", "expose", "hostname", "domainname", "dns", "dns_sea
                     "extra_hosts", "mac_address", "links")
 # ...and what goes with the network itself.
 DROPPED_FROM_SERVICE = ("networks", "network_mode", *MOVED_TO_SIDECAR)
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """A session's sidecar container (``DockerEngine.sidecar_spec``), as a compose service."""
-
-    image: str
-    command: list[str]
-    container_name: str
-    labels: dict[str, str]
-    cap_add: list[str]
-    devices: list[str]
-    security_opt: list[str]
-    binds: list[tuple[str, str, str]]   # (source, target, propagation or "")
 
 
 @dataclass(frozen=True)

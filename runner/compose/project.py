@@ -167,9 +167,7 @@ def _engaged(p: pipeline.Plan, engine: "DockerEngine", session: Session, files_v
     if p.settings.files is not None and files_volume:
         root = p.settings.files.root(files_volume)
         files = [(root + e.path, e.path, e.writable) for e in p.settings.files.exports]
-    sidecar = gen.Sidecar(spec.image, spec.command, spec.name, spec.labels, spec.cap_add, spec.devices,
-                          spec.security_opt, spec.binds)
-    return gen.Engaged(sidecar, p.found.hostname, env, files, session.labels("app"),
+    return gen.Engaged(spec, p.found.hostname, env, files, session.labels("app"),
                        float(cfg.agent.startup_timeout))
 
 

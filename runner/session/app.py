@@ -216,20 +216,7 @@ def attach(engine, app_id: str, interactive: bool) -> int:
     after 2 s: a PID 1 without handlers ignores SIGINT) and podtwin exits with 130."""
     cmd = ["docker", "start", "--attach"] + (["--interactive"] if interactive else []) + [app_id]
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
-    stopping = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=engine.stop, args=(app_id, 2), name="podtwin-stop", daemon=True).start()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 130 if stopping.is_set() else code
+    return _until_exit(engine, app_id, proc.wait)
 
 
 def in_background(engine, app_id: str, started: Callable[[str], None]) -> int:
@@ -237,6 +224,12 @@ def in_background(engine, app_id: str, started: Callable[[str], None]) -> int:
     stop it as in ``attach``."""
     engine.start(app_id)
     started(app_id)
+    return _until_exit(engine, app_id, lambda: engine.wait_exit(app_id))
+
+
+def _until_exit(engine, app_id: str, wait: Callable[[], int | None]) -> int:
+    """``wait()`` for the app's exit code; the first SIGINT/SIGTERM meanwhile stops the app
+    (SIGTERM, SIGKILL after 2 s), and the result is then 130."""
     stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -246,7 +239,7 @@ def in_background(engine, app_id: str, started: Callable[[str], None]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = engine.wait_exit(app_id)
+        code = wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
