@@ -87,14 +87,11 @@ class Incoming:
             cmd.append("-newconn")
         if header:
             cmd += ["-H", header]
+        from run import json_events
         self.log(f"incoming: {name}")
         proc = self.docker("exec", self.caller, *cmd, check=False, timeout=a.max_phase + 60)
         result = None
-        for line in proc.stdout.splitlines():
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
+        for msg in json_events(proc.stdout.splitlines()):
             if msg.get("event") == "error":
                 raise RuntimeError(f"incoming {name}: {msg['error']}")
             if msg.get("event") == "result":

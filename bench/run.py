@@ -89,6 +89,15 @@ def sh(*cmd: str, timeout: float = 60) -> str:
         return "?"
 
 
+def json_events(lines):
+    """The JSON objects among ``lines`` (ptbench's output), in order; other lines are skipped."""
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 # --- statistics -----------------------------------------------------------------------------------
 
 
@@ -293,11 +302,7 @@ class Bench:
 
         def reader() -> None:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
+            for msg in json_events(proc.stdout):
                 with lock:
                     if msg.get("event") == "resolved":
                         state["phase"] = "idle"
@@ -449,11 +454,7 @@ class Bench:
         time.sleep(1)
         out["before"] = {role: proc_status(pid).get("VmRSS", 0) for role, pid in pids.items()}
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
+        for msg in json_events(proc.stdout):
             if msg.get("event") == "held":
                 out["held"] = {role: proc_status(pid).get("VmRSS", 0) for role, pid in pids.items()}
             elif msg.get("event") == "result":

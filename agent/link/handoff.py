@@ -1,11 +1,15 @@
-"""The socket handoff: outgoing TCP with no SSH framing, where agent and sidecar share a kernel.
+"""The socket handoff: sockets of the target's namespace with no SSH framing, where agent and
+sidecar share a kernel.
 
 For a Docker target on the same engine, the agent and the sidecar both see the session
 directory. There the agent also listens on ``handoff.sock``: a client sends one request line
 (``{"host": ADDRESS, "port": PORT}``), the agent connects to it from the target's network
 namespace, and hands the connected socket itself back (``SCM_RIGHTS``), with ``{"ok": true}``;
 or answers ``{"error": ..., "errno": N}``. The sidecar then joins the app's connection to that
-socket directly: no SSH channel, no encryption, no copy through the agent.
+socket directly: no SSH channel, no encryption, no copy through the agent. ``{"udp": true}``
+asks for an unconnected UDP socket (the sidecar's resolver sends from it); ``{"incoming": true}``
+holds the connection open as the channel a whole-port steal's connections are pushed on
+(``IncomingPush``).
 
 Who may ask: whoever can open a socket in the session directory (mode 0700), which is whoever can
 read the session's private key beside it; the SSH link's authentication proves nothing more.
@@ -105,9 +109,7 @@ class HandoffServer:
             if host == UDP:   # bound to an ephemeral port of the target's namespace, for the client to use
                 out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 out.bind(("0.0.0.0", 0))
-                client.setblocking(True)
-                client.settimeout(5)
-                socket.send_fds(client, [b'{"ok": true}\n'], [out.fileno()])
+                _hand_over(client, out)
                 return
             out = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             out.setblocking(False)
@@ -118,9 +120,7 @@ class HandoffServer:
                 await loop.sock_sendall(client, json.dumps({"error": str(exc) or "timed out", "errno": code})
                                         .encode() + b"\n")
                 return
-            client.setblocking(True)   # one small message with its descriptor
-            client.settimeout(5)
-            socket.send_fds(client, [b'{"ok": true}\n'], [out.fileno()])
+            _hand_over(client, out)
         except (OSError, ValueError, KeyError, TypeError, asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("handoff request failed: %r", exc)
         finally:
@@ -133,6 +133,12 @@ class HandoffServer:
             self.accepting.cancel()
         for task in list(self.tasks):
             task.cancel()
+
+
+def _hand_over(client: socket.socket, out: socket.socket) -> None:
+    client.setblocking(True)   # one small message with its descriptor
+    client.settimeout(5)
+    socket.send_fds(client, [b'{"ok": true}\n'], [out.fileno()])
 
 
 class IncomingPush:
@@ -182,28 +188,30 @@ class HandoffClient:
 
     async def incoming(self) -> socket.socket:
         """The channel stolen connections arrive on (``IncomingPush``), connected and asked for."""
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, self.path)
-            await loop.sock_sendall(sock, json.dumps({"incoming": True}).encode() + b"\n")
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return await self._request(json.dumps({"incoming": True}).encode() + b"\n")
 
     async def udp(self) -> socket.socket:
         """An unconnected UDP socket of the target's namespace (IPv4, an ephemeral port)."""
         return await self._ask(json.dumps({"udp": True}).encode() + b"\n")
 
-    async def _ask(self, request: bytes) -> socket.socket:
+    async def _request(self, request: bytes) -> socket.socket:
+        """A connection to the agent's handoff socket that has sent ``request``."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, self.path)
             await loop.sock_sendall(sock, request)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def _ask(self, request: bytes) -> socket.socket:
+        """The socket the agent hands back for ``request``."""
+        loop = asyncio.get_running_loop()
+        sock = await self._request(request)
+        try:
             await asyncio.wait_for(readable(loop, sock), CONNECT_TIMEOUT + 5)
             msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
         finally:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
 from podtwin.runner.config.models import PodtwinConfig
@@ -116,12 +117,16 @@ class App:
 
         # Without the target's files nothing about the app waits for the sidecar: create it
         # meanwhile (it only joins the sidecar's namespace once started).
-        early = _Background(create, []) if not files else None
+        early = None
+        if not files:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="podtwin-app-create")
+            early = pool.submit(create, [])
+            pool.shutdown(wait=False)   # the one call still runs to its end
         try:
             self.engine.wait_for_line(sidecar_id, "PODTWIN_SIDECAR_READY", cfg.agent.startup_timeout, "sidecar")
         except BaseException:
-            if early is not None:
-                early.discard(self.engine.remove)
+            if early is not None and early.exception() is None:   # not wanted after all: undo it
+                self.engine.remove(early.result())
             raise
         self.progress("network bridged; starting the app")
         if files and session.files.files_missing.exists():
@@ -181,33 +186,6 @@ class App:
                                "this engine refuses mount propagation; run with --fs local to go without them")
         self.progress.warn(f"this Docker engine refuses mount propagation: {', '.join(b.path for b in copied)} "
                            "copied into the app as a snapshot (changes in the target will not show)")
-
-
-class _Background:
-    """One call on a thread of its own, whose result is taken later (or undone if not wanted)."""
-
-    def __init__(self, fn, *args) -> None:
-        self.value, self.error = None, None
-        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="podtwin-early", daemon=True)
-        self.thread.start()
-
-    def _run(self, fn, *args) -> None:
-        try:
-            self.value = fn(*args)
-        except BaseException as exc:   # noqa: BLE001 - handed to whoever takes the result
-            self.error = exc
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-    def discard(self, undo) -> None:
-        """Not wanted after all: undo what the call made, if it made anything."""
-        self.thread.join()
-        if self.error is None and self.value is not None:
-            undo(self.value)
 
 
 def attach(engine, app_id: str, interactive: bool) -> int:

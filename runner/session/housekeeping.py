@@ -143,11 +143,7 @@ def stop_session(ref: str, timeout: float = 60) -> str:
         raise SessionError(f"session {sid}'s runner is gone", "`podtwin clean` removes what it left")
     pid = int(labels[LABEL_RUNNER_PID])
     os.kill(pid, signal.SIGTERM)
-    import threading
-
-    done = threading.Event()
-    threading.Thread(target=lambda: (wait_for_exit(pid), done.set()), daemon=True).start()
-    if not done.wait(timeout):
+    if not wait_for_exit(pid, timeout):
         raise SessionError(f"session {sid} did not end within {timeout:.0f}s",
                            "`podtwin sessions` shows it; `podtwin clean --all` removes it")
     return sid

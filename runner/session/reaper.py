@@ -37,16 +37,22 @@ def spawn(session_id: str, runner_pid: int, session_dir: Path) -> subprocess.Pop
             close_fds=True)
 
 
-def wait_for_exit(pid: int) -> None:
+def wait_for_exit(pid: int, timeout: float | None = None) -> bool:
+    """True once the process has ended; False if ``timeout`` seconds passed first."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return True
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        while not poller.poll(None):
-            pass
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if poller.poll(None if left is None else left * 1000):
+                return True
+            if left == 0.0:
+                return False
     finally:
         os.close(fd)
 

@@ -105,11 +105,12 @@ async def amain(args: argparse.Namespace) -> int:
         rules = dataclasses.replace(rules, local_cidrs=rules.local_cidrs + tuple(
             (cidr, None, None) for cidr in await asyncio.to_thread(own_subnets)))
     names = NameCache()
-    search = ResolvConf.parse(info.resolv_conf if dns_enabled else Path("/etc/resolv.conf").read_text()).search
-    decider = Decider(outgoing, settings.dns_filter(), names, settings.local_names, tuple(search))
     # Our resolver answers every query: remote ones through the agent, local ones (dns off, or
     # the filter says so) from the resolver this container had, over sockets that bypass our rules.
     own_resolv = Path("/etc/resolv.conf").read_text()
+    target_resolv = ResolvConf.parse(info.resolv_conf)
+    search = (target_resolv if dns_enabled else ResolvConf.parse(own_resolv)).search
+    decider = Decider(outgoing, settings.dns_filter(), names, settings.local_names, tuple(search))
     local_dns = Forwarder(lambda: own_resolv, mark=BYPASS_MARK)
     if dns_enabled:
         hosts = info.hosts or "127.0.0.1\tlocalhost\n"
@@ -138,7 +139,7 @@ async def amain(args: argparse.Namespace) -> int:
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
         remote_dns = link.control.dns
         if handoff is not None and dns_enabled:   # the agent off the path of every query
-            handed = HandedResolver(await handoff.udp(), ResolvConf.parse(info.resolv_conf), link.control.dns)
+            handed = HandedResolver(await handoff.udp(), target_resolv, link.control.dns)
             services.append(handed)   # started below, before the DNS server that uses it
             remote_dns = handed.query
         services.append(DnsServer(remote_dns, local_dns.forward, decider.query, names.learn_answer))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import yaml
 
 from podtwin.runner.compose.generate import (Engaged, Sidecar, check_service, engaged_services, generate,
@@ -371,28 +372,15 @@ x-podtwin:
         "worker": {"namespace": "staging", "context": "kind-kind", "target": "deploy/worker"}}
 
 
-def test_engaged_service_with_an_empty_extension_takes_the_defaults():
-    """`x-podtwin: {}` engages the service with the project's defaults."""
-    m = model("""
+@pytest.mark.parametrize("extension", [" {}", ""], ids=["empty", "null"])
+def test_engaged_service_with_an_empty_or_null_extension_takes_the_defaults(extension):
+    """`x-podtwin: {}`, or `x-podtwin:` with no value, engages the service with the project's defaults."""
+    m = model(f"""
 name: ctest
 services:
   api:
     image: busybox
-    x-podtwin: {}
-x-podtwin:
-  target: deploy/api
-""")
-    assert engaged_services(m) == {"api": {"target": "deploy/api"}}
-
-
-def test_engaged_service_with_a_null_extension_takes_the_defaults():
-    """`x-podtwin:` with no value engages the service with the project's defaults."""
-    m = model("""
-name: ctest
-services:
-  api:
-    image: busybox
-    x-podtwin:
+    x-podtwin:{extension}
 x-podtwin:
   target: deploy/api
 """)
