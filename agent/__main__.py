@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit if the runner has not connected within this many seconds")
     p.add_argument("--communication-timeout", type=float, default=10.0,
                    help="drop a link that has been silent this long (keepalives are sent)")
+    p.add_argument("--reconnect-grace", type=float, default=60.0,
+                   help="when the runner's link breaks (rather than closes), keep the session this many "
+                        "seconds for it to reconnect (0: end at once)")
+    p.add_argument("--runner-lock", metavar="PATH",
+                   help="a file the runner keeps locked (flock) while it lives, on this kernel: a broken "
+                        "link whose runner no longer holds it ends the session at once")
     p.add_argument("--host-key", help="the agent's private host key (made by the runner, so clients "
                    "can start before the agent announces it); default: a new key, announced on stdout")
     p.add_argument("--session", default="", help="the session id (names this agent's rules)")
@@ -95,6 +101,8 @@ async def amain(args: argparse.Namespace, listener, cleanup, exec_socket, handof
         host_key=(asyncssh.read_private_key(args.host_key) if args.host_key
                   else asyncssh.generate_private_key("ssh-ed25519")),
         startup_timeout=args.startup_timeout,
+        reconnect_grace=args.reconnect_grace,
+        runner_lock=args.runner_lock,
         keepalive_interval=max(args.communication_timeout / 2, 1.0),
         keepalive_count_max=2,
     )

@@ -137,6 +137,32 @@ def test_sigkill_of_the_runner(podtwin, staging):
     assert docker("inspect", "-f", "{{.State.Running}}", staging.target).stdout.strip() == "true"
 
 
+def test_a_stopped_runner_reconnects_and_the_session_goes_on(podtwin, staging, tmp_path):
+    """SIGSTOP of the runner (a laptop asleep): the agent misses its keepalives and drops the
+    link, but keeps the session (the runner still holds its lock); after SIGCONT the runner
+    connects again and the app, which never stopped, still reaches the target's network."""
+    cfg = write_config(tmp_path / "c.json", {"agent": {"communication_timeout": 2}})
+    proc = podtwin.start("container", "run", "-f", str(cfg), "--target", f"container/{staging.target}",
+                         APP_IMAGE, "sh", "-c", "sleep 300")
+    wait_until(lambda: docker("ps", "-q", "--filter", "label=podtwin.role=app", "--filter",
+                              f"label=podtwin.runner-pid={proc.pid}").stdout.strip(), 60, "the app container to run")
+    app = session_containers("app", proc)[0]
+    kill(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)    # the agent gives up on the link after ~3 s of silence
+    finally:
+        kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: "link back after" in proc.err_path.read_text() or proc.poll() is not None, 30,
+               "the link to come back")
+    err = proc.err_path.read_text()
+    assert proc.poll() is None and "link lost, reconnecting" in err, err
+    assert session_containers("app", proc) == [app]
+    fetched = docker("exec", app, "wget", "-qO-", f"http://{staging.backend_ip}/again", check=False)
+    assert "you asked for /again" in fetched.stdout, fetched.stdout + fetched.stderr
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, proc.err_path.read_text()
+
+
 def test_agent_and_sidecar_remove_themselves_without_the_guard(podtwin, staging):
     """Even if the runner and its guard both die, agent and sidecar notice and go within 10 s;
     `podtwin clean` then removes the app container the dead session left."""

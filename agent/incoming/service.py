@@ -50,10 +50,16 @@ class Subscriber(Protocol):
 class Subscription:
     port: int
     mode: str
-    subscriber: Subscriber
+    subscriber: Subscriber | None   # None: parked, its client's link broke (the rule stays)
     http_filter: dict | None = None
     active: bool = False
     filter: HttpFilter | None = None
+
+    async def open_forwarded(self, peer: Address):
+        """A channel to the subscriber for one connection from ``peer``."""
+        if self.subscriber is None:
+            raise ConnectionError(f"port {self.port}: the session's client is away")
+        return await self.subscriber.open_forwarded(self.port, peer)
 
 
 class PortListener(asyncssh.SSHListener):
@@ -139,6 +145,13 @@ class IncomingServer:
         if not 0 < port < 65536:
             return f"port {port} is out of range"
         current = self.subs.get(port)
+        if current is not None and current.subscriber is None:
+            if (current.mode, current.http_filter) == (mode, http_filter):
+                current.subscriber = subscriber   # the client is back: its rule is still in place
+                log.info("port %d: its client is back", port)
+                return None
+            self._release(port)   # back with other wishes: start afresh
+            current = None
         if current is not None and current.subscriber is not subscriber:
             return f"port {port} is already taken by another client of this session"
         sub = Subscription(port, mode, subscriber, http_filter)
@@ -166,6 +179,9 @@ class IncomingServer:
             sub.active = True
             self.tasks.spawn(self._mirror_ports(), f"mirror:{port}")
             self.notify("info", f"mirroring port {port}")
+        elif self.rules.ports.get(port) == self._filters(sub):
+            sub.active = True   # taken over from the client's broken link: the rule never went
+            self.notify("info", f"port {port}: stealing again")
         else:
             filtered = self._filters(sub)
             self.rules.add(port, filtered)
@@ -173,7 +189,9 @@ class IncomingServer:
             self._next_hops.clear()
             sub.active = True
             self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
-        return PortListener(lambda: self.unsubscribe(subscriber, port), port)
+        # Deferred: asyncssh closes a broken connection's listeners just before it reports the
+        # loss (which parks the port rather than releasing it); a cancelled forwarding releases it.
+        return PortListener(lambda: asyncio.get_running_loop().call_soon(self.unsubscribe, subscriber, port), port)
 
     @staticmethod
     def _filters(sub: Subscription) -> bool:
@@ -182,20 +200,32 @@ class IncomingServer:
     def unsubscribe(self, subscriber: Subscriber, port: int) -> None:
         sub = self.subs.get(port)
         if sub is not None and sub.subscriber is subscriber:
-            del self.subs[port]
-            if sub.mode == "mirror":
-                self.tasks.spawn(self._mirror_ports(), f"mirror-release:{port}")
-            else:
-                self.rules.remove(port)
-                self._next_hops.clear()
-            if sub.active:
-                self.notify("info", f"port {port} released")
+            self._release(port)
+
+    def _release(self, port: int) -> None:
+        sub = self.subs.pop(port)
+        if sub.mode == "mirror":
+            self.tasks.spawn(self._mirror_ports(), f"mirror-release:{port}")
+        else:
+            self.rules.remove(port)
+            self._next_hops.clear()
+        if sub.active:
+            self.notify("info", f"port {port} released")
 
     def drop_subscriber(self, subscriber: Subscriber) -> None:
-        """Its connection is gone: release every port it holds."""
+        """It left: release every port it holds."""
         for port, sub in list(self.subs.items()):
             if sub.subscriber is subscriber:
                 self.unsubscribe(subscriber, port)
+
+    def park_subscriber(self, subscriber: Subscriber) -> None:
+        """Its link broke: keep its ports' rules for a client that comes back (``subscribe``
+        with the same wishes takes them over). Meanwhile connections to them pass on to the
+        target's own process, as if no session were there, and mirroring copies nothing."""
+        for port, sub in self.subs.items():
+            if sub.subscriber is subscriber:
+                sub.subscriber, sub.active = None, False
+                log.info("port %d: its client's link broke; the target answers until it is back", port)
 
     # -- connections -----------------------------------------------------------------------
     async def _accept(self) -> None:
@@ -238,7 +268,7 @@ class IncomingServer:
             await self._filtered(sub, reader, writer, original, peer)
             return
         try:
-            r_reader, r_writer = await sub.subscriber.open_forwarded(port, peer)
+            r_reader, r_writer = await sub.open_forwarded(peer)
         except (asyncssh.Error, OSError) as exc:
             log.info("port %d: the client did not take the connection: %s", port, exc)
             writer.close()
@@ -323,7 +353,9 @@ class IncomingServer:
             return await self.open_next(peer, original)
 
         async def open_local():
-            return await sub.subscriber.open_forwarded(sub.port, peer)
+            if sub.subscriber is None:   # its client's link broke: the target answers meanwhile
+                return await open_target()
+            return await sub.open_forwarded(peer)
         await relay_filtered(reader, writer, sub.filter, open_target, open_local)
 
     def close(self) -> None:
@@ -351,7 +383,7 @@ class _MirrorSink:
             return
         if self.writer is None:
             try:
-                reader, self.writer = await self.sub.subscriber.open_forwarded(self.sub.port, self.client)
+                reader, self.writer = await self.sub.open_forwarded(self.client)
             except (asyncssh.Error, OSError) as exc:
                 log.info("mirror of port %d: the client did not take it: %s", self.sub.port, exc)
                 self.failed = True

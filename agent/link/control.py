@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from podtwin.agent.link import wire
 from podtwin.agent.link.control_events import (
-    ChannelClosed, CloseUdp, Command, DnsAnswered, Event, Fatal, ForwardDns, Greeted, NoticeFromAgent,
+    ChannelClosed, CloseUdp, Command, DnsAnswered, EndSession, Event, Fatal, ForwardDns, Greeted, NoticeFromAgent,
     OpenUdp, ReadTargetInfo, Reply, SendUdp, Subscribe, SubscribeDone, TargetInfoRead, Tick, UdpOpened,
     UdpOpenFailed, UdpReceived)
 
@@ -68,6 +68,8 @@ class ControlHandler:
             return [ReadTargetInfo()]
         if msg.type == wire.PING:
             return [Reply(wire.encode(wire.PONG, msg.payload))]
+        if msg.type == wire.END:
+            return [EndSession()]
         if msg.type == wire.DNS_QUERY:
             return [ForwardDns(*msg.split_id())]
         if msg.type == wire.UDP_OPEN:

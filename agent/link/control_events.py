@@ -130,6 +130,13 @@ class Subscribe(Command):
 
 
 @dataclass(frozen=True)
+class EndSession(Command):
+    """The client ended the session (END): the agent removes what it set up and exits. Only a
+    client holding the session's key gets this far, so it is the runner, or the guard of a
+    runner that died."""
+
+
+@dataclass(frozen=True)
 class Fatal(Command):
     """The client broke the protocol: it has been sent ERROR; close the channel. The core takes
     no more input from it."""

@@ -20,7 +20,7 @@ from podtwin.agent.dns import Forwarder
 from podtwin.agent.link import wire
 from podtwin.agent.link.control import ControlHandler
 from podtwin.agent.link.control_events import (
-    ChannelClosed, CloseUdp, Command, DnsAnswered, Event, Fatal, ForwardDns, Greeted, NoticeFromAgent,
+    ChannelClosed, CloseUdp, Command, DnsAnswered, EndSession, Event, Fatal, ForwardDns, Greeted, NoticeFromAgent,
     OpenUdp, ReadTargetInfo, Reply, SendUdp, Subscribe, SubscribeDone, TargetInfoRead, Tick, UdpOpened,
     UdpOpenFailed, UdpReceived)
 from podtwin.agent.outgoing import UDP_IDLE_SECONDS, UdpFlows
@@ -105,6 +105,8 @@ class ControlSession(asyncssh.SSHServerSession):
                     self.udp.close(flow)
                 case Subscribe(port, mode, http_filter):
                     self.tasks.spawn(self._subscribe(port, mode, http_filter), f"subscribe-{port}")
+                case EndSession():
+                    self.connection.agent.stop(f"the {self.connection.role} ended the session")
                 case Fatal(message):
                     log.error("control channel: %s", message)
                     if self.chan is not None:

@@ -7,13 +7,23 @@
 * the ``sftp`` subsystem: the target's exported files (``agent/files``), rooted at
   ``/proc/<target pid>/root``; the exports come in the channel's environment.
 
-Lifetime: the first client that says HELLO with role ``runner`` owns the agent (``Agent.runner``).
-When that connection drops (runner exited, was killed, or the link broke past the keepalive), or
-no runner arrived within the startup timeout, or the target process is gone, the agent shuts down.
+Lifetime: a client that says HELLO with role ``runner`` owns the agent (``Agent.runner``). The
+agent shuts down when its runner ends the session (END, or a clean SSH disconnect), when no runner
+arrived within the startup timeout, or when the target process is gone. When the runner's
+connection *breaks* instead (the transport under it dropped, or it went silent past the
+keepalive), the agent keeps the session for ``reconnect_grace`` seconds: its incoming rules stay
+(connections arriving meanwhile pass on to the target's own process), and a runner that comes
+back -- it proves it holds the session's key by authenticating at all -- owns it again. A runner
+that really died is told from a blip by its guard, which removes the agent (or, for an agent it
+cannot remove, connects and sends END); past the grace the agent ends by itself.
+
+A newer connection of the same role (a runner or sidecar that reconnected before the agent saw
+the old connection break) supersedes the older one, which is closed.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import socket
@@ -42,6 +52,7 @@ class Agent:
     authorized_keys: asyncssh.SSHAuthorizedKeys
     host_key: asyncssh.SSHKey
     startup_timeout: float = 60.0
+    reconnect_grace: float = 60.0   # how long a session outlives its runner's broken connection
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 2
     incoming: "IncomingServer | None" = None
@@ -49,6 +60,9 @@ class Agent:
     connections: set = field(default_factory=set)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
+    runner_lock: str | None = None   # a file the runner holds locked while it lives (same kernel)
+    owned: bool = False              # a runner has connected at least once
+    lost_at: float | None = None     # when the runner's connection broke (None: not waiting)
 
     def notify(self, level: str, message: str) -> None:
         """Tell the runner something the user should see."""
@@ -78,13 +92,71 @@ class Agent:
             log.warning("rejected a connection: %s", exc)
             sock.close()
 
+    def runner_dead(self) -> bool:
+        """Whether the runner is known to be dead: its lock file is gone or nobody holds it."""
+        if self.runner_lock is None:
+            return False
+        try:
+            fd = os.open(self.runner_lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def runner_lost(self, connection: "AgentConnection", why: str, clean: bool) -> None:
+        """The owner's connection ended: a clean end ends the session; a break starts the grace."""
+        if self.runner is not connection:
+            return
+        self.runner = None
+        if clean or self.reconnect_grace <= 0:
+            self.stop("the runner's connection closed")
+        elif self.runner_dead():
+            self.stop(f"the runner's connection broke ({why}) and the runner is gone")
+        else:
+            log.warning("the runner's connection broke (%s): keeping the session for %.0fs", why,
+                        self.reconnect_grace)
+            self.lost_at = asyncio.get_running_loop().time()
+
+    def greeted(self, connection: "AgentConnection") -> None:
+        """A client said who it is. A runner owns the agent; a newer connection of a role
+        supersedes the older one (which broke without the agent noticing yet)."""
+        for other in list(self.connections):
+            if other is not connection and other.role == connection.role and connection.role in ("runner", "sidecar"):
+                log.info("a new %s connection supersedes the old one", connection.role)
+                other.superseded = True
+                if self.incoming is not None:
+                    self.incoming.park_subscriber(other)   # for this connection to take over
+                if self.runner is other:
+                    self.runner = None
+                if other.conn is not None:
+                    other.conn.close()
+        if connection.role == "runner":
+            if self.lost_at is not None:
+                log.info("the runner reconnected after %.1fs", asyncio.get_running_loop().time() - self.lost_at)
+            self.runner, self.owned, self.lost_at = connection, True, None
+
     async def watch(self) -> None:
-        """Stop when no runner came in time or the target process exited."""
+        """Stop when no runner came in time, the runner did not come back within the grace, or
+        the target process exited."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.startup_timeout
         while not self.shutdown.is_set():
-            if self.runner is None and loop.time() > deadline:
+            if not self.owned and loop.time() > deadline:
                 self.stop(f"no client connected within {self.startup_timeout:.0f}s")
+            if self.runner is None and self.lost_at is not None:
+                if loop.time() - self.lost_at > self.reconnect_grace:
+                    self.stop(f"the runner did not reconnect within {self.reconnect_grace:.0f}s")
+                elif self.runner_dead():
+                    self.stop("the runner is gone (its lock is free)")
             if not self.target.exists():
                 self.stop(f"target process {self.target.pid} exited")
             try:
@@ -102,18 +174,24 @@ class AgentConnection(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.role = "?"
         self.control: ControlSession | None = None   # its control channel, once started
+        self.superseded = False   # a newer connection of the same role replaced this one
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.agent.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """A clean disconnect (``exc`` None) is the client leaving: its ports are released. A
+        break keeps them for a client that reconnects (``IncomingServer.park_subscriber``)."""
         self.agent.connections.discard(self)
         log.info("%s disconnected%s", self.role, f": {exc}" if exc else "")
+        clean = exc is None and not self.superseded
         if self.agent.incoming is not None:
-            self.agent.incoming.drop_subscriber(self)
-        if self.agent.runner is self:
-            self.agent.stop("the runner's connection closed")
+            if clean or self.agent.shutdown.is_set():
+                self.agent.incoming.drop_subscriber(self)
+            else:
+                self.agent.incoming.park_subscriber(self)
+        self.agent.runner_lost(self, str(exc) if exc else "superseded", clean)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always require auth: the session key is the only way in
@@ -150,8 +228,7 @@ class AgentConnection(asyncssh.SSHServer):
     def greeted(self, hello: wire.Hello) -> None:
         self.role = hello.role
         log.info("%s connected", self.role)
-        if self.role == "runner" and self.agent.runner is None:
-            self.agent.runner = self
+        self.agent.greeted(self)
 
 
 class LinkSession(asyncssh.SSHServerSession):

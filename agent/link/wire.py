@@ -23,7 +23,7 @@ import types
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self, get_args, get_origin, get_type_hints
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3   # 3: END
 CONTROL_SUBSYSTEM = "podtwin-control"
 MAX_FRAME = 1 << 20  # a UDP datagram or DNS message is far smaller; anything larger is a bug
 SFTP_SUBSYSTEM = "sftp"   # the target's files (agent/files): the name sshfs and every SFTP client ask for
@@ -38,6 +38,7 @@ UDP_SEND = 0x05       # u32 flow id + datagram
 UDP_CLOSE = 0x06      # u32 flow id
 PING = 0x07           # opaque bytes, echoed
 INCOMING_SUBSCRIBE = 0x08  # IncomingSubscribe; then ask to forward (INCOMING_HOST, port)
+END = 0x09            # empty: the session is over; the agent removes what it set up and exits
 # agent -> client
 HELLO_OK = 0x81       # HelloOk
 INFO = 0x82           # Info

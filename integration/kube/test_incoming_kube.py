@@ -220,19 +220,25 @@ def test_mirror_copies_while_the_target_answers(cluster, staging, sessions, tmp_
     assert session.stop() == 130
 
 
-@pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-pod", "sigkill-runner", "sigkill-ephemeral-agent"])
+@pytest.mark.parametrize("fault", ["sigkill-agent", "delete-agent-pod", "sigkill-runner", "sigkill-ephemeral-agent",
+                                   "sigkill-runner-ephemeral"])
 def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, fault):
+    """The agent keeps a session whose link broke (agent.reconnect_grace), so a dead runner is
+    told apart by its guard: it deletes the agent's Job, or connects to an ephemeral agent (which
+    nobody can delete) and ends the session."""
     restarts = web_pod(cluster, staging).status.container_statuses[0].restart_count
-    ephemeral = fault == "sigkill-ephemeral-agent"
+    ephemeral = fault in ("sigkill-ephemeral-agent", "sigkill-runner-ephemeral")
     session = Session(cluster, staging, tmp_path, fault, "steal", APP, "sh", "-c", HTTPD.format(body=fault),
                       agent={"ephemeral": ephemeral})
     sessions.append(session)
     session.wait_for("stealing port 80")
     assert calls(cluster, staging, [["GET", "/", {}]]) == [fault]
-    if ephemeral:                       # the agent in the target pod; its guard beside it
+    if fault == "sigkill-ephemeral-agent":   # the agent in the target pod; its guard beside it
         agent_status = next(c for c in web_pod(cluster, staging).status.ephemeral_container_statuses
                             if c.name.endswith("-agent") and c.state.running)
         os.kill(main_pid(agent_status.container_id), signal.SIGKILL)
+        agent = None
+    elif ephemeral:
         agent = None
     else:
         agent = agent_pods(cluster)[0]
@@ -241,7 +247,7 @@ def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, faul
         os.kill(main_pid(agent_status.container_id), signal.SIGKILL)
     elif fault == "delete-agent-pod":
         client.CoreV1Api(cluster.api).delete_namespaced_pod(agent.metadata.name, agent.metadata.namespace)
-    elif fault == "sigkill-runner":
+    elif fault in ("sigkill-runner", "sigkill-runner-ephemeral"):
         session.proc.kill()
     start = time.monotonic()
     try:
@@ -252,7 +258,7 @@ def test_no_dirty_rules_after_a_crash(cluster, staging, sessions, tmp_path, faul
                "the target to serve again")
     assert time.monotonic() - start < 10
     code = session.proc.wait(timeout=60)
-    if fault != "sigkill-runner":       # the runner saw its agent go, said so and ended the app
+    if not fault.startswith("sigkill-runner"):   # the runner saw its agent go, said so and ended the app
         assert code != 0 and "the link to the agent was lost" in session.err(), session.err()
     assert web_pod(cluster, staging).status.container_statuses[0].restart_count == restarts
 

@@ -106,8 +106,8 @@ class DockerEngine:
         return Mount(target=MOUNT_POINT, source=str(session.dir), type="bind")
 
     def start_agent(self, session: Session, target: DockerTargetInfo, image: str,
-                    startup_timeout: float, communication_timeout: float, incoming: str | None = None,
-                    writes_files: bool = False) -> str:
+                    startup_timeout: float, communication_timeout: float, reconnect_grace: float,
+                    incoming: str | None = None, writes_files: bool = False) -> str:
         """The agent joins the target's network and PID namespaces: it sees the target's main
         process as PID 1 and every socket it opens is the target's. It reads the target's
         environ and files whatever user the target runs as (SYS_PTRACE, DAC_READ_SEARCH), and
@@ -122,6 +122,7 @@ class DockerEngine:
              "--host-key", str(files.agent_host_key),
              "--startup-timeout", str(startup_timeout),
              "--communication-timeout", str(communication_timeout),
+             "--reconnect-grace", str(reconnect_grace), "--runner-lock", str(files.owner),
              *(["--incoming", incoming, "--session", session.id] if incoming else [])],
             name=session.name("agent"), labels=session.labels("agent"),
             network_mode=f"container:{target.id}", pid_mode=f"container:{target.id}",

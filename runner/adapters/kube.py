@@ -219,6 +219,7 @@ class KubeEngine:
                    "--authorized-key", public_key, "--target-container-id", pod.container_id,
                    "--startup-timeout", str(agent_cfg.startup_timeout),
                    "--communication-timeout", str(agent_cfg.communication_timeout),
+                   "--reconnect-grace", str(agent_cfg.reconnect_grace),
                    *(["--incoming", incoming, "--session", session.id] if incoming else [])]
         container = client.V1Container(
             name="agent", image=image, image_pull_policy=agent_cfg.image_pull_policy, command=command,
@@ -252,7 +253,8 @@ class KubeEngine:
         command = ["python", "-m", "podtwin.agent", "--listen", f"tcp:127.0.0.1:{AGENT_PORT}",
                    "--authorized-key", public_key, "--targetless",
                    "--startup-timeout", str(agent_cfg.startup_timeout),
-                   "--communication-timeout", str(agent_cfg.communication_timeout)]
+                   "--communication-timeout", str(agent_cfg.communication_timeout),
+                   "--reconnect-grace", str(agent_cfg.reconnect_grace)]
         container = client.V1Container(
             name="agent", image=image, image_pull_policy=agent_cfg.image_pull_policy, command=command,
             security_context=client.V1SecurityContext(
@@ -398,6 +400,7 @@ class KubeEngine:
                    "--authorized-key", public_key, "--target-in-pod", pod.container_id,
                    "--startup-timeout", str(agent_cfg.startup_timeout),
                    "--communication-timeout", str(agent_cfg.communication_timeout),
+                   "--reconnect-grace", str(agent_cfg.reconnect_grace),
                    *(["--incoming", incoming, "--session", session.id] if incoming else [])]
         # As the target's user (when its spec names one), the agent may read the target's
         # /proc/PID/environ and root with no CAP_SYS_PTRACE; otherwise the image's user (root).
@@ -462,6 +465,20 @@ class KubeEngine:
             time.sleep(0.2)
         raise AgentError(f"the agent was not ready within {timeout:.0f}s",
                          f"raise agent.startup_timeout, or look at `kubectl -n {ns} describe pod {pod}`")
+
+    def container_ended(self, ns: str, pod: str, container: str) -> bool:
+        """Whether a pod's (or ephemeral) container is known to have ended: the pod is gone or
+        the container terminated. False when it runs, or when the API server cannot say."""
+        try:
+            obj = self.core.read_namespaced_pod(pod, ns, _request_timeout=5)
+        except ApiException as exc:
+            return exc.status == 404
+        except Exception:  # noqa: BLE001 - the API server is down or restarting: cannot tell
+            return False
+        statuses = [*(obj.status.container_statuses or []), *(obj.status.ephemeral_container_statuses or [])]
+        status = next((s for s in statuses if s.name == container), None)
+        return obj.metadata.deletion_timestamp is not None or (
+            status is not None and status.state is not None and status.state.terminated is not None)
 
     # -- the exec transport ------------------------------------------------------------------
     def exec_stdio(self, ns: str, pod: str, container: str, address: str):

@@ -103,6 +103,12 @@ class Placement(ABC):
     def restore(self) -> None:
         """Remove what setup started (the agent removes its own rules as it exits)."""
 
+    def agent_gone(self) -> bool:
+        """Whether the agent is known to have ended (asked while the link is down: a gone agent
+        ends the session at once instead of after agent.reconnect_grace). False: running, or
+        cannot tell."""
+        return False
+
 
 class Transport(ABC):
     """How the session's unix socket reaches the agent."""

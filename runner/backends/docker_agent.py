@@ -44,7 +44,8 @@ class DockerContainerAgent(Placement):
             self.guard_id = self.engine.start_rules_guard(session, self.info, self.image, timeout)
         progress(f"session {session.id}: starting the agent in {self.target}'s namespaces, and the sidecar")
         self.agent_id = self.engine.start_agent(session, self.info, self.image, timeout,
-                                                self.cfg.agent.communication_timeout, incoming=self.incoming,
+                                                self.cfg.agent.communication_timeout, self.cfg.agent.reconnect_grace,
+                                                incoming=self.incoming,
                                                 writes_files=self.cfg.feature.fs.may_write())
 
     def wait_ready(self, progress) -> AgentReady:
@@ -56,6 +57,9 @@ class DockerContainerAgent(Placement):
             raise AgentError("the agent announced a host key that is not this session's",
                              "make sure nothing else writes to the session directory")
         return ready
+
+    def agent_gone(self) -> bool:
+        return self.agent_id is not None and not self.engine.is_running(self.agent_id)
 
     def restore(self) -> None:
         # After the link closes the agent removes its rules and exits; give it that moment. The

@@ -20,6 +20,7 @@ class _KubeAgent(Placement):
         self.kubeconfig, self.context = kubeconfig, context
         self.pod: PodTarget | None = None
         self.session = None
+        self.ready: AgentReady | None = None
 
     def resolve(self, progress) -> Resolved:
         progress(f"resolving {self.target}")
@@ -43,6 +44,10 @@ class _KubeAgent(Placement):
         session.files.kube_marker.write_text(json.dumps({"kubeconfig": self.kubeconfig, "context": self.context}))
         return session.files.client_public_key.read_text().strip()
 
+    def agent_gone(self) -> bool:
+        ready = self.ready
+        return ready is not None and self.kube.container_ended(ready.namespace, ready.pod, ready.container)
+
     def _announce(self, line: str, **where: str) -> AgentReady:
         """The agent made its own host key: the clients accept that one only."""
         ready = AgentReady.parse(line, **where)
@@ -50,6 +55,7 @@ class _KubeAgent(Placement):
         partial = path.with_name(path.name + ".new")   # the sidecar waits for it: never half-written
         partial.write_text(ready.host_key + "\n")
         partial.replace(path)
+        self.ready = ready
         return ready
 
 
@@ -78,7 +84,9 @@ class KubeJobAgent(_KubeAgent):
         ns, job = self.job
         pod, line = self.kube.wait_agent(ns, job, self.cfg.agent.startup_timeout, progress)
         ready = self._announce(line, namespace=ns, pod=pod, container="agent")
-        return ready if ready.port else AgentReady(**{**ready.__dict__, "port": AGENT_PORT})
+        if not ready.port:
+            ready = self.ready = AgentReady(**{**ready.__dict__, "port": AGENT_PORT})
+        return ready
 
     def restore(self) -> None:
         if self.job:
@@ -87,8 +95,9 @@ class KubeJobAgent(_KubeAgent):
 
 class KubeEphemeralAgent(_KubeAgent):
     """An ephemeral container in the target pod: no hostPID, no setns. Kubernetes cannot remove an
-    ephemeral container: it exits when the link closes (or if nobody connects within
-    agent.startup_timeout) and stays in the pod's spec as a terminated container."""
+    ephemeral container: it exits when the session ends (END, from the runner or, if the runner
+    died, from its guard), when nobody connects within agent.startup_timeout, or when its link
+    stays broken past agent.reconnect_grace; it stays in the pod's spec as a terminated container."""
 
     name = "kube-ephemeral"
     what = "ephemeral agent"
@@ -112,7 +121,12 @@ class KubeEphemeralAgent(_KubeAgent):
         guard = self.session.name("rules-guard") if self.incoming == "steal" else None
         line = self.kube.wait_ephemeral_agent(pod.namespace, pod.pod, self.container,
                                               self.cfg.agent.startup_timeout, progress, guard=guard)
-        return self._announce(line, namespace=pod.namespace, pod=pod.pod, container=self.container)
+        ready = self._announce(line, namespace=pod.namespace, pod=pod.pod, container=self.container)
+        # Nobody can delete it: if this process dies, its guard connects and ends the session.
+        marker = self.session.files.kube_marker
+        marker.write_text(json.dumps({**json.loads(marker.read_text()),
+                                      "end": {"transport": self.cfg.agent.transport, "ready": ready.__dict__}}))
+        return ready
 
     def restore(self) -> None:
         pass  # it exits by itself once the link closes

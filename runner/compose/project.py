@@ -190,8 +190,8 @@ def up(compose: Compose, args: ProjectArgs, model: dict[str, Any], services: lis
             s = services[i]
             s.bridge = pipeline.open_bridge(
                 s.plan, engine, progress.of(s.name), teardowns[i], start_sidecar=False,
-                on_lost=lambda name=s.name: runner.fail(
-                    f"service {name!r}: the link to its agent was lost (the agent or the target stopped)"),
+                on_lost=lambda why, name=s.name: runner.fail(
+                    f"service {name!r}: the link to its agent was lost: {why}"),
                 on_notice=lambda level, message, name=s.name: _notice(runner, progress.of(name), name, level, message))
         with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
             list(pool.map(open_one, range(len(services))))   # the first failure is raised here

@@ -365,7 +365,10 @@ class AgentConfig(_Model):
     startup_timeout: StrictInt = Field(
         60, ge=1, le=3600, description="Seconds to wait for the agent to become ready.")
     communication_timeout: StrictInt = Field(
-        10, ge=2, le=3600, description="Seconds the agent waits without hearing from podtwin before it exits.")
+        10, ge=2, le=3600, description="Seconds of silence after which the agent takes the link to podtwin for broken.")
+    reconnect_grace: StrictInt = Field(
+        60, ge=0, le=3600, description="Seconds a session outlives a broken link (the agent keeps it, podtwin "
+        "reconnects); 0 ends the session at once, as before.")
     namespace: str | None = Field(
         None, description="Namespace for the agent Job; default: the target's namespace.")
     ephemeral: StrictBool = Field(

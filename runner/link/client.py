@@ -152,20 +152,41 @@ class ControlChannel(asyncssh.SSHClientSession):
             self.send(wire.encode_id(wire.UDP_CLOSE, ident))
 
 
+class _Client(asyncssh.SSHClient):
+    """Remembers how the connection ended: a clean disconnect (the agent ended the session) or
+    a break (the transport under it dropped, or the keepalive went unanswered)."""
+
+    def __init__(self) -> None:
+        self.lost: Exception | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc
+
+
 class Link:
     """One SSH connection to the agent and its control channel."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection, control: ControlChannel) -> None:
+    def __init__(self, conn: asyncssh.SSHClientConnection, control: ControlChannel,
+                 client: _Client | None = None) -> None:
         self.conn = conn
         self.control = control
+        self.client = client
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection ended by breaking rather than by the agent closing it: worth
+        connecting again (the agent keeps the session for a while)."""
+        return self.client is not None and self.client.lost is not None
 
     @classmethod
     async def connect(cls, sock: socket.socket, keys: LinkKeys, role: str,
                       keepalive_interval: float = 5.0) -> "Link":
         # Pin the agent's host key by value: the transport has no host name to match against.
         known = ([asyncssh.import_public_key(keys.agent_host_key)], [], [])
+        client = _Client()
         conn = await asyncssh.run_client(
             sock,
+            client_factory=lambda: client,
             username="podtwin",
             client_keys=[keys.client_key],
             known_hosts=known,
@@ -180,7 +201,7 @@ class Link:
         )
         _, control = await conn.create_session(ControlChannel, subsystem=wire.CONTROL_SUBSYSTEM, encoding=None)
         await control.hello(role)
-        return cls(conn, control)
+        return cls(conn, control, client)
 
     @classmethod
     async def connect_unix(cls, path: str, keys: LinkKeys, role: str, wait: float = 0.0) -> "Link":
@@ -222,6 +243,17 @@ class Link:
             await asyncio.wait([conn_closed, self.control.closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             conn_closed.cancel()
+
+    async def end(self, timeout: float = 2.0) -> None:
+        """End the session: the agent removes what it set up, exits and closes the connection.
+        Waits for that (up to ``timeout``), then closes this end anyway."""
+        try:
+            self.control.send(wire.encode(wire.END))
+            await asyncio.wait_for(self.conn.wait_closed(), timeout)
+        except (ConnectionError, asyncio.TimeoutError, OSError, asyncssh.Error):
+            pass
+        finally:
+            self.conn.close()
 
     def close(self) -> None:
         self.conn.close()

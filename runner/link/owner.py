@@ -1,12 +1,15 @@
 """The runner's own connection to the agent: the agent's lifeline.
 
-The runner holds it for the whole session; when the runner dies, the connection drops and the
-agent removes what it set up and exits. It also carries the agent's notices to the user.
+The runner holds it for the whole session and ends the session through it (END). It carries the
+agent's notices to the user. When it *breaks* (the transport under it dropped: a port-forward
+stream closed, the API server restarted, the machine slept), the runner connects again for up to
+``agent.reconnect_grace`` seconds while the agent keeps the session; only past that, or when the
+agent itself is gone, is the session lost.
 """
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from typing import Callable
 
 import asyncssh
@@ -17,22 +20,36 @@ from podtwin.runner.link.client import Link, LinkKeys
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.state.files import SessionFiles
 
+log = logging.getLogger("podtwin.link")
+
+ATTEMPT_TIMEOUT = 10.0    # one reconnection attempt (a stream through a struggling API server)
+REPORT_EVERY = 5.0        # seconds between "reconnecting" lines
+
 
 class OwnerLink:
-    def __init__(self, loop: LoopThread, files: SessionFiles, on_lost: Callable[[], None],
-                 on_notice: Callable[[str, str], None] = lambda level, message: None) -> None:
+    """``on_lost(why)``: the session's link is gone for good; ``on_notice(level, message)``: the
+    agent has something to say; ``report(message)``: a progress line (link lost, link back);
+    ``agent_gone()``: whether the agent is known to have ended (asked between attempts, from a
+    worker thread: True ends the waiting at once)."""
+
+    def __init__(self, loop: LoopThread, files: SessionFiles, on_lost: Callable[[str], None],
+                 on_notice: Callable[[str, str], None] = lambda level, message: None,
+                 report: Callable[[str], None] = lambda message: None, grace: float = 0.0,
+                 agent_gone: Callable[[], bool] = lambda: False) -> None:
         self.loop, self.files = loop, files
-        self.on_lost, self.on_notice = on_lost, on_notice
+        self.on_lost, self.on_notice, self.report = on_lost, on_notice, report
+        self.grace, self.agent_gone = grace, agent_gone
         self.link: Link | None = None
+        self.keys: LinkKeys | None = None
         self.closing = False
+        self.reconnects: list[float] = []   # seconds each reconnection took
 
     def connect(self, host_key: str, timeout: float) -> wire.Info:
         """Connect over the session's socket; the target's info (env, pid, resolver files)."""
-        keys = LinkKeys(str(self.files.client_key), host_key)
+        self.keys = LinkKeys(str(self.files.client_key), host_key)
 
         async def go() -> wire.Info:
-            self.link = await Link.connect_unix(str(self.files.agent_socket), keys, role="runner")
-            self.link.control.on_notice = self.on_notice
+            self.link = await self._open()
             asyncio.get_running_loop().create_task(self._watch(), name="runner:link-watch")
             return await self.link.control.info()
         try:
@@ -41,14 +58,64 @@ class OwnerLink:
             raise AgentError(f"could not open the link to the agent ({type(exc).__name__}: {exc})",
                              "run `podtwin doctor`, or rerun with --log-level debug") from exc
 
+    async def _open(self) -> Link:
+        assert self.keys is not None
+        link = await Link.connect_unix(str(self.files.agent_socket), self.keys, role="runner")
+        link.control.on_notice = self.on_notice
+        return link
+
     async def _watch(self) -> None:
-        assert self.link is not None
-        await self.link.wait_closed()
-        if not self.closing:
-            self.on_lost()
+        while True:
+            assert self.link is not None
+            await self.link.wait_closed()
+            if self.closing:
+                return
+            if not self.link.broken or self.grace <= 0:
+                self.on_lost("the agent or the target stopped")
+                return
+            why = await self._reconnect()
+            if why:
+                self.on_lost(why)
+                return
+
+    async def _reconnect(self) -> str | None:
+        """Connect again until the grace is over; None once the link is back, else why not."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.report("link lost, reconnecting")
+        reported, delay = started, 0.2
+        while not self.closing:
+            elapsed = loop.time() - started
+            if elapsed > self.grace:
+                return f"it did not come back within {self.grace:.0f}s"
+            if elapsed - (reported - started) >= REPORT_EVERY:
+                reported = loop.time()
+                self.report(f"link lost, reconnecting ({elapsed:.0f} s)")
+            try:
+                link = await asyncio.wait_for(self._open(), min(ATTEMPT_TIMEOUT, self.grace - elapsed + 0.1))
+            except (asyncssh.Error, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                log.info("reconnecting: %s: %s", type(exc).__name__, exc)
+                if await asyncio.to_thread(self.agent_gone):
+                    return "the agent is gone"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self.closing:
+                await link.end()
+                return None
+            self.link = link
+            took = loop.time() - started
+            self.reconnects.append(took)
+            self.report(f"link back after {took:.1f} s")
+            return None
+        return None
 
     def close(self) -> None:
+        """End the session (the agent removes its rules and exits), then close the link."""
         self.closing = True
-        if self.link is not None:
-            self.loop.call_soon(self.link.close)
-            time.sleep(0.05)
+        if self.link is not None and self.loop.thread.is_alive():
+            link = self.link
+            try:
+                self.loop.run(link.end(), timeout=5)
+            except Exception:  # noqa: BLE001 - on the way out; the placement removes the agent anyway
+                self.loop.call_soon(link.close)

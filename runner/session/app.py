@@ -68,8 +68,8 @@ class App:
     LINK_LOST = ("the link to the agent was lost (the agent or the target stopped)",
                  "run the session again; `podtwin sessions` shows what is still running")
 
-    def link_lost(self) -> None:
-        self.fatal.append(self.LINK_LOST)
+    def link_lost(self, why: str) -> None:
+        self.fatal.append((f"the link to the agent was lost: {why}", self.LINK_LOST[1]))
         self.stop()
 
     def _watch_sidecar(self, sidecar_id: str, done: threading.Event) -> None:

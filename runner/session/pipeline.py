@@ -163,10 +163,11 @@ def check_options(opts: SessionOptions) -> None:
 
 
 def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: Teardown,
-                on_lost: Callable[[], None], on_notice: Callable[[str, str], None],
+                on_lost: Callable[[str], None], on_notice: Callable[[str, str], None],
                 start_sidecar: bool = True) -> Bridge:
     """Start the agent and the sidecar and open the link, recording each undo in ``teardown``.
-    ``on_lost``: the link to the agent dropped; ``on_notice``: the agent has something to say.
+    ``on_lost(why)``: the link to the agent is gone for good (it broke and did not come back
+    within agent.reconnect_grace, or the agent ended); ``on_notice``: the agent has something to say.
     Without ``start_sidecar`` the sidecar is left to whoever runs the app (a compose project's
     service, ``engine.sidecar_spec``): it finds the agent through the session directory."""
     session = Session.create(str(p.target))
@@ -201,7 +202,8 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
     loop = LoopThread()
     teardown.add("link thread", loop.stop)
     teardown.setup(p.transport, session, ready, loop)
-    owner = OwnerLink(loop, session.files, on_lost, on_notice=on_notice)
+    owner = OwnerLink(loop, session.files, on_lost, on_notice=on_notice, report=progress.warn,
+                      grace=p.cfg.agent.reconnect_grace, agent_gone=p.placement.agent_gone)
     teardown.add("link", owner.close)
     try:
         remote = owner.connect(ready.host_key, p.cfg.agent.startup_timeout)

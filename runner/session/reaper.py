@@ -61,6 +61,7 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
     from podtwin.runner.adapters.docker_engine import DockerEngine
 
     _compose_down(session_dir)
+    _clean_kube(session_id, session_dir)   # first: the agent removes its rules in the target now
 
     for attempt in range(attempts):
         try:
@@ -74,7 +75,6 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
         except Exception as exc:  # noqa: BLE001 - the guard is the last line of defence: retry
             log.warning("session %s: %r (attempt %d)", session_id, exc, attempt + 1)
             time.sleep(1 + attempt)
-    _clean_kube(session_id, session_dir)
     shutil.rmtree(session_dir, ignore_errors=True)
 
 
@@ -112,8 +112,39 @@ def _clean_kube(session_id: str, session_dir: Path) -> None:
         for ns, name, _ in kube.session_jobs(session_id):
             kube.delete_job(ns, name)
             log.info("session %s: deleted Job %s/%s", session_id, ns, name)
+        if "end" in where:
+            _end_agent(kube, where["end"], SessionFiles(session_dir))
+            log.info("session %s: ended its ephemeral agent", session_id)
     except Exception as exc:  # noqa: BLE001 - best effort; `podtwin clean` covers the rest
-        log.warning("session %s: could not delete its agent Job: %r", session_id, exc)
+        log.warning("session %s: could not remove its agent: %r", session_id, exc)
+
+
+def _end_agent(kube, end: dict, files: SessionFiles) -> None:
+    """An agent nobody can delete (an ephemeral container), waiting for its runner to reconnect:
+    connect as the runner would (the session's key is the proof) and end the session."""
+    from podtwin.runner.backends.base import AgentReady
+    from podtwin.runner.backends.kube_streams import TRANSPORTS
+    from podtwin.runner.link.client import Link, LinkKeys
+
+    from types import SimpleNamespace
+
+    from podtwin.runner.link.loop import LoopThread
+
+    ready = AgentReady(**end["ready"])
+    # The runner's own way in: the transport serves the session's socket (the dead runner's is
+    # stale) with one API-server stream per connection.
+    loop, transport = LoopThread("podtwin-guard"), TRANSPORTS[end["transport"]](kube)
+    try:
+        transport.setup(SimpleNamespace(files=files), ready, loop)
+
+        async def go() -> None:
+            link = await Link.connect_unix(str(files.agent_socket), LinkKeys(str(files.client_key), ready.host_key),
+                                           role="guard", wait=10)
+            await link.end()
+        loop.run(go(), timeout=30)
+    finally:
+        transport.restore()
+        loop.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from podtwin.runner.sidecar import READY_FILE
 from podtwin.runner.sidecar.dns.handed import HandedResolver
 from podtwin.runner.sidecar.dns.resolver import DnsServer
 from podtwin.runner.sidecar.files import FileMounts
+from podtwin.runner.sidecar.link import LinkKeeper
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
 from podtwin.runner.sidecar.dns.names import NameCache
 from podtwin.runner.sidecar.outgoing.netsetup import NetSetup, own_subnets
@@ -100,6 +101,7 @@ async def amain(args: argparse.Namespace) -> int:
     # The sidecar starts alongside the agent: wait for the agent's socket.
     link = await Link.connect_unix(str(files.agent_socket), keys, role="sidecar", wait=settings.connect_timeout)
     info = await link.control.info()
+    links = LinkKeeper(link, str(files.agent_socket), keys, settings.reconnect_grace)
 
     if settings.local_subnets:   # a compose project's networks: the sidecar's own
         rules = dataclasses.replace(rules, local_cidrs=rules.local_cidrs + tuple(
@@ -132,31 +134,34 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
         if rules.tcp:
-            services.append(TcpProxy(link, rules.tcp_port, decide=(
+            services.append(TcpProxy(links, rules.tcp_port, decide=(
                 lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff))
         if rules.udp:
-            services.append(UdpRelay(link.control, rules.udp_port, decide=(
+            services.append(UdpRelay(links, rules.udp_port, decide=(
                 lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
-        remote_dns = link.control.dns
+        remote_dns = links.dns
         if handoff is not None and dns_enabled:   # the agent off the path of every query
-            handed = HandedResolver(await handoff.udp(), target_resolv, link.control.dns)
+            handed = HandedResolver(await handoff.udp(), target_resolv, links.dns)
             services.append(handed)   # started below, before the DNS server that uses it
             remote_dns = handed.query
         services.append(DnsServer(remote_dns, local_dns.forward, decider.query, names.learn_answer))
+        # the files' loopback port is the sidecar's own: incoming's port following leaves it alone
+        mounts = FileMounts(links, settings.files, files.files_missing) if settings.files is not None else None
         if settings.incoming is not None:
-            services.append(IncomingPorts(link, settings.incoming, own_ports={rules.tcp_port, 53}, handoff=handoff))
-        if settings.files is not None:
-            services.append(FileMounts(link, settings.files, files.files_missing))
+            own = {rules.tcp_port, 53} | ({mounts.port} if mounts is not None else set())
+            services.append(IncomingPorts(links, settings.incoming, own_ports=own, handoff=handoff))
+        if mounts is not None:
+            services.append(mounts)
         for service in services:
             await service.start()
         print("PODTWIN_SIDECAR_READY", flush=True)
         Path(READY_FILE).touch()   # what a compose healthcheck looks for
-        closed = loop.create_task(link.wait_closed(), name="sidecar:link")
+        closed = loop.create_task(links.keep(), name="sidecar:link")
         stopped = loop.create_task(stop.wait(), name="sidecar:signal")
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
         code = 0 if stop.is_set() else 1
         if code:
-            log.error("the link to the agent closed; exiting")
+            log.error("%s; exiting", closed.result())
         for task in (closed, stopped):
             task.cancel()
         return code
@@ -164,7 +169,7 @@ async def amain(args: argparse.Namespace) -> int:
         for service in reversed(services):
             service.close()
         await asyncio.to_thread(net.restore)
-        link.close()
+        links.link.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,18 @@
 """The target's files, sidecar side: one sshfs mount of the exported paths' tree.
 
-sshfs (Debian's, in the podtwin image) runs with ``-o passive``: it speaks SFTP on its stdin and
-stdout, which the sidecar joins to an ``sftp`` channel of its own link to the agent (the exports
-in the channel's environment; the agent serves those paths only, confined to the target's root).
-No second connection, no new listener. The mount sits on the session volume, which the sidecar
-shares (rshared) with the Docker daemon: the app container binds each export from there at its
-real path. The agent's own rules decide what is writable; the mount is read-only when nothing is.
+sshfs (Debian's, in the podtwin image) runs with ``-o directport``: it speaks plain SFTP to a
+loopback port of the sidecar's, and the sidecar joins each connection there to an ``sftp``
+channel of its own link to the agent (the exports in the channel's environment; the agent serves
+those paths only, confined to the target's root). With ``-o reconnect``, when the link breaks,
+sshfs answers the calls in flight with EIO, and the next call connects again: the sidecar holds
+that connection until the link is back (``LinkKeeper.wait``), so the app's file calls wait out a
+blip. Files opened before it give EIO and must be opened again (sshfs's own rule: a handle
+never crosses to a new SFTP session). The port serves exactly the exports the app has mounted
+anyway, and is kept out of incoming traffic's port following.
+
+The mount sits on the session volume, which the sidecar shares (rshared) with the Docker daemon:
+the app container binds each export from there at its real path. The agent's own rules decide
+what is writable; the mount is read-only when nothing is.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import asyncssh
 
@@ -32,37 +40,59 @@ CHANNEL_WINDOW = 8 * 1024 * 1024
 
 
 class FileMounts:
-    def __init__(self, link, settings: FilesSettings, missing_file: Path) -> None:
-        self.link, self.settings, self.missing_file = link, settings, missing_file
+    def __init__(self, links, settings: FilesSettings, missing_file: Path) -> None:
+        self.links, self.settings, self.missing_file = links, settings, missing_file
         self.root = Path(settings.root())
         self.proc: asyncio.subprocess.Process | None = None
-        self.channel: asyncssh.SSHClientChannel | None = None
+        self.channels: set = set()
+        self.joining: set = set()
+        # bound now, so the port is known (and kept out of incoming's port following) at once
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.server: asyncio.base_events.Server | None = None
+        self.exports = wire.FsExports(
+            tuple(wire.FsExport(e.path, e.write, e.writable, e.source) for e in settings.exports),
+            not_found=settings.not_found, read_write=settings.read_write, read_only=settings.read_only).encode()
 
     async def start(self) -> None:
-        st = self.settings
-        exports = wire.FsExports(tuple(wire.FsExport(e.path, e.write, e.writable, e.source) for e in st.exports),
-                                 not_found=st.not_found, read_write=st.read_write, read_only=st.read_only)
-        ours, theirs = socket.socketpair()
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _Bridge(self._connected).socket_side, sock=self.listener)
         self.root.mkdir(parents=True, exist_ok=True)
-        options = ["passive", "allow_other", "default_permissions", "dir_cache=no", f"max_read={SFTP_READ}",
-                   "ro" if not any(e.writable for e in self.settings.exports) else "rw"]
+        options = [f"directport={self.port}", "reconnect", "allow_other", "default_permissions", "dir_cache=no",
+                   f"max_read={SFTP_READ}", "ro" if not any(e.writable for e in self.settings.exports) else "rw"]
         self.proc = await asyncio.create_subprocess_exec(
-            "sshfs", "-f", "-o", ",".join(options), "podtwin-agent:/", str(self.root),
-            stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE)
-        theirs.close()
-        # sshfs's socket and the sftp channel, joined by callbacks: each message crosses the
-        # sidecar in one call, no task wake-up per direction (a small file costs five round trips)
-        loop = asyncio.get_running_loop()
-        bridge = _Bridge()
-        self.channel, _ = await self.link.conn.create_session(
-            lambda: bridge.channel_side, subsystem=wire.SFTP_SUBSYSTEM,
-            env={wire.FS_EXPORTS_ENV: exports.encode()}, encoding=None,
-            window=CHANNEL_WINDOW, max_pktsize=CHANNEL_PACKET)
-        await loop.connect_accepted_socket(lambda: bridge.socket_side, sock=ours)
+            "sshfs", "-f", "-o", ",".join(options), "127.0.0.1:/", str(self.root),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         await self._mounted()
         missing = await asyncio.to_thread(self._missing)
         self.missing_file.write_text(json.dumps(missing))
         log.info("target files mounted: %s", ", ".join(e.path for e in self.settings.exports))
+
+    def _connected(self, bridge: "_Bridge") -> None:
+        """sshfs connected (at the mount, and again after each break): join it to a new sftp
+        channel once the link is up."""
+        task = asyncio.get_running_loop().create_task(self._join(bridge), name="files:join")
+        self.joining.add(task)
+        task.add_done_callback(self.joining.discard)
+
+    async def _join(self, bridge: "_Bridge") -> None:
+        assert bridge.sock is not None
+        try:
+            link = await self.links.wait()
+            channel, _ = await link.conn.create_session(
+                lambda: bridge.channel_side, subsystem=wire.SFTP_SUBSYSTEM,
+                env={wire.FS_EXPORTS_ENV: self.exports}, encoding=None,
+                window=CHANNEL_WINDOW, max_pktsize=CHANNEL_PACKET)
+        except (asyncssh.Error, OSError) as exc:   # LinkDown is a ConnectionError
+            log.warning("files: no sftp channel: %s", exc)
+            bridge.sock.close()
+            return
+        self.channels.add(channel)
+        if bridge.sock.is_closing():
+            channel.close()
+        else:
+            bridge.ready()   # the subsystem runs now: sshfs's bytes may flow
 
     def _missing(self) -> list[str]:
         """The exports the target does not have (a path a ``read_only`` regex named, say): the
@@ -91,19 +121,27 @@ class FileMounts:
         subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True)
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
-        if self.channel is not None:
-            self.channel.close()
+        if self.server is not None:
+            self.server.close()
+        self.listener.close()
+        for task in self.joining:
+            task.cancel()
+        for channel in self.channels:
+            channel.close()
 
 
 class _Bridge:
-    """sshfs's end of a socketpair and an SSH channel, copied into each other from the event
-    loop's callbacks, with flow control both ways (a full side pauses reading from the other)."""
+    """One sshfs connection and an SSH channel, copied into each other from the event loop's
+    callbacks, with flow control both ways (a full side pauses reading from the other). The
+    socket is read only once the channel's subsystem runs (``on_connect`` makes it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_connect: Callable[["_Bridge"], None]) -> None:
         bridge = self
         self.sock: asyncio.Transport | None = None
         self.chan: asyncssh.SSHClientChannel | None = None
-        self.early: list[bytes] = []   # from the channel before the socket side is connected
+        self.flowing = False
+        self.early: list[bytes] = []   # from sshfs before the subsystem runs (older Pythons
+        # start reading a new transport even when connection_made paused it)
 
         class ChannelSide(asyncssh.SSHClientSession):
             def connection_made(self, chan) -> None:
@@ -112,8 +150,6 @@ class _Bridge:
             def data_received(self, data: bytes, datatype) -> None:
                 if bridge.sock is not None:
                     bridge.sock.write(data)
-                else:
-                    bridge.early.append(data)
 
             def eof_received(self) -> bool:
                 if bridge.sock is not None and bridge.sock.can_write_eof():
@@ -122,7 +158,7 @@ class _Bridge:
 
             def connection_lost(self, exc) -> None:
                 if bridge.sock is not None:
-                    bridge.sock.close()   # sshfs sees EOF and exits: the mount answers ENOTCONN
+                    bridge.sock.close()   # sshfs fails the calls in flight and connects again
 
             def pause_writing(self) -> None:
                 if bridge.sock is not None:
@@ -135,16 +171,17 @@ class _Bridge:
         class SocketSide(asyncio.Protocol):
             def connection_made(self, transport) -> None:
                 bridge.sock = transport
-                for data in bridge.early:
-                    transport.write(data)
-                bridge.early.clear()
+                transport.pause_reading()
+                on_connect(bridge)
 
             def data_received(self, data: bytes) -> None:
-                if bridge.chan is not None:
+                if bridge.flowing:
                     bridge.chan.write(data)
+                else:
+                    bridge.early.append(data)
 
             def eof_received(self) -> bool:
-                if bridge.chan is not None:
+                if bridge.flowing:
                     bridge.chan.write_eof()
                 return True
 
@@ -161,6 +198,15 @@ class _Bridge:
                     bridge.chan.resume_reading()
 
         self.channel_side, self.socket_side = ChannelSide(), SocketSide()
+
+    def ready(self) -> None:
+        """The channel's subsystem runs: pass on what sshfs sent meanwhile, then everything."""
+        assert self.chan is not None and self.sock is not None
+        self.flowing = True
+        for data in self.early:
+            self.chan.write(data)
+        self.early.clear()
+        self.sock.resume_reading()
 
 
 def _in_mount_table(path: Path) -> bool:

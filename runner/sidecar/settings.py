@@ -101,6 +101,7 @@ class SidecarSettings(_Frozen):
     incoming: IncomingSettings | None = None
     files: FilesSettings | None = None
     connect_timeout: float = Field(60.0, description="how long to wait for the agent's socket")
+    reconnect_grace: float = Field(60.0, description="how long to reconnect a broken link before giving up")
     local_names: tuple[str, ...] = Field((), description=(
         "names that resolve locally whatever the DNS filter says (a compose project's services); under the "
         "target's search domains they are not found, so the resolver moves on to the bare name"))
@@ -111,7 +112,7 @@ class SidecarSettings(_Frozen):
     def from_config(cls, cfg: PodtwinConfig) -> "SidecarSettings":
         net = cfg.feature.network
         return cls(outgoing=net.outgoing, dns=net.dns, incoming=IncomingSettings.from_config(cfg),
-                   connect_timeout=float(cfg.agent.startup_timeout))
+                   connect_timeout=float(cfg.agent.startup_timeout), reconnect_grace=float(cfg.agent.reconnect_grace))
 
     # -- both ends ---------------------------------------------------------------------------
     def write(self, path: Path) -> None:

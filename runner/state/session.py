@@ -7,6 +7,7 @@ network listener at all, so nothing outside this session can reach the agent.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -55,6 +56,7 @@ class Session:
     target: str
     dir: Path
     runner_pid: int = field(default_factory=os.getpid)
+    owner_lock: int | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def create(cls, target: str) -> "Session":
@@ -69,7 +71,16 @@ class Session:
         path.chmod(0o700)
         session = cls(sid, target, path)
         session.files.owner.write_text(json.dumps(session.labels("runner")))
+        session.hold_owner_lock()
         return session
+
+    def hold_owner_lock(self) -> None:
+        """Lock the owner file for as long as this process lives: the kernel lets go when it
+        dies, however it dies. An agent on this kernel (a Docker target's) tells a dead runner
+        from a broken link by it (``agent --runner-lock``). The descriptor is not inherited."""
+        fd = os.open(self.files.owner, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.owner_lock = fd
 
     @property
     def files(self) -> SessionFiles:
@@ -108,6 +119,9 @@ class Session:
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owner_lock is not None:
+            os.close(self.owner_lock)
+            self.owner_lock = None
 
 
 def process_start(pid: int) -> str:

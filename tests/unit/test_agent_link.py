@@ -119,9 +119,117 @@ def test_wrong_key_is_refused(agent):
             await Link.connect_unix(sock, bad, role="runner")
         # the right key still works afterwards
         link = await Link.connect_unix(sock, keys, role="runner")
-        link.close()
+        await link.end()
     run(scenario())
     assert proc.wait(timeout=10) == 0
+
+
+def _agent(tmp_path: Path, target, *args: str):
+    """An agent of our own (``args``: extra options), its socket and keys; stderr to a file."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "client_key").write_bytes(key.export_private_key())
+    (tmp_path / "client_key").chmod(0o600)
+    (tmp_path / "client_key.pub").write_bytes(key.export_public_key())
+    sock = str(tmp_path / "agent.sock")
+    err = open(tmp_path / "agent.err", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podtwin.agent", "--listen", f"unix:{sock}",
+         "--authorized-keys", str(tmp_path / "client_key.pub"), "--target-pid", str(target.pid),
+         "--startup-timeout", "20", *args], stdout=subprocess.PIPE, stderr=err, text=True)
+    err.close()
+    line = proc.stdout.readline()
+    assert line.startswith("PODTWIN_AGENT_READY "), line
+    keys = LinkKeys(str(tmp_path / "client_key"), json.loads(line.split(" ", 1)[1])["host_key"])
+    return proc, sock, keys
+
+
+async def _broken_runner(sock: str, keys: LinkKeys) -> None:
+    """A runner whose transport breaks under it: the agent sees EOF, no SSH disconnect."""
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(sock)
+    link = await Link.connect(raw, keys, role="runner")
+    await link.control.info()
+    link.conn.abort()   # the transport goes, as a killed port-forward stream's would
+    await asyncio.sleep(0.3)
+
+
+def test_a_broken_runner_link_keeps_the_session_until_the_runner_is_back(tmp_path, target):
+    proc, sock, keys = _agent(tmp_path, target, "--reconnect-grace", "30")
+    try:
+        async def scenario():
+            await _broken_runner(sock, keys)
+            assert proc.poll() is None                          # the agent waits for its runner
+            link = await Link.connect_unix(sock, keys, role="runner")
+            assert (await link.control.info()).env["GREETING"] == "hello from target"
+            await link.end()                                    # and ends when the runner says so
+        run(scenario())
+        assert proc.wait(timeout=10) == 0
+        err = (tmp_path / "agent.err").read_text()
+        assert "keeping the session for 30s" in err and "the runner reconnected after" in err, err
+        assert "the runner ended the session" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_runner_that_does_not_come_back_ends_the_session(tmp_path, target):
+    proc, sock, keys = _agent(tmp_path, target, "--reconnect-grace", "1")
+    try:
+        started = time.monotonic()
+        run(_broken_runner(sock, keys))
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        assert "the runner did not reconnect within 1s" in (tmp_path / "agent.err").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_dead_runner_is_told_from_a_broken_link_by_its_lock(tmp_path, target):
+    """On one kernel the runner holds a lock while it lives: a broken link whose runner still
+    holds it is waited for; once the runner dies (the kernel frees the lock) the session ends."""
+    lock = tmp_path / "owner.json"
+    lock.write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    proc, sock, keys = _agent(tmp_path, target, "--reconnect-grace", "60", "--runner-lock", str(lock))
+    try:
+        run(_broken_runner(sock, keys))
+        time.sleep(1.5)
+        assert proc.poll() is None                 # the runner lives: a blip, wait for it
+        holder.kill()
+        holder.wait()
+        assert proc.wait(timeout=5) == 0           # it died: no point waiting out the grace
+        assert "the runner is gone" in (tmp_path / "agent.err").read_text()
+    finally:
+        for p in (proc, holder):
+            p.kill()
+            p.wait()
+            p.stdout.close()
+
+
+def test_a_newer_runner_connection_supersedes_the_older(tmp_path, target):
+    """A runner that reconnected before the agent saw its old connection break owns the agent;
+    the old connection is closed (and its end does not end the session)."""
+    proc, sock, keys = _agent(tmp_path, target, "--reconnect-grace", "30")
+    try:
+        async def scenario():
+            old = await Link.connect_unix(sock, keys, role="runner")
+            new = await Link.connect_unix(sock, keys, role="runner")
+            await asyncio.wait_for(old.wait_closed(), 5)
+            assert proc.poll() is None
+            assert (await new.control.info()).pid == target.pid
+            await new.end()
+        run(scenario())
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_agent_exits_when_nobody_connects(tmp_path, target):

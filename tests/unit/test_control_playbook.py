@@ -13,7 +13,7 @@ import pytest
 from podtwin.agent.link import wire
 from podtwin.agent.link.control import ControlHandler
 from podtwin.agent.link.control_events import (
-    ChannelClosed, CloseUdp, DnsAnswered, Fatal, ForwardDns, Greeted, NoticeFromAgent, OpenUdp,
+    ChannelClosed, CloseUdp, DnsAnswered, EndSession, Fatal, ForwardDns, Greeted, NoticeFromAgent, OpenUdp,
     ReadTargetInfo, Reply, SendUdp, Subscribe, SubscribeDone, TargetInfoRead, Tick, UdpOpened,
     UdpOpenFailed, UdpReceived)
 
@@ -140,8 +140,10 @@ def test_anything_but_hello_first_is_fatal(first, name):
 def test_hello_with_another_version_is_refused():
     other = wire.encode_json(wire.HELLO, {"version": wire.PROTOCOL_VERSION + 1, "role": "runner"})
     assert (Playbook() >> other
-            << Reply(Contains(b"protocol version mismatch: peer speaks 3, we speak 2"))
-            << Fatal(Contains("protocol version mismatch: peer speaks 3, we speak 2")))
+            << Reply(Contains(f"protocol version mismatch: peer speaks {wire.PROTOCOL_VERSION + 1}, "
+                              f"we speak {wire.PROTOCOL_VERSION}".encode()))
+            << Fatal(Contains(f"protocol version mismatch: peer speaks {wire.PROTOCOL_VERSION + 1}, "
+                              f"we speak {wire.PROTOCOL_VERSION}")))
 
 
 def test_hello_without_a_role_is_refused():
@@ -159,6 +161,10 @@ def test_a_second_hello_is_fatal():
 def test_info_reply_is_the_targets_info():
     assert (greeted() >> frame(wire.INFO_REQUEST) << ReadTargetInfo()
             >> TargetInfoRead(INFO) << reply(INFO))
+
+
+def test_end_ends_the_session():
+    assert greeted() >> frame(wire.END) << EndSession()
 
 
 @pytest.mark.parametrize("payload", [b"", b"beat-1", bytes(range(256)) * 4])

@@ -14,6 +14,8 @@ import logging
 import socket
 from pathlib import Path
 
+import asyncssh
+
 from podtwin.agent.link.wire import INCOMING_HOST
 from podtwin.agent.link.handoff import readable
 from podtwin.agent.streams import splice
@@ -50,8 +52,8 @@ def _unreachable(address: str) -> bool:
 
 
 class IncomingPorts:
-    def __init__(self, link, settings: IncomingSettings, own_ports: set[int], handoff=None) -> None:
-        self.link = link
+    def __init__(self, links, settings: IncomingSettings, own_ports: set[int], handoff=None) -> None:
+        self.links = links   # the LinkKeeper: its forwardings are taken again when the link is back
         self.handoff = handoff   # a Docker agent on our kernel: stolen connections arrive as sockets
         self.settings = settings
         self.own_ports = own_ports
@@ -62,6 +64,7 @@ class IncomingPorts:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.links.on_back.append(self._relink)
         self.task = loop.create_task(self._follow(), name="incoming:follow")
         if self.handoff is not None and self.settings.mode == "steal":
             self.push = loop.create_task(self._receive(await self.handoff.incoming()), name="incoming:push")
@@ -105,9 +108,18 @@ class IncomingPorts:
         while True:
             try:
                 await self.sync(listening_ports() - self.own_ports)
-            except ConnectionError:
-                return  # the link is gone; the sidecar is exiting
+            except (ConnectionError, asyncssh.Error):
+                try:
+                    await self.links.wait()   # the link broke: take the ports again once it is back
+                except ConnectionError:
+                    return  # it did not come back; the sidecar is exiting
             await asyncio.sleep(POLL_SECONDS)
+
+    def _relink(self, link) -> None:
+        """The link is back: the broken one's forwardings went with it; the agent kept the
+        rules, and ``sync`` asks for the ports again on the new link (the agent hands them over)."""
+        self.listeners.clear()
+        self.refused.clear()
 
     async def sync(self, app_ports: set[int]) -> None:
         wanted = self.settings.wanted(app_ports)
@@ -120,12 +132,13 @@ class IncomingPorts:
                 await self._take(local, remote)
 
     async def _take(self, local: int, remote: int) -> None:
-        error = await self.link.control.subscribe(remote, self.settings.mode, self.settings.http_filter)
+        link = self.links.link
+        error = await link.control.subscribe(remote, self.settings.mode, self.settings.http_filter)
         if error:
             log.warning("port %d: %s", remote, error)
             self.refused.add(local)
             return
-        self.listeners[local] = await self.link.conn.start_server(
+        self.listeners[local] = await link.conn.start_server(
             lambda orig_host, orig_port: self._deliver_to(local), INCOMING_HOST, remote, encoding=None)
         log.info("target port %d -> app port %d", remote, local)
 

@@ -50,6 +50,7 @@ class _Flow:
         self.reply = transparent_socket(dst)
         self.last_used = asyncio.get_running_loop().time()
         self.local: socket.socket | None = None
+        self.control = None
         self.ident = 0
         if local:
             self.local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,7 +59,8 @@ class _Flow:
             self.local.connect(dst)
             asyncio.get_running_loop().add_reader(self.local.fileno(), self._local_readable)
         else:
-            self.ident = relay.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+            self.control = relay.links.control   # the flow lives and dies with this link's channel
+            self.ident = self.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
 
     def _local_readable(self) -> None:
         assert self.local is not None
@@ -90,7 +92,7 @@ class _Flow:
             except OSError as exc:
                 log.debug("local flow %s: %s", self.dst, exc)
         else:
-            self.relay.control.udp_send(self.ident, data)
+            self.control.udp_send(self.ident, data)
 
     def close(self) -> None:
         if self.local is not None:
@@ -100,8 +102,8 @@ class _Flow:
 
 
 class UdpRelay:
-    def __init__(self, control, port: int, decide=None) -> None:
-        self.control = control
+    def __init__(self, links, port: int, decide=None) -> None:
+        self.links = links   # the LinkKeeper: each new flow opens on the link of the moment
         self.port = port
         self.decide = decide  # (ip, port) -> "remote" | "local", for filters with host names
         self.flows: dict[tuple, _Flow] = {}
@@ -143,7 +145,7 @@ class UdpRelay:
             del self.flows[(flow.src, flow.dst)]
         if notify and flow.local is None:
             try:
-                self.control.udp_close(flow.ident)
+                flow.control.udp_close(flow.ident)
             except ConnectionError:
                 pass
         flow.close()
