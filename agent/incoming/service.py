@@ -24,7 +24,7 @@ import asyncssh
 
 from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.relay import relay_filtered
-from podtwin.agent.incoming.steal.nat import NatState, SessionRules, liveness_name, steal_conflict
+from podtwin.agent.incoming.steal.nat import NatState, SessionRules, ip6tables_usable, liveness_name, steal_conflict
 from podtwin.agent.incoming.steal.proxyline import PROXY_LINE_MAX, parse_proxy_line, proxy_line
 from podtwin.agent.sockopts import original_dst
 from podtwin.agent.streams import splice
@@ -86,12 +86,26 @@ class PortListener(asyncssh.SSHListener):
 
 def _is_local(address: str) -> bool:
     """Whether ``address`` belongs to this network namespace (it can be bound here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((address, 0))
             return True
         except OSError:
             return False
+
+
+def _listen6(port: int) -> socket.socket | None:
+    """An IPv6 listener on ``port`` (IPv6 only: IPv4 has its own), or None without IPv6 here."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 @dataclass
@@ -101,6 +115,7 @@ class IncomingServer:
     subs: dict[int, Subscription] = field(default_factory=dict)
     rules: SessionRules | None = None
     _listener: socket.socket | None = None
+    _listener6: socket.socket | None = None
     _liveness: socket.socket | None = None
     tasks: TaskSet = field(default_factory=lambda: TaskSet("incoming"))
     _mirror: Any = None
@@ -109,15 +124,20 @@ class IncomingServer:
     push: Any = None   # handoff.IncomingPush: whole-port steals' connections as sockets, where it is held
 
     async def start(self) -> None:
-        """Listen (any port, all addresses) and announce liveness in this namespace."""
+        """Listen (any port, all addresses; IPv6 too where the namespace has it, on the same
+        port) and announce liveness in this namespace."""
         self._listener = socket.create_server(("0.0.0.0", 0), backlog=128)
         self._listener.setblocking(False)
-        self.rules = SessionRules(self.session_id, self._listener.getsockname()[1])
+        port = self._listener.getsockname()[1]
+        self._listener6 = _listen6(port) if await asyncio.to_thread(ip6tables_usable) else None
+        self.rules = SessionRules(self.session_id, port, v6=self._listener6 is not None)
         self._liveness = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._liveness.bind(liveness_name(self.session_id))
         self._liveness.listen(8)
         self._liveness.setblocking(False)
-        self.tasks.spawn(self._accept(), "accept")
+        self.tasks.spawn(self._accept(self._listener), "accept")
+        if self._listener6 is not None:
+            self.tasks.spawn(self._accept(self._listener6), "accept6")
         self.tasks.spawn(self._hold_liveness(), "liveness")
 
     async def _hold_liveness(self) -> None:
@@ -228,10 +248,10 @@ class IncomingServer:
                 log.info("port %d: its client's link broke; the target answers until it is back", port)
 
     # -- connections -----------------------------------------------------------------------
-    async def _accept(self) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, peer = await loop.sock_accept(self._listener)
+            conn, peer = await loop.sock_accept(listener)
             self.tasks.spawn(self._handle(conn, peer), "conn")
 
     async def _handle(self, conn: socket.socket, peer) -> None:
@@ -364,7 +384,7 @@ class IncomingServer:
         self.tasks.cancel_all()
         if self.rules is not None:
             self.rules.remove_all()
-        for sock in (self._listener, self._liveness):
+        for sock in (self._listener, self._listener6, self._liveness):
             if sock is not None:
                 sock.close()
 

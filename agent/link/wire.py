@@ -217,6 +217,7 @@ class Info(Payload):
     resolv_conf: str
     hosts: str
     hostname: str
+    ipv6: bool = False   # the target's network has a global IPv6 address: the app's gets IPv6 too
 
 
 @dataclass(frozen=True)

@@ -53,4 +53,13 @@ class TargetProcess:
 
     def info(self) -> Info:
         return Info(pid=self.pid, env=self.environ(), resolv_conf=self.read_text("/etc/resolv.conf"),
-                    hosts=self.read_text("/etc/hosts"), hostname=self.hostname())
+                    hosts=self.read_text("/etc/hosts"), hostname=self.hostname(), ipv6=self.has_ipv6())
+
+    def has_ipv6(self) -> bool:
+        """Whether the target's network namespace has a global IPv6 address (not loopback, not
+        link-local): ``/proc/PID/net/if_inet6`` lists its addresses, scope 00 being global."""
+        try:
+            lines = (self.proc / str(self.pid) / "net" / "if_inet6").read_text().splitlines()
+        except OSError:
+            return False
+        return any(len(f) >= 6 and f[3] == "00" and f[5] != "lo" for f in (line.split() for line in lines))

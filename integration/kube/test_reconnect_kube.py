@@ -117,8 +117,8 @@ def test_a_session_rides_out_a_broken_link(cluster, staging, sessions, tmp_path,
     assert "link lost, reconnecting" in session.err()
     first = wait_until(lambda: fetch(app, f"http://{target_ip}/after").startswith("target:") and time.monotonic(),
                        10, "a fetch through the target to work again", interval=0.2)
-    print(f"\n{fault}: first fetch through the target {first - back:.2f} s after 'link back' "
-          f"({session.err().strip().splitlines()[-1]})")
+    backs = [line for line in session.err().splitlines() if "link back after" in line]
+    print(f"\n{fault}: first fetch through the target {first - back:.2f} s after 'link back' ({backs[-1].strip()})")
     wait_until(lambda: calls(cluster, staging, [["GET", "/", {}]]) == ["from-local"], 10,
                "the stolen port to serve the local app again")
     assert app_container(session) == app                      # the same app, still running

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import docker
 import docker.errors
@@ -51,6 +51,13 @@ class SidecarSpec:
     devices: list[str]              # host:container:permissions
     security_opt: list[str]
     binds: list[tuple[str, str, str]]   # (source on the daemon's side, target, propagation or "")
+    sysctls: dict[str, str] = field(default_factory=dict)
+
+
+def _sidecar_sysctls() -> dict[str, str]:
+    """IPv6 on in the app's namespace (Docker turns it off on a network without IPv6): the
+    sidecar bridges the app's IPv6 to a target that has it. Not asked of a kernel without IPv6."""
+    return {"net.ipv6.conf.all.disable_ipv6": "0"} if os.path.exists("/proc/sys/net/ipv6") else {}
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,8 @@ class DockerEngine:
             devices, security = ["/dev/fuse:/dev/fuse:rwm"], ["apparmor=unconfined"]
             binds.append((files_volume, FILES_MOUNT, "rshared"))
         return SidecarSpec(image, ["python", "-m", "podtwin.runner.sidecar", "--session-dir", MOUNT_POINT],
-                           session.name("sidecar"), session.labels("sidecar"), caps, devices, security, binds)
+                           session.name("sidecar"), session.labels("sidecar"), caps, devices, security, binds,
+                           _sidecar_sysctls())
 
     def start_sidecar(self, session: Session, image: str, hostname: str, network: str | None = None,
                       ports: dict | None = None, files_volume: str | None = None) -> str:
@@ -202,7 +210,7 @@ class DockerEngine:
             spec.image, spec.command, name=spec.container_name, labels=spec.labels,
             hostname=hostname or None, network=network, ports=ports or None,
             cap_add=spec.cap_add, cap_drop=["ALL"], devices=spec.devices or None,
-            security_opt=spec.security_opt or None,
+            security_opt=spec.security_opt or None, sysctls=spec.sysctls or None,
             mounts=[Mount(target=target, source=source, type="bind", propagation=propagation or None)
                     for source, target, propagation in spec.binds],
         )

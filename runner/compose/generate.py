@@ -148,6 +148,8 @@ def _bridge(name: str, service: dict[str, Any], e: Engaged) -> tuple[dict[str, A
         sidecar["devices"] = list(s.devices)
     if s.security_opt:
         sidecar["security_opt"] = list(s.security_opt)
+    if s.sysctls:
+        sidecar["sysctls"] = dict(s.sysctls)
     for key in MOVED_TO_SIDECAR:
         if key in service:
             sidecar[key] = service[key]

@@ -27,7 +27,7 @@ from podtwin.runner.sidecar.files import FileMounts
 from podtwin.runner.sidecar.link import LinkKeeper
 from podtwin.runner.sidecar.incoming.ports import IncomingPorts
 from podtwin.runner.sidecar.dns.names import NameCache
-from podtwin.runner.sidecar.outgoing.netsetup import NetSetup, own_subnets
+from podtwin.runner.sidecar.outgoing.netsetup import NetSetup, ipv6_on, own_subnets
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
 from podtwin.runner.sidecar.outgoing.tcp import TcpProxy
 from podtwin.runner.sidecar.outgoing.udp import UdpRelay
@@ -123,7 +123,8 @@ async def amain(args: argparse.Namespace) -> int:
         Path("/etc/resolv.conf").write_text(resolv_conf_for_app(own_resolv))
     per_connection = kernel.proxy_decides
 
-    net = NetSetup(rules)
+    v6 = info.ipv6 and ipv6_on()   # the target has IPv6: the app's namespace gets it too, bridged alike
+    net = NetSetup(rules, v6=v6)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -135,10 +136,10 @@ async def amain(args: argparse.Namespace) -> int:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
         if rules.tcp:
             services.append(TcpProxy(links, rules.tcp_port, decide=(
-                lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff))
+                lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff, v6=v6))
         if rules.udp:
             services.append(UdpRelay(links, rules.udp_port, decide=(
-                lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None))
+                lambda ip, port: decider.connection("udp", ip, port)) if per_connection else None, v6=v6))
         remote_dns = links.dns
         if handoff is not None and dns_enabled:   # the agent off the path of every query
             handed = HandedResolver(await handoff.udp(), target_resolv, links.dns)

@@ -105,7 +105,11 @@ def test_proxy_line_round_trip_and_refusals():
     line = proxy_line(("10.1.2.3", 51000), ("10.1.2.9", 80))
     assert line == b"PROXY TCP4 10.1.2.3 10.1.2.9 51000 80\r\n"
     assert parse_proxy_line(line) == (("10.1.2.3", 51000), ("10.1.2.9", 80))
-    for bad in (b"GET / HTTP/1.1\r\n", b"PROXY TCP6 ::1 ::1 1 2\r\n", b"PROXY TCP4 10.1.2.3 10.1.2.9 51000 80\n",
+    line6 = proxy_line(("fd00:70::7", 51000), ("fd00:70::2", 80))
+    assert line6 == b"PROXY TCP6 fd00:70::7 fd00:70::2 51000 80\r\n"
+    assert parse_proxy_line(line6) == (("fd00:70::7", 51000), ("fd00:70::2", 80))
+    for bad in (b"GET / HTTP/1.1\r\n", b"PROXY TCP6 10.1.2.3 10.1.2.9 1 2\r\n", b"PROXY TCP4 ::1 ::1 1 2\r\n",
+                b"PROXY UDP4 10.1.2.3 10.1.2.9 1 2\r\n", b"PROXY TCP4 10.1.2.3 10.1.2.9 51000 80\n",
                 b"PROXY TCP4 10.1.2.3 10.1.2.9 0 80\r\n", b"PROXY TCP4 nothost 10.1.2.9 5 80\r\n"):
         with pytest.raises(ValueError):
             parse_proxy_line(bad)

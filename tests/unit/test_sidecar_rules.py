@@ -244,6 +244,34 @@ def test_ipv6_entries_are_skipped():
         assert "::" not in text and "fd00" not in text
 
 
+def test_ip6tables_gets_the_ipv6_entries_only():
+    for name in ("local-cidrs", "remote-only"):
+        text = iptables_script(SETTINGS[name], v6=True)
+        assert "fd00::/8" in text and "10." not in text and "192.168" not in text and "127.0.0" not in text
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_ipv6_proxies_everything_but_loopback_link_local_multicast_local_and_bypass(proto):
+    script = parse(iptables_script(RuleSettings(), v6=True))
+    assert verdict(script, Packet("fd00:1::5", proto, 80)) == "proxy"
+    assert verdict(script, Packet("2001:db8::7", proto)) == "proxy"
+    assert verdict(script, Packet("::1", proto, 53)) == "local"
+    assert verdict(script, Packet("fe80::1", proto)) == "local"
+    assert verdict(script, Packet("ff02::fb", proto, 5353)) == "local"
+    assert verdict(script, Packet("fd70:6f64:7477::1", proto, local_dst=True)) == "local"
+    assert verdict(script, Packet("fd00:1::5", proto, mark=BYPASS_MARK)) == "local"
+
+
+def test_ipv6_local_and_remote_lists():
+    local = parse(iptables_script(SETTINGS["local-cidrs"], v6=True))
+    assert verdict(local, Packet("fd12::1", "tcp")) == "local"
+    assert verdict(local, Packet("2001:db8::1", "udp", 53)) == "local"
+    assert verdict(local, Packet("2001:db8::1", "tcp", 53)) == "proxy"
+    remote = parse(iptables_script(SETTINGS["remote-only"], v6=True))
+    assert verdict(remote, Packet("fd12::1", "tcp")) == "proxy"
+    assert verdict(remote, Packet("2001:db8::1", "tcp")) == "local"
+
+
 # -- behaviour: which packets go to the proxy ---------------------------------------------------
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_defaults_proxy_everything_but_loopback_local_and_bypass(proto):

@@ -208,7 +208,7 @@ def test_every_json_message_has_its_payload_class():
     (wire.Notice, b'{"level":"info","message":null}', "message must be str, not None"),
     (wire.IncomingReply, b'{"port":80,"error":5}', "error must be str | None, not 5"),
     (wire.IncomingSubscribe, b'{"port":80,"mode":"steal","http_filter":[]}', "http_filter must be dict | None"),
-    (wire.Info, b'{"pid":1,"env":{"A":1},"resolv_conf":"","hosts":"","hostname":""}',
+    (wire.Info, b'{"pid":1,"env":{"A":1},"resolv_conf":"","hosts":"","hostname":"","ipv6":false}',
      r"env must be dict\[str, str\]"),
     (wire.Error, b'["not", "an", "object"]', "not a JSON object"),
 ])

@@ -41,11 +41,23 @@ def session_alive(session_id: str) -> bool:
         sock.close()
 
 
-def iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["iptables", "-w", "5", "-t", "nat", *args], capture_output=True, text=True)
+def iptables(*args: str, check: bool = True, v6: bool = False) -> subprocess.CompletedProcess:
+    command = "ip6tables" if v6 else "iptables"
+    proc = subprocess.run([command, "-w", "5", "-t", "nat", *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"iptables {' '.join(args)}: {proc.stderr.strip()}")
+        raise RuntimeError(f"{command} {' '.join(args)}: {proc.stderr.strip()}")
     return proc
+
+
+def ip6tables_usable() -> bool:
+    """Whether this namespace's kernel has IPv6 nat (the same rules then go into ip6tables)."""
+    try:
+        return iptables("-n", "-L", "PREROUTING", check=False, v6=True).returncode == 0
+    except OSError:
+        return False
+
+
+FAMILIES = (False, True)   # IPv4 (iptables), IPv6 (ip6tables)
 
 
 @dataclass(frozen=True)
@@ -104,30 +116,45 @@ class NatState:
         return [r for r in self.on_port(port) if rank[r.session] > rank[session_id]]
 
     @classmethod
-    def read(cls) -> "NatState":
-        proc = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True)
+    def read(cls, v6: bool = False) -> "NatState":
+        """IPv4's rules (the order of sessions and their ports; IPv6's mirror them), or IPv6's."""
+        command = "ip6tables-save" if v6 else "iptables-save"
+        try:
+            proc = subprocess.run([command, "-t", "nat"], capture_output=True, text=True)
+        except OSError as exc:
+            if v6:
+                return cls({}, {})
+            raise RuntimeError(f"{command}: {exc}") from exc
         if proc.returncode != 0:
-            raise RuntimeError(f"iptables-save: {proc.stderr.strip()}")
+            if v6:   # no IPv6 nat in this kernel: no IPv6 rules either
+                return cls({}, {})
+            raise RuntimeError(f"{command}: {proc.stderr.strip()}")
         return cls.parse(proc.stdout)
 
 
 def remove_session_chain(session_id: str) -> bool:
-    """Remove a session's chain and the jump to it. True if anything was removed."""
+    """Remove a session's chains (IPv4 and IPv6) and the jumps to them. True if any was removed."""
     chain = CHAIN_PREFIX + session_id
-    if iptables("-n", "-L", chain, check=False).returncode != 0:
-        return False
-    while iptables("-D", "PREROUTING", "-p", "tcp", "-j", chain, check=False).returncode == 0:
-        pass
-    iptables("-F", chain, check=False)
-    iptables("-X", chain, check=False)
-    log.info("removed %s", chain)
-    return True
+    removed = False
+    for v6 in FAMILIES:
+        try:
+            if iptables("-n", "-L", chain, check=False, v6=v6).returncode != 0:
+                continue
+        except OSError:   # no ip6tables here
+            continue
+        while iptables("-D", "PREROUTING", "-p", "tcp", "-j", chain, check=False, v6=v6).returncode == 0:
+            pass
+        iptables("-F", chain, check=False, v6=v6)
+        iptables("-X", chain, check=False, v6=v6)
+        log.info("removed %s%s", chain, " (IPv6)" if v6 else "")
+        removed = True
+    return removed
 
 
 def sweep_dead_sessions(except_session: str | None = None) -> list[str]:
     """Remove the chains of sessions whose agent is gone (crash, SIGKILL, deleted container)."""
     removed = []
-    for session_id in set(NatState.read().chains.values()):
+    for session_id in set(NatState.read().chains.values()) | set(NatState.read(v6=True).chains.values()):
         if session_id != except_session and not session_alive(session_id):
             if remove_session_chain(session_id):
                 removed.append(session_id)
@@ -155,10 +182,13 @@ def steal_conflict(port: int, filtered: bool, others: list[Redirect]) -> str | N
 class SessionRules:
     """The rules of one live session; the agent owns one."""
 
-    def __init__(self, session_id: str, listen_port: int) -> None:
+    def __init__(self, session_id: str, listen_port: int, v6: bool = False) -> None:
+        """``v6``: the agent listens on IPv6 too (same port), and every rule goes into ip6tables
+        as well, so IPv6 clients' connections are taken like IPv4 ones."""
         self.session_id = session_id
         self.chain = CHAIN_PREFIX + session_id
         self.listen_port = listen_port
+        self.families = FAMILIES if v6 else FAMILIES[:1]
         self.ports: dict[int, bool] = {}   # port -> filtered
         self.created = False
 
@@ -171,11 +201,12 @@ class SessionRules:
         """Redirect ``port`` to the agent. The session's chain is entered first (inserted at the
         top of PREROUTING), so with several filtering sessions on one port the newest sees a
         request first and passes what it does not match on to the next (see IncomingServer)."""
-        if not self.created:
-            iptables("-N", self.chain, check=False)
-            iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain)
-            self.created = True
-        iptables("-A", self.chain, *self._rule(port, filtered))
+        for v6 in self.families:
+            if not self.created:
+                iptables("-N", self.chain, check=False, v6=v6)
+                iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain, v6=v6)
+            iptables("-A", self.chain, *self._rule(port, filtered), v6=v6)
+        self.created = True
         self.ports[port] = filtered
 
     def _rule(self, port: int, filtered: bool) -> list[str]:
@@ -184,7 +215,9 @@ class SessionRules:
 
     def remove(self, port: int) -> None:
         if port in self.ports:
-            iptables("-D", self.chain, *self._rule(port, self.ports.pop(port)), check=False)
+            filtered = self.ports.pop(port)
+            for v6 in self.families:
+                iptables("-D", self.chain, *self._rule(port, filtered), check=False, v6=v6)
 
     def remove_all(self) -> None:
         if self.created or self.ports:

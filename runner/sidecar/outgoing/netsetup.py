@@ -11,30 +11,49 @@ from pyroute2 import IPRoute
 
 from podtwin.agent.undo import UndoStack
 
-from podtwin.runner.sidecar.outgoing.iptables import ROUTE_TABLE, TPROXY_MARK, RuleSettings, iptables_script, iptables_undo_script
+from podtwin.runner.sidecar.outgoing.iptables import (APP_IPV6, ROUTE_TABLE, TPROXY_MARK, RuleSettings, iptables_script,
+                                                     iptables_undo_script)
 
 RULE_PRIORITY = 100
 
 
 class NetSetup:
-    def __init__(self, settings: RuleSettings) -> None:
-        self.settings = settings
+    """``v6``: bridge IPv6 too (the target has it): the same rules in ip6tables, and the app's
+    namespace gets an IPv6 address and default route where its network gave it none."""
+
+    def __init__(self, settings: RuleSettings, v6: bool = False) -> None:
+        self.settings, self.v6 = settings, v6
         self.undo = UndoStack()
 
     def apply(self) -> None:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
-            if self.settings.udp:
-                ipr.rule("add", fwmark=TPROXY_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY,
-                         family=socket.AF_INET, action="to_tbl")
-                self.undo.push("policy rule", lambda: self._ipr("rule", "del", fwmark=TPROXY_MARK,
-                                  table=ROUTE_TABLE, priority=RULE_PRIORITY, family=socket.AF_INET,
-                                  action="to_tbl"))
-                route = dict(dst="0.0.0.0", dst_len=0, type="local", table=ROUTE_TABLE, oif=lo, scope=254)
-                ipr.route("add", **route)
-                self.undo.push("local route", lambda: self._ipr("route", "del", **route))
+            self._tproxy_route(ipr, lo, socket.AF_INET)
+            if self.v6:
+                if not _has_default_v6(ipr):
+                    self._add(ipr, "address", "addr", index=lo, address=APP_IPV6, prefixlen=128,
+                              family=socket.AF_INET6)
+                    self._add(ipr, "IPv6 default route", "route", dst="::", dst_len=0, oif=lo,
+                              family=socket.AF_INET6)
+                self._tproxy_route(ipr, lo, socket.AF_INET6)
         _restore(iptables_script(self.settings))
         self.undo.push("iptables", lambda: _restore(iptables_undo_script(self.settings)))
+        if self.v6:
+            _restore(iptables_script(self.settings, v6=True), "ip6tables-restore")
+            self.undo.push("ip6tables", lambda: _restore(iptables_undo_script(self.settings), "ip6tables-restore"))
+
+    def _tproxy_route(self, ipr: IPRoute, lo: int, family: int) -> None:
+        """UDP: marked packets are routed to lo, where TPROXY hands them to the relay."""
+        if not self.settings.udp:
+            return
+        self._add(ipr, "policy rule", "rule", fwmark=TPROXY_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY,
+                  family=family, action="to_tbl")
+        self._add(ipr, "local route", "route", dst="::" if family == socket.AF_INET6 else "0.0.0.0", dst_len=0,
+                  type="local", table=ROUTE_TABLE, oif=lo, scope=254, family=family)
+
+    def _add(self, ipr: IPRoute, what: str, kind: str, **spec) -> None:
+        getattr(ipr, kind)("add", **spec)
+        self.undo.push(what, lambda: self._ipr(kind, "del", **spec))
 
     @staticmethod
     def _ipr(kind: str, *args, **kwargs) -> None:
@@ -56,8 +75,20 @@ def own_subnets() -> list[str]:
                        if not str(a.get_attr("IFA_ADDRESS")).startswith("127.")})
 
 
-def _restore(script: str) -> None:
-    proc = subprocess.run(["iptables-restore", "--noflush"], input=script, text=True,
-                          capture_output=True)
+def ipv6_on() -> bool:
+    """Whether this namespace has IPv6 (Docker turns it off unless asked, see _sidecar_sysctls)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
+def _has_default_v6(ipr: IPRoute) -> bool:
+    return any(r["dst_len"] == 0 for r in ipr.get_routes(family=socket.AF_INET6, table=254))
+
+
+def _restore(script: str, command: str = "iptables-restore") -> None:
+    proc = subprocess.run([command, "--noflush"], input=script, text=True, capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"iptables-restore failed: {proc.stderr.strip()}\n{script}")
+        raise RuntimeError(f"{command} failed: {proc.stderr.strip()}\n{script}")

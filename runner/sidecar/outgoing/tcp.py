@@ -45,16 +45,17 @@ class TcpProxy:
     """``decide(ip, port)`` says "remote" (through the agent) or "local" (from here) for each
     connection whose fate the kernel rules could not settle (filters with host names)."""
 
-    def __init__(self, link, port: int, decide=None, handoff: HandoffClient | None = None) -> None:
-        self.link = link
+    def __init__(self, link, port: int, decide=None, handoff: HandoffClient | None = None, v6: bool = False) -> None:
+        self.link = link     # the LinkKeeper
         self.handoff = handoff   # the agent shares our kernel: it hands over connected sockets
         self.port = port
         self.decide = decide
+        self.hosts = ["127.0.0.1", "::1"] if v6 else ["127.0.0.1"]   # where the REDIRECTs land
         self.server: asyncio.base_events.Server | None = None
         self.active = 0
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+        self.server = await asyncio.start_server(self._handle, self.hosts, self.port,
                                                  limit=256 * 1024, backlog=HANDOFF_BACKLOG)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -64,7 +65,7 @@ class TcpProxy:
         except OSError:
             writer.close()  # not a redirected connection: someone dialled the proxy port itself
             return
-        if (host, port) == ("127.0.0.1", self.port):
+        if host in self.hosts and port == self.port:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or ("", 0)

@@ -10,7 +10,8 @@ import logging
 import socket
 import struct
 
-from podtwin.agent.sockopts import IP_ORIGDSTADDR, IP_RECVORIGDSTADDR, IP_TRANSPARENT, SO_MARK
+from podtwin.agent.sockopts import (IP_ORIGDSTADDR, IP_RECVORIGDSTADDR, IP_TRANSPARENT, IPV6_ORIGDSTADDR,
+                                   IPV6_RECVORIGDSTADDR, IPV6_TRANSPARENT, SO_MARK, sockaddr)
 from podtwin.agent.outgoing import UDP_IDLE_SECONDS
 from podtwin.agent.tasks import expire_idle
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
@@ -19,13 +20,15 @@ log = logging.getLogger("podtwin.sidecar.udp")
 IDLE_SECONDS = UDP_IDLE_SECONDS   # the agent forgets a flow after as long
 
 
-def transparent_socket(bind: tuple[str, int], recv_orig: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def transparent_socket(bind: tuple, recv_orig: bool = False) -> socket.socket:
+    v6 = ":" in bind[0]
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    level = socket.IPPROTO_IPV6 if v6 else socket.SOL_IP
+    sock.setsockopt(level, IPV6_TRANSPARENT if v6 else IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
     if recv_orig:
-        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        sock.setsockopt(level, IPV6_RECVORIGDSTADDR if v6 else IP_RECVORIGDSTADDR, 1)
     sock.setblocking(False)
     sock.bind(bind)
     return sock
@@ -33,9 +36,9 @@ def transparent_socket(bind: tuple[str, int], recv_orig: bool = False) -> socket
 
 def parse_orig_dst(ancdata) -> tuple[str, int] | None:
     for level, kind, data in ancdata:
-        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
-            port = struct.unpack_from("!H", data, 2)[0]
-            return socket.inet_ntoa(data[4:8]), port
+        if (level, kind) in ((socket.SOL_IP, IP_ORIGDSTADDR), (socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR)) \
+                and len(data) >= 8:
+            return sockaddr(data)
     return None
 
 
@@ -53,10 +56,10 @@ class _Flow:
         self.control = None
         self.ident = 0
         if local:
-            self.local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.local = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_DGRAM)
             self.local.setblocking(False)
             self.local.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
-            self.local.connect(dst)
+            self.local.connect(dst[:2])
             asyncio.get_running_loop().add_reader(self.local.fileno(), self._local_readable)
         else:
             self.control = relay.links.control   # the flow lives and dies with this link's channel
@@ -102,26 +105,28 @@ class _Flow:
 
 
 class UdpRelay:
-    def __init__(self, links, port: int, decide=None) -> None:
+    def __init__(self, links, port: int, decide=None, v6: bool = False) -> None:
         self.links = links   # the LinkKeeper: each new flow opens on the link of the moment
         self.port = port
         self.decide = decide  # (ip, port) -> "remote" | "local", for filters with host names
         self.flows: dict[tuple, _Flow] = {}
-        self.sock: socket.socket | None = None
+        self.hosts = ["127.0.0.1", "::1"] if v6 else ["127.0.0.1"]   # where TPROXY delivers
+        self.socks: list[socket.socket] = []
         self.expiry: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.sock = transparent_socket(("127.0.0.1", self.port), recv_orig=True)
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+        for host in self.hosts:
+            sock = transparent_socket((host, self.port), recv_orig=True)
+            self.socks.append(sock)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
         self.expiry = asyncio.get_running_loop().create_task(
             expire_idle(self.flows, IDLE_SECONDS, lambda key, flow: self.drop(flow, notify=True)),
             name="udp:expiry")
 
-    def _readable(self) -> None:
-        assert self.sock is not None
+    def _readable(self, sock: socket.socket) -> None:
         while True:
             try:
-                data, anc, _, src = self.sock.recvmsg(65535, socket.CMSG_SPACE(16))
+                data, anc, _, src = sock.recvmsg(65535, socket.CMSG_SPACE(28))
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -153,8 +158,8 @@ class UdpRelay:
     def close(self) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
-        if self.sock is not None:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
+        for sock in self.socks:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
         for flow in list(self.flows.values()):
             self.drop(flow, notify=False)
