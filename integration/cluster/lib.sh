@@ -26,6 +26,9 @@ NODE_NAME="podtwin-node"
 POD_CIDR="10.244.0.0/16"
 POD_SUBNET="10.244.0.0/24"      # the single node's share of POD_CIDR
 POD_GATEWAY="10.244.0.1"        # the address of the pod bridge on the host
+# Pods get an IPv6 address too (dual-stack pods; Services stay IPv4): a unique local range.
+POD_SUBNET6="fd00:10:244::/64"
+POD_GATEWAY6="fd00:10:244::1"
 # The API server, kubelet and kube-proxy serve on the pod bridge's address, not on 0.0.0.0
 # (nothing is exposed on the machine's real interfaces) and not on 127.0.0.1 (pods must reach
 # the API server through the `kubernetes` Service, and 127.0.0.1 in a pod is the pod itself).

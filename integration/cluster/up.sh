@@ -82,6 +82,11 @@ make_bridge() {
     fi
     local addrs; addrs="$(ip -4 addr show dev "$CNI_BRIDGE")"
     [[ "$addrs" == *"inet $POD_GATEWAY/"* ]] || ip addr add "$POD_GATEWAY/24" dev "$CNI_BRIDGE"
+    if [[ -e /proc/sys/net/ipv6 ]]; then   # dual-stack pods where the kernel has IPv6
+        sysctl -qw "net.ipv6.conf.$CNI_BRIDGE.disable_ipv6=0" || true
+        [[ "$(ip -6 addr show dev "$CNI_BRIDGE")" == *"inet6 $POD_GATEWAY6/"* ]] \
+            || ip -6 addr add "$POD_GATEWAY6/64" dev "$CNI_BRIDGE" nodad || true
+    fi
     ip link set "$CNI_BRIDGE" up
 }
 
@@ -98,6 +103,8 @@ write_configs() {
     # Pods get routes only to the pod and Service ranges -- no default route -- so nothing a
     # pod does can leave this machine. The firewall plugin accepts pod traffic in FORWARD,
     # whose policy Docker sets to DROP.
+    local POD_RANGE6=""
+    [[ -e /proc/sys/net/ipv6 ]] && POD_RANGE6=", [{\"subnet\": \"$POD_SUBNET6\", \"gateway\": \"$POD_GATEWAY6\"}]"
     put "$STATE_DIR/cni/net.d/10-podtwin.conflist" <<JSON
 {
   "cniVersion": "0.4.0",
@@ -108,7 +115,7 @@ write_configs() {
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{"subnet": "$POD_SUBNET", "gateway": "$POD_GATEWAY"}]],
+        "ranges": [[{"subnet": "$POD_SUBNET", "gateway": "$POD_GATEWAY"}]$POD_RANGE6],
         "routes": [{"dst": "$POD_CIDR"}, {"dst": "$SERVICE_CIDR"}],
         "dataDir": "$STATE_DIR/cni/ipam"
       }
