@@ -211,7 +211,13 @@ class IncomingServer:
             self.notify("info", f"stealing port {port}" + (" (requests matching the HTTP filter)" if filtered else ""))
         # Deferred: asyncssh closes a broken connection's listeners just before it reports the
         # loss (which parks the port rather than releasing it); a cancelled forwarding releases it.
-        return PortListener(lambda: asyncio.get_running_loop().call_soon(self.unsubscribe, subscriber, port), port)
+        return PortListener(lambda: asyncio.get_running_loop().call_soon(self._cancelled, sub, subscriber), port)
+
+    def _cancelled(self, sub: Subscription, subscriber: Subscriber) -> None:
+        """A forwarding ended: release its port if that very subscription is still this
+        subscriber's (not parked by a broken link, not taken over or replaced meanwhile)."""
+        if self.subs.get(sub.port) is sub and sub.subscriber is subscriber:
+            self._release(sub.port)
 
     @staticmethod
     def _filters(sub: Subscription) -> bool:

@@ -199,8 +199,12 @@ class Link:
             # ~1.7x the bytes of asyncssh's default ChaCha20 for the same CPU (docs/link-choice.md).
             encryption_algs=CIPHERS,
         )
-        _, control = await conn.create_session(ControlChannel, subsystem=wire.CONTROL_SUBSYSTEM, encoding=None)
-        await control.hello(role)
+        try:
+            _, control = await conn.create_session(ControlChannel, subsystem=wire.CONTROL_SUBSYSTEM, encoding=None)
+            await control.hello(role)
+        except BaseException:   # failed or cancelled half-way: never leave a connection the agent counts
+            conn.close()
+            raise
         return cls(conn, control, client)
 
     @classmethod

@@ -42,6 +42,7 @@ class OwnerLink:
         self.link: Link | None = None
         self.keys: LinkKeys | None = None
         self.closing = False
+        self.watcher: asyncio.Task | None = None
         self.reconnects: list[float] = []   # seconds each reconnection took
 
     def connect(self, host_key: str, timeout: float) -> wire.Info:
@@ -50,7 +51,7 @@ class OwnerLink:
 
         async def go() -> wire.Info:
             self.link = await self._open()
-            asyncio.get_running_loop().create_task(self._watch(), name="runner:link-watch")
+            self.watcher = asyncio.get_running_loop().create_task(self._watch(), name="runner:link-watch")
             return await self.link.control.info()
         try:
             return self.loop.run(go(), timeout)
@@ -65,6 +66,16 @@ class OwnerLink:
         return link
 
     async def _watch(self) -> None:
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never sit on a dead link without saying so
+            log.exception("watching the link")
+            if not self.closing:
+                self.on_lost(f"podtwin could not follow it ({type(exc).__name__}: {exc})")
+
+    async def _follow(self) -> None:
         while True:
             assert self.link is not None
             await self.link.wait_closed()
@@ -95,14 +106,11 @@ class OwnerLink:
                 link = await asyncio.wait_for(self._open(), min(ATTEMPT_TIMEOUT, self.grace - elapsed + 0.1))
             except (asyncssh.Error, OSError, ConnectionError, asyncio.TimeoutError) as exc:
                 log.info("reconnecting: %s: %s", type(exc).__name__, exc)
-                if await asyncio.to_thread(self.agent_gone):
+                if await asyncio.to_thread(self._agent_gone):
                     return "the agent is gone"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if self.closing:
-                await link.end()
-                return None
             self.link = link
             took = loop.time() - started
             self.reconnects.append(took)
@@ -110,12 +118,27 @@ class OwnerLink:
             return None
         return None
 
+    def _agent_gone(self) -> bool:
+        try:
+            return self.agent_gone()
+        except Exception as exc:  # noqa: BLE001 - an engine or API server that cannot say: keep trying
+            log.info("is the agent gone? %r", exc)
+            return False
+
     def close(self) -> None:
-        """End the session (the agent removes its rules and exits), then close the link."""
+        """End the session (the agent removes its rules and exits), then close the link. A
+        reconnection under way is stopped first, so END goes to the link of the moment."""
         self.closing = True
         if self.link is not None and self.loop.thread.is_alive():
-            link = self.link
             try:
-                self.loop.run(link.end(), timeout=5)
+                self.loop.run(self._end(), timeout=8)
             except Exception:  # noqa: BLE001 - on the way out; the placement removes the agent anyway
-                self.loop.call_soon(link.close)
+                if self.link is not None:
+                    self.loop.call_soon(self.link.close)
+
+    async def _end(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
+        assert self.link is not None
+        await self.link.end()

@@ -15,6 +15,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,7 +62,10 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
     from podtwin.runner.adapters.docker_engine import DockerEngine
 
     _compose_down(session_dir)
-    _clean_kube(session_id, session_dir)   # first: the agent removes its rules in the target now
+    # beside the Docker clean-up, not after it: the agent removes its rules in the target now,
+    # and a cluster that does not answer does not keep the app container running meanwhile
+    kube = threading.Thread(target=_clean_kube, args=(session_id, session_dir), name="guard-kube")
+    kube.start()
 
     for attempt in range(attempts):
         try:
@@ -75,6 +79,7 @@ def clean(session_id: str, session_dir: Path, attempts: int = 5) -> None:
         except Exception as exc:  # noqa: BLE001 - the guard is the last line of defence: retry
             log.warning("session %s: %r (attempt %d)", session_id, exc, attempt + 1)
             time.sleep(1 + attempt)
+    kube.join()
     shutil.rmtree(session_dir, ignore_errors=True)
 
 

@@ -134,6 +134,7 @@ async def amain(args: argparse.Namespace) -> int:
     handoff = HandoffClient(str(files.handoff_socket)) if files.handoff_socket.exists() else None
     try:
         await asyncio.to_thread(net.apply)  # pyroute2's sync API runs an event loop of its own
+        v6 = net.v6   # off again if the kernel refused IPv6's rules
         if rules.tcp:
             services.append(TcpProxy(links, rules.tcp_port, decide=(
                 lambda ip, port: decider.connection("tcp", ip, port)) if per_connection else None, handoff=handoff, v6=v6))

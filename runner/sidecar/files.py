@@ -88,7 +88,7 @@ class FileMounts:
             log.warning("files: no sftp channel: %s", exc)
             bridge.sock.close()
             return
-        self.channels.add(channel)
+        self.channels = {c for c in self.channels if not c.is_closing()} | {channel}   # one per connection
         if bridge.sock.is_closing():
             channel.close()
         else:

@@ -79,7 +79,11 @@ class Session:
         dies, however it dies. An agent on this kernel (a Docker target's) tells a dead runner
         from a broken link by it (``agent --runner-lock``). The descriptor is not inherited."""
         fd = os.open(self.files.owner, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:   # a file system without locks: the agent then waits out its grace
+            os.close(fd)
+            return
         self.owner_lock = fd
 
     @property

@@ -132,11 +132,11 @@ class NatState:
         return cls.parse(proc.stdout)
 
 
-def remove_session_chain(session_id: str) -> bool:
+def remove_session_chain(session_id: str, families: tuple[bool, ...] = FAMILIES) -> bool:
     """Remove a session's chains (IPv4 and IPv6) and the jumps to them. True if any was removed."""
     chain = CHAIN_PREFIX + session_id
     removed = False
-    for v6 in FAMILIES:
+    for v6 in families:
         try:
             if iptables("-n", "-L", chain, check=False, v6=v6).returncode != 0:
                 continue
@@ -188,9 +188,9 @@ class SessionRules:
         self.session_id = session_id
         self.chain = CHAIN_PREFIX + session_id
         self.listen_port = listen_port
-        self.families = FAMILIES if v6 else FAMILIES[:1]
+        self.families = list(FAMILIES if v6 else FAMILIES[:1])
         self.ports: dict[int, bool] = {}   # port -> filtered
-        self.created = False
+        self.created: set[bool] = set()   # the families whose chain and jump are in
 
     def others_on(self, port: int) -> list[Redirect]:
         """The other live sessions redirecting ``port`` (dead ones are swept first)."""
@@ -201,13 +201,21 @@ class SessionRules:
         """Redirect ``port`` to the agent. The session's chain is entered first (inserted at the
         top of PREROUTING), so with several filtering sessions on one port the newest sees a
         request first and passes what it does not match on to the next (see IncomingServer)."""
-        for v6 in self.families:
-            if not self.created:
-                iptables("-N", self.chain, check=False, v6=v6)
-                iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain, v6=v6)
-            iptables("-A", self.chain, *self._rule(port, filtered), v6=v6)
-        self.created = True
-        self.ports[port] = filtered
+        self.ports[port] = filtered   # first: whatever is in place is removed with it
+        for v6 in list(self.families):
+            try:
+                if v6 not in self.created:
+                    iptables("-N", self.chain, check=False, v6=v6)
+                    iptables("-I", "PREROUTING", "1", "-p", "tcp", "-j", self.chain, v6=v6)
+                    self.created.add(v6)
+                iptables("-A", self.chain, *self._rule(port, filtered), v6=v6)
+            except (RuntimeError, OSError) as exc:
+                if not v6:
+                    raise
+                # IPv6 is a bonus: without it IPv4 clients are still taken
+                log.warning("IPv6 rules failed, IPv4 only from now on: %s", exc)
+                self.families.remove(v6)
+                remove_session_chain(self.session_id, families=(True,))
 
     def _rule(self, port: int, filtered: bool) -> list[str]:
         comment = ["-m", "comment", "--comment", FILTERED] if filtered else []
@@ -220,10 +228,9 @@ class SessionRules:
                 iptables("-D", self.chain, *self._rule(port, filtered), check=False, v6=v6)
 
     def remove_all(self) -> None:
-        if self.created or self.ports:
-            remove_session_chain(self.session_id)
+        remove_session_chain(self.session_id)   # whatever got in, even half of an add
         self.ports.clear()
-        self.created = False
+        self.created.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ failing undo step is logged and the rest still run.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 from pyroute2 import IPRoute
@@ -15,6 +16,9 @@ from podtwin.runner.sidecar.outgoing.iptables import (APP_IPV6, ROUTE_TABLE, TPR
                                                      iptables_undo_script)
 
 RULE_PRIORITY = 100
+NO_ROUTE6 = (f"-o lo -m addrtype ! --dst-type LOCAL -m mark ! --mark {TPROXY_MARK:#x} "
+             "-m comment --comment podtwin-no-route -j REJECT --reject-with icmp6-no-route")
+log = logging.getLogger("podtwin.sidecar.net")
 
 
 class NetSetup:
@@ -24,36 +28,50 @@ class NetSetup:
     def __init__(self, settings: RuleSettings, v6: bool = False) -> None:
         self.settings, self.v6 = settings, v6
         self.undo = UndoStack()
+        self.undo6 = UndoStack()   # IPv6's steps: undone alone if IPv6 fails half-way
 
     def apply(self) -> None:
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            self._tproxy_route(ipr, lo, socket.AF_INET)
-            if self.v6:
-                if not _has_default_v6(ipr):
-                    self._add(ipr, "address", "addr", index=lo, address=APP_IPV6, prefixlen=128,
-                              family=socket.AF_INET6)
-                    self._add(ipr, "IPv6 default route", "route", dst="::", dst_len=0, oif=lo,
-                              family=socket.AF_INET6)
-                self._tproxy_route(ipr, lo, socket.AF_INET6)
+            self._tproxy_route(ipr, ipr.link_lookup(ifname="lo")[0], socket.AF_INET, self.undo)
         _restore(iptables_script(self.settings))
         self.undo.push("iptables", lambda: _restore(iptables_undo_script(self.settings)))
         if self.v6:
-            _restore(iptables_script(self.settings, v6=True), "ip6tables-restore")
-            self.undo.push("ip6tables", lambda: _restore(iptables_undo_script(self.settings), "ip6tables-restore"))
+            try:
+                self._apply_v6()
+            except Exception as exc:  # noqa: BLE001 - IPv6 is a bonus: IPv4 works without it
+                log.warning("IPv6 is not bridged (%s); IPv4 is", exc)
+                self.undo6.unwind()
+                self.v6 = False
 
-    def _tproxy_route(self, ipr: IPRoute, lo: int, family: int) -> None:
+    def _apply_v6(self) -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            if not _has_default_v6(ipr):
+                self._add(ipr, "address", "addr", self.undo6, index=lo, address=APP_IPV6, prefixlen=128,
+                          family=socket.AF_INET6)
+                self._add(ipr, "IPv6 default route", "route", self.undo6, dst="::", dst_len=0, oif=lo,
+                          family=socket.AF_INET6)
+                # what the rules leave on that route (kept local, with nowhere local to go) fails
+                # at once, as it would with no route, rather than vanish on lo
+                _restore(f"*filter\n-A OUTPUT {NO_ROUTE6}\nCOMMIT\n", "ip6tables-restore")
+                self.undo6.push("IPv6 no-route rule",
+                                lambda: _restore(f"*filter\n-D OUTPUT {NO_ROUTE6}\nCOMMIT\n", "ip6tables-restore"))
+            self._tproxy_route(ipr, lo, socket.AF_INET6, self.undo6)
+        _restore(iptables_script(self.settings, v6=True), "ip6tables-restore")
+        self.undo6.push("ip6tables", lambda: _restore(iptables_undo_script(self.settings), "ip6tables-restore"))
+
+    def _tproxy_route(self, ipr: IPRoute, lo: int, family: int, undo: UndoStack) -> None:
         """UDP: marked packets are routed to lo, where TPROXY hands them to the relay."""
         if not self.settings.udp:
             return
-        self._add(ipr, "policy rule", "rule", fwmark=TPROXY_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY,
+        self._add(ipr, "policy rule", "rule", undo, fwmark=TPROXY_MARK, table=ROUTE_TABLE, priority=RULE_PRIORITY,
                   family=family, action="to_tbl")
-        self._add(ipr, "local route", "route", dst="::" if family == socket.AF_INET6 else "0.0.0.0", dst_len=0,
-                  type="local", table=ROUTE_TABLE, oif=lo, scope=254, family=family)
+        self._add(ipr, "local route", "route", undo, dst="::" if family == socket.AF_INET6 else "0.0.0.0",
+                  dst_len=0, type="local", table=ROUTE_TABLE, oif=lo, scope=254, family=family)
 
-    def _add(self, ipr: IPRoute, what: str, kind: str, **spec) -> None:
+    def _add(self, ipr: IPRoute, what: str, kind: str, undo: UndoStack, **spec) -> None:
         getattr(ipr, kind)("add", **spec)
-        self.undo.push(what, lambda: self._ipr(kind, "del", **spec))
+        undo.push(what, lambda: self._ipr(kind, "del", **spec))
 
     @staticmethod
     def _ipr(kind: str, *args, **kwargs) -> None:
@@ -61,18 +79,19 @@ class NetSetup:
             getattr(ipr, kind)(*args, **kwargs)
 
     def restore(self) -> None:
-        self.undo.unwind()   # logs what it could not remove
+        self.undo6.unwind()   # logs what it could not remove
+        self.undo.unwind()
 
 
 def own_subnets() -> list[str]:
-    """The IPv4 subnets of this namespace's interfaces other than loopback: the networks the
-    container is attached to (a compose project's)."""
+    """The subnets of this namespace's interfaces other than loopback (IPv4, and IPv6 but for
+    link-local): the networks the container is attached to (a compose project's)."""
     import ipaddress
 
     with IPRoute() as ipr:
-        return sorted({str(ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network)
-                       for a in ipr.get_addr(family=socket.AF_INET)
-                       if not str(a.get_attr("IFA_ADDRESS")).startswith("127.")})
+        nets = {ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network
+                for a in ipr.get_addr()}
+    return sorted(str(n) for n in nets if not (n.is_loopback or n.is_link_local or str(n) == f"{APP_IPV6}/128"))
 
 
 def ipv6_on() -> bool:

@@ -63,7 +63,11 @@ class _Flow:
             asyncio.get_running_loop().add_reader(self.local.fileno(), self._local_readable)
         else:
             self.control = relay.links.control   # the flow lives and dies with this link's channel
-            self.ident = self.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+            try:
+                self.ident = self.control.udp_open(dst[0], dst[1], self.on_data, self.on_close)
+            except ConnectionError:   # the link is down: the datagram is lost, as on the network
+                self.reply.close()
+                raise
 
     def _local_readable(self) -> None:
         assert self.local is not None
