@@ -83,11 +83,16 @@ def staging() -> Staging:
         wait_until(lambda: _http_ready(target), 20, "backend answering")
         yield Staging(network, backend, backend_ip, target, env)
     finally:
-        for kind, name in reversed(created):
-            if kind == "container":
-                docker("rm", "-f", name, check=False)
-            else:
-                docker("network", "rm", name, check=False)
+        remove_created(created)
+
+
+def remove_created(created: list[tuple[str, str]]) -> None:
+    """Remove what a staging fixture made: ("container" | "network", name), newest first."""
+    for kind, name in reversed(created):
+        if kind == "container":
+            docker("rm", "-f", name, check=False)
+        else:
+            docker("network", "rm", name, check=False)
 
 
 def _http_ready(target: str) -> bool:

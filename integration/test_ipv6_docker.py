@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import APP_IMAGE, PODTWIN_IMAGE, TEST_LABEL, docker, wait_until, write_config
+from conftest import APP_IMAGE, PODTWIN_IMAGE, TEST_LABEL, docker, remove_created, wait_until, write_config
 
 SUBNET6 = "fd00:70:{tag}::/64"
 BACKEND6 = """
@@ -60,11 +60,7 @@ def staging6():
             check=False).stdout, 20, "the IPv6 backend to answer")
         yield target, backend_ip6, backend, target_ip6
     finally:
-        for kind, name in reversed(created):
-            if kind == "container":
-                docker("rm", "-f", name, check=False)
-            else:
-                docker("network", "rm", name, check=False)
+        remove_created(created)
 
 
 def test_ipv6_by_literal_by_name_over_udp_and_aaaa(podtwin, staging6):
