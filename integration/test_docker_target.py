@@ -146,10 +146,11 @@ def test_a_stopped_runner_reconnects_and_the_session_goes_on(podtwin, staging, t
                          APP_IMAGE, "sh", "-c", "sleep 300")
     wait_until(lambda: docker("ps", "-q", "--filter", "label=podtwin.role=app", "--filter",
                               f"label=podtwin.runner-pid={proc.pid}").stdout.strip(), 60, "the app container to run")
-    app = session_containers("app", proc)[0]
+    app, agent = session_containers("app", proc)[0], session_containers("agent", proc)[0]
     kill(proc.pid, signal.SIGSTOP)
-    try:
-        time.sleep(6)    # the agent gives up on the link after ~3 s of silence
+    try:   # the agent gives up on the silent link after ~3 s, and keeps the session
+        wait_until(lambda: "keeping the session" in docker("logs", agent, check=False).stderr, 30,
+                   "the agent to see the link break")
     finally:
         kill(proc.pid, signal.SIGCONT)
     wait_until(lambda: "link back after" in proc.err_path.read_text() or proc.poll() is not None, 30,

@@ -34,6 +34,7 @@ log = logging.getLogger("podtwin.agent.incoming.service")
 STEAL_MODES = ("steal",)
 MODES = ("steal", "mirror")
 PROXY_TIMEOUT = 3.0
+RECLAIM_SECONDS = 10.0    # a client that came back has this long to ask for its parked ports again
 HOPS_TTL = 1.0            # seconds a port's next hops are trusted before the nat table is read again
 Address = tuple[str, int]
 
@@ -54,6 +55,7 @@ class Subscription:
     http_filter: dict | None = None
     active: bool = False
     filter: HttpFilter | None = None
+    parks: int = 0   # how many times its client's link broke
 
     async def open_forwarded(self, peer: Address):
         """A channel to the subscriber for one connection from ``peer``."""
@@ -251,7 +253,21 @@ class IncomingServer:
         for port, sub in self.subs.items():
             if sub.subscriber is subscriber:
                 sub.subscriber, sub.active = None, False
+                sub.parks += 1
                 log.info("port %d: its client's link broke; the target answers until it is back", port)
+
+    def client_back(self, settle: float = RECLAIM_SECONDS) -> None:
+        """A client of the role that holds ports connected again: what it has not asked for
+        again within ``settle`` seconds (its app stopped listening meanwhile, say) is released."""
+        parked = [(sub, sub.parks) for sub in self.subs.values() if sub.subscriber is None]
+        if parked:
+            asyncio.get_running_loop().call_later(settle, self._release_unclaimed, parked)
+
+    def _release_unclaimed(self, parked: list) -> None:
+        for sub, parks in parked:
+            if self.subs.get(sub.port) is sub and sub.subscriber is None and sub.parks == parks:
+                log.info("port %d: not asked for again; released", sub.port)
+                self._release(sub.port)
 
     # -- connections -----------------------------------------------------------------------
     async def _accept(self, listener: socket.socket) -> None:

@@ -139,6 +139,8 @@ class Agent:
                     self.runner = None
                 if other.conn is not None:
                     other.conn.close()
+        if connection.role == "sidecar" and self.incoming is not None:
+            self.incoming.client_back()   # ports it does not take again are released
         if connection.role == "runner":
             if self.lost_at is not None:
                 log.info("the runner reconnected after %.1fs", asyncio.get_running_loop().time() - self.lost_at)

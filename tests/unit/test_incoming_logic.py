@@ -1,6 +1,8 @@
 """Pure parts of incoming traffic: which ports a session takes, and reading the nat table."""
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,26 @@ def test_proxy_line_round_trip_and_refusals():
                 b"PROXY TCP4 10.1.2.3 10.1.2.9 0 80\r\n", b"PROXY TCP4 nothost 10.1.2.9 5 80\r\n"):
         with pytest.raises(ValueError):
             parse_proxy_line(bad)
+
+
+def test_a_client_that_comes_back_takes_its_parked_ports_and_the_rest_are_released():
+    """A sidecar's link broke: its ports stay (parked) and the one that comes back takes over
+    what it asks for again; what it does not ask for within the settle time is released."""
+    from podtwin.agent.incoming.service import IncomingServer, Subscription
+    from podtwin.agent.incoming.steal.nat import SessionRules
+
+    async def scenario():
+        server = IncomingServer("abcd")
+        server.rules = SessionRules("abcd", 1)   # no port redirected here: nothing for iptables
+        old, new = object(), object()
+        server.subs = {80: Subscription(80, "steal", old), 81: Subscription(81, "steal", old)}
+        server.park_subscriber(old)
+        assert all(sub.subscriber is None and not sub.active for sub in server.subs.values())
+        server.client_back(settle=0.05)
+        assert await server.subscribe(new, 80, "steal", None) is None        # the same wishes: taken over
+        assert server.subs[80].subscriber is new and server.subs[81].subscriber is None
+        await asyncio.sleep(0.1)
+        return server, new
+
+    server, new = asyncio.run(scenario())
+    assert set(server.subs) == {80} and server.subs[80].subscriber is new   # 81 was not asked for again
