@@ -225,11 +225,6 @@ class IncomingServer:
     def _filters(sub: Subscription) -> bool:
         return sub.filter is not None and sub.filter.filters_port(sub.port)
 
-    def unsubscribe(self, subscriber: Subscriber, port: int) -> None:
-        sub = self.subs.get(port)
-        if sub is not None and sub.subscriber is subscriber:
-            self._release(port)
-
     def _release(self, port: int) -> None:
         sub = self.subs.pop(port)
         if sub.mode == "mirror":
@@ -244,7 +239,7 @@ class IncomingServer:
         """It left: release every port it holds."""
         for port, sub in list(self.subs.items()):
             if sub.subscriber is subscriber:
-                self.unsubscribe(subscriber, port)
+                self._release(port)
 
     def park_subscriber(self, subscriber: Subscriber) -> None:
         """Its link broke: keep its ports' rules for a client that comes back (``subscribe``

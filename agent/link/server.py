@@ -103,10 +103,8 @@ class Agent:
         except OSError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # BlockingIOError: the runner holds it
             return True
-        except BlockingIOError:
-            return False
         except OSError:
             return False
         finally:

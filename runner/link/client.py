@@ -11,7 +11,7 @@ import itertools
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import asyncssh
 
@@ -21,6 +21,8 @@ log = logging.getLogger("podtwin.link")
 
 
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
+ATTEMPT_TIMEOUT = 10.0    # one reconnection attempt (a stream through a struggling API server)
+REPORT_EVERY = 5.0        # seconds between ``reconnect``'s ``waiting`` calls
 
 
 @dataclass(frozen=True)
@@ -261,3 +263,28 @@ class Link:
 
     def close(self) -> None:
         self.conn.close()
+
+
+async def reconnect(connect: Callable[[], Awaitable["Link"]], grace: float,
+                    gone: Callable[[BaseException], Awaitable[str | None]],
+                    waiting: Callable[[float], None] = lambda elapsed: None) -> "Link | str":
+    """Connect again (``connect``, at most ATTEMPT_TIMEOUT an attempt, 0.2 s to 2 s apart) until
+    ``grace`` seconds have passed: the new link, or why not. After each failed attempt ``gone``
+    says why it is no use going on (the other end is known to be gone), or None;
+    ``waiting(elapsed)`` is called every REPORT_EVERY seconds meanwhile."""
+    loop = asyncio.get_running_loop()
+    started, reported, delay = loop.time(), loop.time(), 0.2
+    while (elapsed := loop.time() - started) <= grace:
+        if loop.time() - reported >= REPORT_EVERY:
+            reported = loop.time()
+            waiting(elapsed)
+        try:
+            return await asyncio.wait_for(connect(), min(ATTEMPT_TIMEOUT, grace - elapsed + 0.1))
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:   # ConnectionError is an OSError
+            log.info("reconnecting: %s: %s", type(exc).__name__, exc)
+            why = await gone(exc)
+            if why:
+                return why
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    return f"it did not come back within {grace:.0f}s"

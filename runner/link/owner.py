@@ -16,14 +16,11 @@ import asyncssh
 
 from podtwin.agent.link import wire
 from podtwin.runner.errors import AgentError
-from podtwin.runner.link.client import Link, LinkKeys
+from podtwin.runner.link.client import Link, LinkKeys, reconnect
 from podtwin.runner.link.loop import LoopThread
 from podtwin.runner.state.files import SessionFiles
 
 log = logging.getLogger("podtwin.link")
-
-ATTEMPT_TIMEOUT = 10.0    # one reconnection attempt (a stream through a struggling API server)
-REPORT_EVERY = 5.0        # seconds between "reconnecting" lines
 
 
 class OwnerLink:
@@ -43,7 +40,6 @@ class OwnerLink:
         self.keys: LinkKeys | None = None
         self.closing = False
         self.watcher: asyncio.Task | None = None
-        self.reconnects: list[float] = []   # seconds each reconnection took
 
     def connect(self, host_key: str, timeout: float) -> wire.Info:
         """Connect over the session's socket; the target's info (env, pid, resolver files)."""
@@ -94,28 +90,15 @@ class OwnerLink:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.report("link lost, reconnecting")
-        reported, delay = started, 0.2
-        while not self.closing:
-            elapsed = loop.time() - started
-            if elapsed > self.grace:
-                return f"it did not come back within {self.grace:.0f}s"
-            if elapsed - (reported - started) >= REPORT_EVERY:
-                reported = loop.time()
-                self.report(f"link lost, reconnecting ({elapsed:.0f} s)")
-            try:
-                link = await asyncio.wait_for(self._open(), min(ATTEMPT_TIMEOUT, self.grace - elapsed + 0.1))
-            except (asyncssh.Error, OSError, ConnectionError, asyncio.TimeoutError) as exc:
-                log.info("reconnecting: %s: %s", type(exc).__name__, exc)
-                if await asyncio.to_thread(self._agent_gone):
-                    return "the agent is gone"
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            self.link = link
-            took = loop.time() - started
-            self.reconnects.append(took)
-            self.report(f"link back after {took:.1f} s")
-            return None
+
+        async def gone(exc: BaseException) -> str | None:
+            return "the agent is gone" if await asyncio.to_thread(self._agent_gone) else None
+        link = await reconnect(self._open, self.grace, gone,
+                               waiting=lambda elapsed: self.report(f"link lost, reconnecting ({elapsed:.0f} s)"))
+        if isinstance(link, str):
+            return link
+        self.link = link
+        self.report(f"link back after {loop.time() - started:.1f} s")
         return None
 
     def _agent_gone(self) -> bool:

@@ -127,12 +127,11 @@ def _clean_kube(session_id: str, session_dir: Path) -> None:
 def _end_agent(kube, end: dict, files: SessionFiles) -> None:
     """An agent nobody can delete (an ephemeral container), waiting for its runner to reconnect:
     connect as the runner would (the session's key is the proof) and end the session."""
+    from types import SimpleNamespace
+
     from podtwin.runner.backends.base import AgentReady
     from podtwin.runner.backends.kube_streams import TRANSPORTS
     from podtwin.runner.link.client import Link, LinkKeys
-
-    from types import SimpleNamespace
-
     from podtwin.runner.link.loop import LoopThread
 
     ready = AgentReady(**end["ready"])

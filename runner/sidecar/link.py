@@ -13,13 +13,9 @@ import asyncio
 import logging
 from typing import Callable
 
-import asyncssh
-
-from podtwin.runner.link.client import Link, LinkKeys
+from podtwin.runner.link.client import Link, LinkKeys, reconnect
 
 log = logging.getLogger("podtwin.sidecar.link")
-
-ATTEMPT_TIMEOUT = 10.0
 
 
 class LinkDown(ConnectionError):
@@ -32,7 +28,6 @@ class LinkKeeper:
         self.up = asyncio.Event()
         self.up.set()
         self.on_back: list[Callable[[Link], None]] = []
-        self.reconnects = 0
 
     @property
     def control(self):
@@ -64,27 +59,18 @@ class LinkKeeper:
                 return "the link to the agent broke"
             self.up.clear()
             log.warning("the link to the agent broke; reconnecting for up to %.0fs", self.grace)
-            link, why = await self._reconnect()
-            if link is None:
-                return why
-            self.link, self.reconnects = link, self.reconnects + 1
+            link = await self._reconnect()
+            if isinstance(link, str):
+                return f"the link to the agent broke: {link}"
+            self.link = link
             self.up.set()
             log.info("the link to the agent is back")
             for callback in self.on_back:
                 callback(link)
 
-    async def _reconnect(self) -> tuple[Link | None, str]:
-        loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + self.grace, 0.2
-        while loop.time() < deadline:
-            try:
-                return await asyncio.wait_for(Link.connect_unix(self.path, self.keys, role="sidecar"),
-                                              min(ATTEMPT_TIMEOUT, max(deadline - loop.time(), 0.1))), ""
-            except (FileNotFoundError, ConnectionRefusedError):
-                # nobody serves the session's socket any more: the agent (Docker) or the runner is gone
-                return None, "nobody answers at the agent's socket any more"
-            except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
-                log.info("reconnecting: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        return None, f"the link did not come back within {self.grace:.0f}s"
+    async def _reconnect(self) -> Link | str:
+        async def gone(exc: BaseException) -> str | None:
+            # nobody serves the session's socket any more: the agent (Docker) or the runner is gone
+            return "nobody answers at the agent's socket any more" if isinstance(
+                exc, (FileNotFoundError, ConnectionRefusedError)) else None
+        return await reconnect(lambda: Link.connect_unix(self.path, self.keys, role="sidecar"), self.grace, gone)
