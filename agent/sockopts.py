@@ -14,6 +14,16 @@ IPV6_RECVORIGDSTADDR = 74
 IPV6_ORIGDSTADDR = 74
 
 
+def no_delay(sock: socket.socket) -> socket.socket:
+    """TCP_NODELAY: small writes go out at once instead of waiting for the peer's delayed ACK
+    (40 ms; a protocol that sends two messages before the answer -- SFTP, SSH -- pays it on each
+    exchange). asyncio sets it only on sockets made with ``proto=IPPROTO_TCP`` (getaddrinfo's),
+    not on ``socket.socket(family, SOCK_STREAM)`` nor on ``create_server``'s listeners and the
+    connections they accept, which on Linux inherit it from their listener."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def sockaddr(raw: bytes) -> tuple[str, int]:
     """The address and port of a ``struct sockaddr_in`` or ``sockaddr_in6``; an IPv4-mapped IPv6
     address comes back as the plain IPv4 address."""

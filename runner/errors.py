@@ -74,6 +74,18 @@ class SessionError(PodtwinError):
     """A session could not be set up or torn down."""
 
 
+class ClusterUnavailable(PodtwinError):
+    """No Kubernetes cluster to talk to, or it refused our credentials."""
+
+    default_hint = "check the cluster with `kubectl get nodes`, or pass --context/--kubeconfig"
+
+
+class Forbidden(PodtwinError):
+    """The cluster does not let us do something the session needs (RBAC)."""
+
+    default_hint = "ask for the Role in docs/kubernetes.md, or run `podtwin doctor`"
+
+
 class PropagationRefused(PodtwinError):
     """The Docker engine does not let a mount made in the sidecar reach the app (Docker Desktop,
     rootless engines): the app gets a copy of the target's files instead."""

@@ -26,7 +26,7 @@ from podtwin.agent.incoming.http.filter import HttpFilter
 from podtwin.agent.incoming.http.relay import relay_filtered
 from podtwin.agent.incoming.steal.nat import NatState, SessionRules, ip6tables_usable, liveness_name, steal_conflict
 from podtwin.agent.incoming.steal.proxyline import PROXY_LINE_MAX, parse_proxy_line, proxy_line
-from podtwin.agent.sockopts import original_dst
+from podtwin.agent.sockopts import no_delay, original_dst
 from podtwin.agent.streams import splice
 from podtwin.agent.tasks import TaskSet
 
@@ -101,6 +101,7 @@ def _listen6(port: int) -> socket.socket | None:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        no_delay(sock)
         sock.bind(("::", port))
         sock.listen(128)
     except OSError:
@@ -128,7 +129,7 @@ class IncomingServer:
     async def start(self) -> None:
         """Listen (any port, all addresses; IPv6 too where the namespace has it, on the same
         port) and announce liveness in this namespace."""
-        self._listener = socket.create_server(("0.0.0.0", 0), backlog=128)
+        self._listener = no_delay(socket.create_server(("0.0.0.0", 0), backlog=128))
         self._listener.setblocking(False)
         port = self._listener.getsockname()[1]
         self._listener6 = _listen6(port) if await asyncio.to_thread(ip6tables_usable) else None

@@ -25,6 +25,8 @@ import json
 import logging
 import socket
 
+from podtwin.agent.sockopts import no_delay
+
 log = logging.getLogger("podtwin.agent.handoff")
 
 MAX_REQUEST = 512
@@ -111,7 +113,7 @@ class HandoffServer:
                 out.bind(("0.0.0.0", 0))
                 _hand_over(client, out)
                 return
-            out = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            out = no_delay(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM))
             out.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(out, (host, port)), CONNECT_TIMEOUT)

@@ -37,6 +37,7 @@ from podtwin.agent.files.root import TargetRoot
 from podtwin.agent.files.sftp import TargetSFTPServer
 from podtwin.agent.link import wire
 from podtwin.agent.link.control_session import ControlSession
+from podtwin.agent.sockopts import no_delay
 from podtwin.agent.target.process import TargetProcess
 from podtwin.agent.tasks import TaskSet
 
@@ -320,7 +321,7 @@ def make_listener(spec: str, backlog: int = 16) -> tuple[socket.socket, Callable
         host, _, port = where.rpartition(":")
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError("--listen tcp: must be a loopback address")
-        listener = socket.create_server((host, int(port)))
+        listener = no_delay(socket.create_server((host, int(port))))
         cleanup = lambda: None  # noqa: E731
     else:
         raise ValueError(f"bad --listen {spec!r}")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-from kubernetes.stream import portforward, stream
+from kubernetes.stream import stream
 from websocket import ABNF, WebSocketException
 
-from podtwin.runner.errors import AgentError, ImageMissing, PodtwinError, SessionError, TargetError
+from podtwin.runner.errors import (AgentError, ClusterUnavailable, Forbidden, ImageMissing, PodtwinError, SessionError,
+                                   TargetError)
 from podtwin.runner.state.session import LABEL_SESSION, Session
 from podtwin.runner.targets import KubeTarget
 
@@ -33,14 +34,6 @@ log = logging.getLogger("podtwin.kube")
 AGENT_PORT = 44128
 MESH_SIDECARS = {"istio-proxy", "linkerd-proxy", "istio-init", "linkerd-init", "envoy", "vault-agent"}
 MESH_PROXIES = {"istio-proxy", "linkerd-proxy", "envoy"}   # those that take the pod's traffic
-
-
-class ClusterUnavailable(PodtwinError):
-    default_hint = "check the cluster with `kubectl get nodes`, or pass --context/--kubeconfig"
-
-
-class Forbidden(PodtwinError):
-    default_hint = "ask for the Role in docs/kubernetes.md, or run `podtwin doctor`"
 
 
 @dataclass(frozen=True)
@@ -367,15 +360,36 @@ class KubeEngine:
             return ""
 
     def port_forward(self, ns: str, pod: str, port: int = AGENT_PORT):
-        """A connected socket to ``port`` on the pod's loopback, through the API server."""
-        try:
-            with self.streams_lock:
-                pf = portforward(self.streams.connect_get_namespaced_pod_portforward, pod, ns, ports=str(port))
-        except ApiException as exc:
-            raise self._error(exc, f"port-forward to pod {pod}") from exc
-        sock = pf.socket(port)
-        sock.setblocking(True)
-        return pf, sock
+        """A port-forward stream to ``port`` on the pod's loopback, through the API server, to open
+        and splice on an event loop (``kube_portforward``)."""
+        from podtwin.runner.adapters.kube_portforward import PortForwardStream
+        return PortForwardStream(self.websocket_settings(), ns, pod, port)
+
+    def websocket_settings(self):
+        """What a WebSocket to the API server needs, from the kubeconfig as the client loaded it:
+        the server, TLS (CA, client certificate, name check) and the Authorization header (a
+        token from an exec plugin or OIDC is refreshed here, as for any request of the client's)."""
+        from podtwin.runner.adapters.kube_portforward import WebSocketSettings
+        cfg = self.api.configuration
+        headers: dict = {}
+        self.api.update_params_for_auth(headers, [], ["BearerToken"], "", "GET", None)
+        if cfg.host.startswith("https"):
+            if cfg.verify_ssl:
+                tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert \
+                    else ssl.create_default_context()
+                if cfg.assert_hostname is False:
+                    tls.check_hostname = False
+            else:
+                tls = ssl.create_default_context()
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+            if cfg.cert_file:
+                tls.load_cert_chain(cfg.cert_file, cfg.key_file)
+        else:
+            tls = False
+        return WebSocketSettings(host=cfg.host.rstrip("/"), ssl=tls,
+                                 headers={k: v for k, v in headers.items() if k.lower() == "authorization"},
+                                 server_hostname=cfg.tls_server_name or None, proxy=cfg.proxy or None,
+                                 proxy_headers=cfg.proxy_headers or None)
 
     # -- the agent as an ephemeral container -------------------------------------------------
     def start_ephemeral_agent(self, session: Session, pod: PodTarget, image: str, agent_cfg, public_key: str,

@@ -9,9 +9,11 @@ exactly as they do to a Docker agent's own.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
-from typing import Callable
+import threading
+from typing import Awaitable, Callable
 
 from podtwin.agent.streams import splice
 from podtwin.runner.adapters.kube import KubeEngine
@@ -24,7 +26,9 @@ log = logging.getLogger("podtwin.kube")
 class StreamTransport(Transport):
     """Serve the session's socket: one API-server stream to the agent per connection to it.
 
-    Subclasses give ``open_stream(ready)``: (something with close(), a connected socket)."""
+    Subclasses give ``connect(ready)``: a coroutine function that opens a stream and returns it,
+    something with ``splice(reader, writer)`` (a coroutine carrying the client's bytes both ways
+    until either side ends) and ``close()`` (from any thread)."""
 
     def __init__(self, kube: KubeEngine) -> None:
         self.kube = kube
@@ -33,27 +37,22 @@ class StreamTransport(Transport):
         self.server: asyncio.base_events.Server | None = None
         self.loop = None
 
-    def stream_opener(self, ready: AgentReady) -> Callable[[], tuple[object, socket.socket]]:
+    def connect(self, ready: AgentReady) -> Callable[[], Awaitable]:
         raise NotImplementedError
 
     def setup(self, session, ready, loop) -> None:
-        opener = self.stream_opener(ready)
-
-        def open_socket() -> socket.socket:
-            handle, sock = opener()
-            self.streams.append(handle)
-            return sock
+        connect = self.connect(ready)
 
         async def carry(reader, writer) -> None:
             try:
-                sock = await asyncio.to_thread(open_socket)
+                stream = await connect()
             except Exception as exc:  # noqa: BLE001 - the client sees the connection close
                 self.last_error = exc
                 log.info("%s to the agent failed: %s", self.what, exc)
                 writer.close()
                 return
-            f_reader, f_writer = await asyncio.open_connection(sock=sock, limit=256 * 1024)
-            await splice(reader, writer, f_reader, f_writer)
+            self.streams.append(stream)
+            await stream.splice(reader, writer)
 
         async def relay(reader, writer) -> None:
             try:
@@ -65,7 +64,8 @@ class StreamTransport(Transport):
                 await writer.wait_closed()
 
         async def serve() -> None:
-            self.server = await asyncio.start_unix_server(relay, str(session.files.agent_socket))
+            self.server = await asyncio.start_unix_server(relay, str(session.files.agent_socket),
+                                                          limit=256 * 1024)
         self.loop = loop
         loop.run(serve())
 
@@ -96,8 +96,19 @@ class PortForward(StreamTransport):
     hint = ("you need get and create on pods/portforward (docs/kubernetes-role.yaml), or set "
             "agent.transport: exec; `podtwin doctor -n NS` checks")
 
-    def stream_opener(self, ready):
-        return lambda: self.kube.port_forward(ready.namespace, ready.pod, ready.port)
+    def __init__(self, kube: KubeEngine) -> None:
+        super().__init__(kube)
+        # aiohttp speaks the port-forward's WebSocket: imported meanwhile (≈0.15 s), while the
+        # agent starts, rather than when the first stream opens.
+        threading.Thread(target=importlib.import_module, args=("podtwin.runner.adapters.kube_portforward",),
+                         name="podtwin-import", daemon=True).start()
+
+    def connect(self, ready):
+        async def open_stream():
+            stream = self.kube.port_forward(ready.namespace, ready.pod, ready.port)
+            await stream.open()
+            return stream
+        return open_stream
 
 
 class ExecStdio(StreamTransport):
@@ -109,9 +120,31 @@ class ExecStdio(StreamTransport):
     what = "exec"
     hint = "you need get and create on pods/exec (docs/kubernetes-role.yaml); `podtwin doctor -n NS` checks"
 
-    def stream_opener(self, ready):
+    def connect(self, ready):
         address = f"unix:{ready.exec_socket}" if ready.exec_socket else f"127.0.0.1:{ready.port}"
-        return lambda: self.kube.exec_stdio(ready.namespace, ready.pod, ready.container, address)
+
+        async def open_stream():
+            relay, sock = await asyncio.to_thread(self.kube.exec_stdio, ready.namespace, ready.pod,
+                                                  ready.container, address)
+            return _SocketStream(relay, sock)
+        return open_stream
+
+
+class _SocketStream:
+    """A stream that a thread of its own pumps into one end of a socket pair (the exec relay)."""
+
+    def __init__(self, handle, sock: socket.socket) -> None:
+        self.handle, self.sock = handle, sock
+
+    def failure(self) -> str | None:
+        return self.handle.failure()
+
+    async def splice(self, reader, writer) -> None:
+        f_reader, f_writer = await asyncio.open_connection(sock=self.sock, limit=256 * 1024)
+        await splice(reader, writer, f_reader, f_writer)
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 async def _close(server: asyncio.base_events.Server) -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 import asyncssh
 
 from podtwin.agent.link import wire
+from podtwin.agent.sockopts import no_delay
 from podtwin.runner.sidecar.settings import FilesSettings
 
 log = logging.getLogger("podtwin.sidecar.files")
@@ -47,7 +48,7 @@ class FileMounts:
         self.channels: set = set()
         self.joining: set = set()
         # bound now, so the port is known (and kept out of incoming's port following) at once
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = no_delay(socket.create_server(("127.0.0.1", 0)))
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
         self.server: asyncio.base_events.Server | None = None

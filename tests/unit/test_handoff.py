@@ -45,6 +45,7 @@ def test_the_client_gets_a_connected_socket_and_bytes_flow_both_ways(tmp_path):
         sock = await client.connect("127.0.0.1", port)
         reader, writer = await asyncio.open_connection(sock=sock)
         assert writer.get_extra_info("peername")[1] == port   # connected by the server, handed over
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1   # small writes leave at once
         writer.write(b"from the app\n")
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()

@@ -1,5 +1,6 @@
 """The session socket a Kubernetes transport serves: a session that ends while a stream to the
 agent is still being opened ends quietly (no asyncio error lines after podtwin's own)."""
+import asyncio
 import logging
 import socket
 import time
@@ -14,11 +15,11 @@ from podtwin.runner.link.loop import LoopThread
 class SlowStreams(StreamTransport):
     name = what = "slow"
 
-    def stream_opener(self, ready):
-        def opener():
-            time.sleep(0.5)   # an API server slow to answer the port-forward
+    def connect(self, ready):
+        async def open_stream():
+            await asyncio.sleep(0.5)   # an API server slow to answer the port-forward
             raise OSError("refused")
-        return opener
+        return open_stream
 
 
 def test_a_stream_still_opening_when_the_session_ends_ends_quietly(tmp_path: Path, caplog):

@@ -9,7 +9,7 @@ import socket
 import struct
 
 from podtwin.agent.link.handoff import HANDOFF_BACKLOG, HandoffClient
-from podtwin.agent.sockopts import SO_MARK, original_dst
+from podtwin.agent.sockopts import SO_MARK, no_delay, original_dst
 from podtwin.agent.streams import splice
 from podtwin.runner.sidecar.outgoing.iptables import BYPASS_MARK
 
@@ -30,7 +30,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 async def open_local(host: str, port: int):
     """A connection made from the sidecar itself, marked so its own rules let it through."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = no_delay(socket.socket(family, socket.SOCK_STREAM))
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
     try:
