@@ -47,7 +47,8 @@ def kubectl_binary() -> str | None:
 class KubeSection:
     def __init__(self, bench: "Bench") -> None:
         from run import PODTWIN_IMAGE, log
-        self.b, self.log, self.podtwin_image = bench, log, PODTWIN_IMAGE
+        from podtwin.runner.config.image import agent_image_name
+        self.b, self.log, self.podtwin_image, self.agent_image = bench, log, PODTWIN_IMAGE, agent_image_name()
         self.kubeconfig: Path = bench.args.kubeconfig
         self.ns = f"bench-{bench.tag}"
         self.skipped = ""
@@ -80,8 +81,8 @@ class KubeSection:
         return True
 
     def load_images(self) -> None:
-        """Copy the ptbench image (and the podtwin image) into the test cluster's containerd."""
-        for image in (self.b.image, self.podtwin_image):
+        """Copy the ptbench image (and the podtwin and agent images) into the test cluster's containerd."""
+        for image in (self.b.image, self.podtwin_image, self.agent_image):
             self.log(f"kubernetes: loading {image} into the cluster")
             if image == self.b.image:
                 self.image_loaded = True  # from here on, remove it at the end
@@ -197,7 +198,7 @@ class KubeSection:
         self.load_images()
         self.staging()
         self.b.env["KUBECONFIG"] = str(self.kubeconfig)
-        self.b.env["PODTWIN_AGENT_IMAGE"] = self.podtwin_image   # the image loaded above, not the release's name
+        self.b.env["PODTWIN_AGENT_IMAGE"] = self.agent_image   # the image loaded above, not the release's name
         client = self.b.client_args(self.b.args.kube_mb)
         self.in_pod = self.b.run_suite("in-pod", cmd=self.kubectl_cmd(client))
         self.forward = self.port_forward()

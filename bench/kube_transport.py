@@ -20,7 +20,7 @@ exactly as a session does; then, over ``direct-tcpip`` channels the agent opens 
 Arms run ``--rounds`` times, interleaved; the table gives medians over rounds and exec/port-forward
 ratios. This process is both the runner (its transport pumps) and the client, so on a small
 machine they share CPU as a session's runner and sidecar do. The image must be in the cluster
-(``make cluster-load IMAGE=$PODTWIN_IMAGE``).
+(``make cluster-load IMAGE=$PODTWIN_IMAGE``, and its agent image: ``IMAGE=podtwin-agent:...``).
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class Bench:
         self.kube = KubeEngine(args.kubeconfig, None)
         self.client = client
         self.ns = f"eph-bench-{secrets.token_hex(3)}"
-        from podtwin.runner.config.image import podtwin_image_name
+        from podtwin.runner.config.image import agent_image_name, podtwin_image_name
         self.image = podtwin_image_name()
 
     # -- staging ----------------------------------------------------------------------------
@@ -128,7 +128,8 @@ class Bench:
         from podtwin.runner.state.session import Session
         from podtwin.runner.targets import parse_target
 
-        cfg = PodtwinConfig.model_validate({"agent": {"startup_timeout": 60}})
+        from podtwin.runner.config.image import agent_image_name
+        cfg = PodtwinConfig.model_validate({"agent": {"startup_timeout": 60, "image": agent_image_name(self.image)}})
         placement = (KubeEphemeralAgent if ephemeral else KubeJobAgent)(
             parse_target(f"pod/{pod.pod}"), cfg, self.image, self.kube, self.ns, None, None)
         placement.pod = pod   # resolved already

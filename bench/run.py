@@ -55,7 +55,7 @@ sys.modules.setdefault("run", sys.modules[__name__])
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-from podtwin.runner.config.image import podtwin_image_name  # noqa: E402 - after the sections' alias
+from podtwin.runner.config.image import agent_image_name, podtwin_image_name  # noqa: E402 - after the sections' alias
 
 PODTWIN_IMAGE = podtwin_image_name()   # what sessions run: podtwin:<version>, or PODTWIN_IMAGE
 APP_BASE_IMAGE = "podtwin-test/busybox:latest"
@@ -243,9 +243,10 @@ class Bench:
 
     def build_variant(self, cipher: str) -> Path | None:
         """An experiment, not podtwin as shipped: podtwin:dev with the sidecar's link asking for
-        ``cipher`` first (runner/link/client.py patched in a derived image, used through agent.image).
-        Returns the config file that selects it, or None if the patch does not apply."""
-        source = (REPO / "runner" / "link.py").read_text()
+        ``cipher`` first (runner/link/client.py patched in a derived image, the sidecar's through
+        PODTWIN_IMAGE; the agent keeps its own image through agent.image). Returns the config file
+        that selects it, or None if the patch does not apply."""
+        source = (REPO / "runner" / "link" / "client.py").read_text()
         anchor = "encryption_algs=CIPHERS,"
         if source.count(anchor) != 1:
             log("cipher variant: runner/link/client.py has changed shape; skipping the experiment")
@@ -264,7 +265,7 @@ class Bench:
             docker("build", "-q", "-t", self.variant_image, "--label", self.label, ctx, timeout=300,
                    env={**os.environ, "DOCKER_BUILDKIT": "0"})
         config = self.state_dir / "variant.json"
-        config.write_text(json.dumps({"agent": {"image": self.variant_image}}))
+        config.write_text(json.dumps({"agent": {"image": agent_image_name()}}))
         return config
 
     def session_pids(self, target: str | None = None) -> dict[str, int]:
@@ -280,7 +281,7 @@ class Bench:
         return out
 
     def run_suite(self, arm: str, config: Path | None = None, cmd: list[str] | None = None,
-                  find_pids=None) -> dict:
+                  find_pids=None, env: dict | None = None) -> dict:
         """Run the client through one arm; sample the session's processes while it runs.
         ``cmd`` and ``find_pids`` (-> {role: host pid}) for other targets than this staging's;
         arms named "direct", "in-pod" or "port-forward" are baselines (nothing of podtwin to sample)."""
@@ -293,7 +294,7 @@ class Bench:
         log(f"{arm}: {shlex.join(cmd)}")
         err = open(self.state_dir / f"{arm}.stderr", "w+")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                text=True, env=self.env)
+                                text=True, env={**self.env, **(env or {})})
         self.children.append(proc)
         events: queue.Queue = queue.Queue()
         watched: list[Watched] = []
@@ -617,7 +618,7 @@ def report(b: Bench, facts: dict, direct: dict, pod: dict, variant: dict, start:
                 rows.append([f"{role} RSS before the connections → with all held, MiB", "",
                              f"{_mib(soak['before'][role])} → {_mib(soak['held'][role])}", "", ""])
     if image_mb:
-        rows.append(["Image a cluster pulls for the agent (podtwin image, uncompressed), MB", "", f"{image_mb:.0f}",
+        rows.append(["Image a cluster pulls for the agent (agent image, uncompressed), MB", "", f"{image_mb:.0f}",
                      "", ""])
 
     out = [f"Run on {started.strftime('%Y-%m-%d %H:%M %Z').strip()} in {elapsed:.0f} s with:", "",
@@ -763,10 +764,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cipher_variant:
             config = bench.build_variant(args.cipher_variant)
             if config is not None:
-                variant = bench.run_suite("variant", config)
+                variant = bench.run_suite("variant", config, env={"PODTWIN_IMAGE": bench.variant_image})
         start = bench.startup() if args.startup_runs > 0 else {"direct": [], "podtwin": []}
         soak = bench.soak() if args.soak > 0 else None
-        size = docker("image", "inspect", "-f", "{{.Size}}", PODTWIN_IMAGE, check=False).stdout.strip()
+        size = docker("image", "inspect", "-f", "{{.Size}}", agent_image_name(), check=False).stdout.strip()
         blocks.append((report(bench, facts, direct, pod, variant, start, command, started,
                               time.monotonic() - t0, soak, int(size) / MB if size.isdigit() else None),
                        RESULTS_START, RESULTS_END))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from podtwin.runner.config.image import podtwin_image_name
+from podtwin.runner.config.image import agent_image_name, podtwin_image_name
 from podtwin.runner.state.session import process_start
 
 ASSETS = Path(__file__).parent / "assets"
@@ -39,7 +39,7 @@ def docker_engine():
     probe = subprocess.run(["docker", "info"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.fail("no Docker engine answers: run `make setup` first", pytrace=False)
-    for image in (PODTWIN_IMAGE, APP_IMAGE):
+    for image in (PODTWIN_IMAGE, agent_image_name(), APP_IMAGE):
         if docker("image", "inspect", image, check=False).returncode != 0:
             pytest.fail(f"image {image} is missing: run `make setup` first", pytrace=False)
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import APP_IMAGE, PODTWIN_IMAGE, docker, write_config
+from podtwin.runner.config.image import agent_image_name
 
 CONFIG = TARGET = INFRA = 125   # docker run's code for its own failures, whatever the kind (README)
 
@@ -79,6 +80,7 @@ def test_doctor_on_a_working_and_a_broken_setup(podtwin, tmp_path):
     good = podtwin.run("doctor", env={"KUBECONFIG": str(tmp_path / "none")})
     assert good.returncode == 0, good.stdout
     assert "ok    Docker engine answers" in good.stdout and f"ok    image {PODTWIN_IMAGE} present" in good.stdout
+    assert f"ok    image {agent_image_name()} present" in good.stdout
     # the files' needs, tried as a session does it, and nothing of the probe left behind
     assert "ok    /dev/fuse usable in a container" in good.stdout, good.stdout
     assert "ok    mount propagation from the sidecar to the app" in good.stdout, good.stdout

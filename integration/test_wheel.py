@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import APP_IMAGE, docker, session_containers
+from podtwin.runner.config.image import agent_image_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,10 +42,13 @@ def test_a_wheel_installed_outside_the_checkout_builds_its_image_and_runs_a_sess
     try:
         built = podtwin("images", "build", "--tag", tag)
         assert built.returncode == 0, built.stderr[-2000:]
-        assert built.stdout.strip() == f"built {tag}"
+        assert built.stdout.strip() == f"built {tag} and {agent_image_name(tag)}"
         assert "podtwin-test/busybox:latest: not built (a checkout's test image)" in built.stderr
         in_image = docker("run", "--rm", tag, "python", "-c", "import podtwin.agent; print(podtwin.agent.__file__)")
         assert in_image.stdout.strip() == "/opt/podtwin-src/podtwin/agent/__init__.py"
+        in_agent = docker("run", "--rm", agent_image_name(tag), "python", "-c",
+                          "import podtwin.agent.__main__, asyncssh; print(podtwin.agent.__file__)")
+        assert in_agent.stdout.strip() == "/opt/podtwin-src/podtwin/agent/__init__.py"
 
         session = podtwin("container", "run", "-q", "--target", f"container/{staging.target}", APP_IMAGE,
                           "sh", "-c", "echo APP_MODE=$APP_MODE", PODTWIN_IMAGE=tag)
@@ -52,4 +56,4 @@ def test_a_wheel_installed_outside_the_checkout_builds_its_image_and_runs_a_sess
         assert "APP_MODE=staging" in session.stdout
         assert not session_containers(), session_containers()
     finally:
-        docker("rmi", tag, check=False)
+        docker("rmi", tag, agent_image_name(tag), check=False)

@@ -34,9 +34,9 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _version_message() -> str:
-    from podtwin.runner.config.image import cluster_agent_image, podtwin_image_name
-    return (f"podtwin {version('podtwin')}\nimage: {podtwin_image_name()} (the agent in clusters: "
-            f"{cluster_agent_image()})\nPython {sys.version.split()[0]}")
+    from podtwin.runner.config.image import agent_image_name, cluster_agent_image, podtwin_image_name
+    return (f"podtwin {version('podtwin')}\nimages: {podtwin_image_name()} (sidecar), {agent_image_name()} "
+            f"(agent; in clusters: {cluster_agent_image()})\nPython {sys.version.split()[0]}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -269,9 +269,10 @@ def images() -> None:
 @images.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if the images exist.")
 @click.option("--tag", metavar="NAME", help="Name of the podtwin image (default: podtwin:<version>, the one "
-              "sessions use; set PODTWIN_IMAGE to run sessions with another).")
+              "sessions use; set PODTWIN_IMAGE to run sessions with another); the agent's is NAME with -agent.")
 def images_build(force: bool, tag: str | None) -> None:
-    """Build the podtwin image (agent and sidecar) and its base, offline if need be.
+    """Build the podtwin images (the sidecar's, and the agent's small one made from it) and their
+    base, offline if need be.
 
     \b
     Example:
@@ -279,7 +280,8 @@ def images_build(force: bool, tag: str | None) -> None:
     """
     from podtwin.runner.tools.images import build_images
     built = build_images(echo=lambda line: click.echo(line, err=True), force=force, tag=tag)
-    click.echo(f"built {built}")
+    from podtwin.runner.config.image import agent_image_name
+    click.echo(f"built {built} and {agent_image_name(built)}")
 
 
 @images.command("push")
@@ -289,7 +291,7 @@ def images_push(repository: str) -> None:
 
     \b
     Example:
-      podtwin images push registry.example.com/team/podtwin
+      podtwin images push registry.example.com/team/podtwin-agent
     """
     from podtwin.runner.tools.images import push_image
     pushed = push_image(repository, echo=lambda line: click.echo(line, err=True))

@@ -26,14 +26,15 @@ import pytest
 import yaml
 
 from kubeutil import wait_until
-from podtwin.runner.config.image import podtwin_image_name
+from podtwin.runner.config.image import agent_image_name
 
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
 APP_IMAGE = "podtwin-test/busybox:latest"   # built from images/busybox by `make images`
 TEST_LABEL = "podtwin-test"
-# The tests load the locally built image (PODTWIN_IMAGE) into the cluster and have the agent
-# use it; the release's name, the default, is tried by test_agent_image.py.
-os.environ.setdefault("PODTWIN_AGENT_IMAGE", podtwin_image_name())
+# The tests load the locally built agent image (beside PODTWIN_IMAGE) into the cluster and have
+# the agent use it; the release's name, the default, is tried by test_agent_image.py.
+AGENT_IMAGE = agent_image_name()
+os.environ.setdefault("PODTWIN_AGENT_IMAGE", AGENT_IMAGE)
 
 
 def _enabled() -> bool:
@@ -103,6 +104,8 @@ def cluster() -> Cluster:
     api = config.new_client_from_config(config_file=str(kubeconfig))
     c = Cluster(kubeconfig=kubeconfig, api=api, managed=not external)
     wait_until(lambda: _node_ready(c), 120, "a Ready node")
+    if c.managed and os.environ["PODTWIN_AGENT_IMAGE"] == AGENT_IMAGE:
+        c.load_image(AGENT_IMAGE)
     yield c
     api.close()
 

@@ -104,7 +104,7 @@ def test_load_into_the_test_cluster_and_the_default_name(cluster, staging):
     loaded = cli("images", "load", "podtwin-test")
     assert loaded.returncode == 0, loaded.stderr
     release = loaded.stdout.split()[1]
-    assert release.startswith("ghcr.io/podtwin/podtwin:")
+    assert release.startswith("ghcr.io/podtwin/podtwin-agent:")
     env = {k: v for k, v in os.environ.items() if k != "PODTWIN_AGENT_IMAGE"}
     result = subprocess.run([sys.executable, "-m", "podtwin.runner", "container", "run", "-n", staging,
                              "--target", "deploy/api", APP, "sh", "-c", "echo APP_MODE=$APP_MODE"],

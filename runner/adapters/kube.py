@@ -371,8 +371,8 @@ class KubeEngine:
         token from an exec plugin or OIDC is refreshed here, as for any request of the client's)."""
         from podtwin.runner.adapters.kube_portforward import WebSocketSettings
         cfg = self.api.configuration
-        headers: dict = {}
-        self.api.update_params_for_auth(headers, [], ["BearerToken"], "", "GET", None)
+        bearer = cfg.auth_settings().get("BearerToken") or {}   # refreshes an expiring token first
+        headers = {"Authorization": bearer["value"]} if bearer.get("value") else {}
         if cfg.host.startswith("https"):
             if cfg.verify_ssl:
                 tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert \
@@ -387,7 +387,7 @@ class KubeEngine:
         else:
             tls = False
         return WebSocketSettings(host=cfg.host.rstrip("/"), ssl=tls,
-                                 headers={k: v for k, v in headers.items() if k.lower() == "authorization"},
+                                 headers=headers,
                                  server_hostname=cfg.tls_server_name or None, proxy=cfg.proxy or None,
                                  proxy_headers=cfg.proxy_headers or None)
 

@@ -82,6 +82,11 @@ class Placement(ABC):
         self.sidecar_image = image                 # the local podtwin image the sidecar runs
         self.incoming = cfg.feature.network.incoming.mode if cfg.feature.network.incoming.mode != "off" else None
 
+    def local_images(self) -> tuple[str, ...]:
+        """The images the local Docker engine must have: the sidecar's (a cluster pulls the
+        agent's itself)."""
+        return (self.sidecar_image,)
+
     @classmethod
     @abstractmethod
     def probe(cls, target: "Target", cfg: "PodtwinConfig") -> bool:

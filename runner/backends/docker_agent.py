@@ -8,6 +8,7 @@ remote engine, and a transport that forwards the session socket.
 from __future__ import annotations
 
 from podtwin.runner.adapters.docker_engine import DockerEngine, DockerTargetInfo
+from podtwin.runner.config.image import agent_image_name
 from podtwin.runner.backends.base import READY_PREFIX, AgentReady, Placement, Resolved, Transport
 from podtwin.runner.errors import AgentError
 from podtwin.runner.targets import DockerTarget
@@ -19,12 +20,15 @@ class DockerContainerAgent(Placement):
 
     def __init__(self, target: DockerTarget, cfg, image: str, engine: DockerEngine) -> None:
         super().__init__(target, cfg, image)
-        self.sidecar_image = self.image   # both run on this engine: one podtwin image for both
+        self.image = cfg.agent.image or agent_image_name(image)   # the agent image built beside it
         self.engine = engine
         self.info: DockerTargetInfo | None = None
         self.session = None
         self.agent_id: str | None = None
         self.guard_id: str | None = None
+
+    def local_images(self) -> tuple[str, ...]:
+        return (self.sidecar_image, self.image)
 
     @classmethod
     def probe(cls, target, cfg) -> bool:

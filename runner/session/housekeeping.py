@@ -62,7 +62,7 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
     dead sessions' incoming rules in the namespaces of their Docker targets (and of ``targets``).
     Every step is tried; what failed is raised together at the end."""
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.config.image import podtwin_image_name
+    from podtwin.runner.config.image import agent_image_name
 
     sweep = clean_targets(targets)
     engine = DockerEngine()
@@ -70,7 +70,7 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
     errors: list[str] = []
     live = set()
     if sweep:
-        engine.require_image(podtwin_image_name(), "build it with `podtwin images build`")
+        engine.require_image(agent_image_name(), "build it with `podtwin images build`")
 
     def attempt(what: str, step: Callable[[], list[str] | None]) -> None:
         try:
@@ -96,7 +96,7 @@ def clean(all_sessions: bool = False, kube=None, targets: tuple[str, ...] = ()) 
             attempt(f"agent Job {ns}/{name}", lambda ns=ns, name=name: delete_job(ns, name))
     for name in sorted(sweep):
         if engine.is_running(name):
-            attempt(f"rules in {name}", lambda name=name: engine.sweep_rules(name, podtwin_image_name()))
+            attempt(f"rules in {name}", lambda name=name: engine.sweep_rules(name, agent_image_name()))
         elif any(t.endswith("/" + name) for t in targets):
             errors.append(f"container {name!r} is not running (its rules went with its network namespace)")
     root = sessions_dir()

@@ -118,7 +118,8 @@ def plan(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engi
     placement, transport = backends.for_target(
         target, cfg, image, engine, namespace=opts.namespace or cfg.target.namespace,
         kubeconfig=opts.kubeconfig or cfg.kubeconfig_path(), context=opts.context or cfg.kube_context)
-    engine.require_image(placement.sidecar_image, "build it with `podtwin images build`")
+    for image_name in placement.local_images():
+        engine.require_image(image_name, "build it with `podtwin images build`")
     if app:
         engine.require_image(opts.image, f"build or pull it first (`docker pull {opts.image}`)")
     found = placement.resolve(progress)

@@ -31,7 +31,7 @@ class Check:
 
 def docker_checks() -> list[Check]:
     from podtwin.runner.adapters.docker_engine import DockerEngine
-    from podtwin.runner.config.image import podtwin_image_name
+    from podtwin.runner.config.image import agent_image_name, podtwin_image_name
 
     checks = [Check(shutil.which("docker") is not None, "docker CLI on PATH",
                     "install the Docker CLI (podtwin attaches to the app with it)")]
@@ -41,12 +41,13 @@ def docker_checks() -> list[Check]:
         return checks + [Check(False, exc.message, exc.hint)]
     checks.append(Check(True, "Docker engine answers"))
     image = podtwin_image_name()
-    try:
-        engine.require_image(image, "")
-        checks.append(Check(True, f"image {image} present"))
-    except PodtwinError:
-        checks.append(Check(False, f"image {image} missing", "build it with `podtwin images build`"))
-        return checks
+    for name in (image, agent_image_name()):
+        try:
+            engine.require_image(name, "")
+            checks.append(Check(True, f"image {name} present"))
+        except PodtwinError:
+            checks.append(Check(False, f"image {name} missing", "build it with `podtwin images build`"))
+            return checks
     return checks + files_checks(engine, image)
 
 

@@ -6,10 +6,16 @@ From a checkout or from an installed wheel alike: the wheel carries the Dockerfi
 * ``podtwin/debian-base:bookworm`` -- the base: kept if present; else Debian's
   ``debian:bookworm-slim`` when a registry answers; else minbase Debian made with debootstrap
   from the machine's own apt mirror (no registry needed). The build says which;
-* the podtwin image -- the agent and the sidecar, tagged ``podtwin:<version>`` (the name sessions
-  look for; ``--tag`` or PODTWIN_IMAGE name another), ``podtwin:dev`` and the release's name
-  ``ghcr.io/podtwin/podtwin:<version>`` (the agent's default in clusters); rebuilt whenever the
-  package's files change (a content hash is stored in a label);
+* the podtwin image -- the sidecar (and everything podtwin runs in a container but the agent),
+  tagged ``podtwin:<version>`` (the name sessions look for; ``--tag`` or PODTWIN_IMAGE name
+  another) and ``podtwin:dev``; rebuilt whenever the package's files change (a content hash is
+  stored in a label);
+* the agent image -- made from the podtwin image's own files (``images/agent.Dockerfile``,
+  ``images/agent_rootfs.py``): Python, the agent's package and dependencies, iptables and the
+  libraries they load, on an empty base (about 64 MB, what a cluster's nodes pull). Tagged with
+  the podtwin image's name plus ``-agent`` (``podtwin-agent:<version>``, ``podtwin-agent:dev``)
+  and the release's name ``ghcr.io/podtwin/podtwin-agent:<version>`` (the agent's default in
+  clusters);
 * ``podtwin-test/busybox:latest`` -- a checkout's test image, for the tests and the demo: static
   busybox plus two static Go tools (no libc, nothing podtwin): ``udpsend``, a UDP client, and
   ``h2probe``, an HTTP/1.1 + h2c + gRPC server and clients (images/h2probe).
@@ -31,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from podtwin.runner.config.image import DEV_IMAGE, podtwin_image_name, release_image_name
+from podtwin.runner.config.image import DEV_IMAGE, agent_image_name, podtwin_image_name, release_image_name
 from podtwin.runner.errors import PodtwinError
 
 BASE_IMAGE = "podtwin/debian-base:bookworm"
@@ -120,6 +126,22 @@ def package_files() -> dict[str, Path]:
         for f in _walk(top):
             files[f"podtwin/{name}/{f.relative_to(top)}"] = f
     return files
+
+
+def agent_files() -> dict[str, Path]:
+    """What the agent image's build context is made of (besides the podtwin image it starts from)."""
+    from importlib import resources
+    images = resources.files("podtwin.images")
+    return {"Dockerfile": Path(str(images / "agent.Dockerfile")),
+            "agent_rootfs.py": Path(str(images / "agent_rootfs.py"))}
+
+
+def agent_hash(podtwin_digest: str) -> str:
+    """A content hash of what makes the agent image: the podtwin image's, and its own files."""
+    h = hashlib.sha256(podtwin_digest.encode())
+    for rel, f in sorted(agent_files().items()):
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def requirements() -> str:
@@ -251,6 +273,22 @@ def build_podtwin(echo: Echo, digest: str, force: bool, image: str, also: tuple[
     _drop_if_replaced(image, old)
 
 
+def build_agent(echo: Echo, digest: str, force: bool, full: str, image: str, also: tuple[str, ...] = ()) -> None:
+    echo(f"[images] building {image} from {full}'s files (the agent's small image)...")
+    old = _image_id(image)
+    with tempfile.TemporaryDirectory(prefix="podtwin-ctx-") as ctx_dir:
+        ctx = Path(ctx_dir)
+        for rel, f in agent_files().items():
+            shutil.copy2(f, ctx / rel)
+        cmd = ["docker", "build", "--build-arg", f"FULL={_image_id(full)}", "--label", f"{HASH_LABEL}={digest}"]
+        for name in (image, *also):
+            cmd += ["-t", name]
+        if force:
+            cmd.append("--no-cache")
+        _stream([*cmd, str(ctx)], echo, env=_legacy_build_env())
+    _drop_if_replaced(image, old)
+
+
 def _is_static_elf(path: Path) -> bool:
     """True for an ELF64 executable without a PT_INTERP (dynamic loader) segment."""
     data = path.read_bytes()
@@ -368,16 +406,23 @@ def _pulled_base(echo: Echo) -> None:
 def _build_all(echo: Echo, force: bool, image: str) -> str:
     new_base = _base(echo, force)
     digest = source_hash()
-    # The default build also carries the release's name (the agent's in clusters) and podtwin:dev
-    # (a checkout's habit); a --tag build carries its own name only.
-    also = (release_image_name(), DEV_IMAGE) if image == PODTWIN_IMAGE else ()
+    # The default build also carries podtwin:dev (a checkout's habit), and the agent's image the
+    # release's name (the agent's in clusters); a --tag build carries its own names only.
+    also = (DEV_IMAGE,) if image == PODTWIN_IMAGE else ()
     if new_base or force or _label(image, HASH_LABEL) != digest:
         build_podtwin(echo, digest, force, image, also)
     else:
         echo(f"[images] {image}: up to date ({digest[:12]})")
-    for name in also:
-        if _image_id(name) != _image_id(image):
-            subprocess.run(["docker", "tag", image, name], check=True, capture_output=True)
+    agent, agent_digest = agent_image_name(image), agent_hash(digest)
+    agent_also = (release_image_name(), agent_image_name(DEV_IMAGE)) if image == PODTWIN_IMAGE else ()
+    if force or _label(agent, HASH_LABEL) != agent_digest:
+        build_agent(echo, agent_digest, force, image, agent, agent_also)
+    else:
+        echo(f"[images] {agent}: up to date ({agent_digest[:12]})")
+    for source, names in ((image, also), (agent, agent_also)):
+        for name in names:
+            if _image_id(name) != _image_id(source):
+                subprocess.run(["docker", "tag", source, name], check=True, capture_output=True)
     if not _is_checkout():
         echo(f"[images] {BUSYBOX_IMAGE}: not built (a checkout's test image)")
     elif force or _label(BUSYBOX_IMAGE, HASH_LABEL) != test_app_hash():
@@ -417,16 +462,17 @@ LOADERS = {
 
 
 def push_image(ref: str, echo: Echo = print) -> str:
-    """Copy the local podtwin image to a registry as ``ref`` (REGISTRY/REPO, tagged with this
+    """Copy the local agent image to a registry as ``ref`` (REGISTRY/REPO, tagged with this
     version unless it names a tag); returns what agent.image should say."""
     name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
     if not name or "/" not in name or any(c.isspace() for c in ref):
         raise ImageBuildError(f"{ref!r} is not a registry repository",
-                              "give REGISTRY/REPO[:TAG], e.g. registry.example.com/team/podtwin")
+                              "give REGISTRY/REPO[:TAG], e.g. registry.example.com/team/podtwin-agent")
     target = f"{name}:{tag or release_image_name().rsplit(':', 1)[1]}"
-    if _image_id(PODTWIN_IMAGE) is None:
-        raise ImageBuildError(f"image {PODTWIN_IMAGE} is not built", "run `podtwin images build` first")
-    subprocess.run(["docker", "tag", PODTWIN_IMAGE, target], check=True, capture_output=True)
+    agent = agent_image_name()
+    if _image_id(agent) is None:
+        raise ImageBuildError(f"image {agent} is not built", "run `podtwin images build` first")
+    subprocess.run(["docker", "tag", agent, target], check=True, capture_output=True)
     echo(f"[images] pushing {target}")
     _stream(["docker", "push", target], echo)
     return target

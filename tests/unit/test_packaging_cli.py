@@ -26,7 +26,7 @@ def test_every_command_shows_an_example():
 
 def test_version_names_package_image_and_python():
     out = CliRunner().invoke(main, ["--version"]).output
-    assert out.startswith("podtwin 0.") and "image: podtwin:" in out and f"Python {sys.version.split()[0]}" in out
+    assert out.startswith("podtwin 0.") and "images: podtwin:" in out and "podtwin-agent:" in out and f"Python {sys.version.split()[0]}" in out
 
 
 def test_completion_scripts():
@@ -42,13 +42,14 @@ def test_the_wheel_carries_everything_the_image_build_needs(tmp_path):
     import subprocess
     import zipfile
 
-    from podtwin.runner.tools.images import package_files
+    from podtwin.runner.tools.images import agent_files, package_files
 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("podtwin-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {"podtwin/images/Dockerfile" if rel == "Dockerfile" else rel for rel in package_files()}
+    wanted |= {f"podtwin/images/{f.name}" for f in agent_files().values()}
     assert wanted <= names, sorted(wanted - names)
     assert any(n.startswith("podtwin/runner/profiles/") for n in names)
 
