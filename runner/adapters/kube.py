@@ -355,7 +355,10 @@ class KubeEngine:
 
     def _logs(self, ns: str, pod: str, tail: int | None = 5, container: str = "agent") -> str:
         try:
-            return self.core.read_namespaced_pod_log(pod, ns, container=container, tail_lines=tail) or ""
+            # The raw bytes, decoded here: some client versions (36) hand back str(bytes) otherwise.
+            resp = self.core.read_namespaced_pod_log(pod, ns, container=container, tail_lines=tail,
+                                                     _preload_content=False)
+            return resp.data.decode(errors="replace")
         except ApiException:
             return ""
 
