@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+import socket
+from types import SimpleNamespace
+
 import pytest
 
 from podtwin.agent.incoming.service import IncomingServer, Subscription
@@ -95,3 +98,53 @@ def test_subscriptions_are_checked_before_anything_is_touched():
         assert server.subs == {}
     run(scenario())
 
+
+
+def test_a_handed_over_connection_waiting_on_both_sides_survives_a_garbage_collection():
+    """The sidecar's task for a stolen connection handed over as a socket is held: the loop holds
+    tasks only weakly, and a connection whose two sides both wait (the client for its answer, the
+    app still working on it) is otherwise a cycle the collector frees mid-request (the client then
+    sees EOF: it happened under load in `make bench`)."""
+    import gc
+    import json as _json
+
+    from podtwin.runner.sidecar.incoming.ports import IncomingPorts
+    from podtwin.runner.sidecar.settings import IncomingSettings
+
+    async def go():
+        release = asyncio.Event()
+
+        async def slow_app(reader, writer):
+            await reader.readline()
+            await release.wait()
+            writer.write(b"answer\n")
+            await writer.drain()
+            writer.close()
+        app = await asyncio.start_server(slow_app, "127.0.0.1", 0)
+        local = app.sockets[0].getsockname()[1]
+        ports = IncomingPorts(links=None, settings=IncomingSettings(port_mapping={local: 80}), own_ports=set())
+        ports.listeners[local] = SimpleNamespace(close=lambda: None)   # the app's port is taken
+        agent_end, sidecar_end = socket.socketpair()    # the push channel
+        receiving = asyncio.ensure_future(ports._receive(sidecar_end))
+        stolen = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(stolen.getsockname())
+        conn, _ = stolen.accept()
+        socket.send_fds(agent_end, [_json.dumps({"port": 80}).encode() + b"\n"], [conn.fileno()])
+        conn.close()
+        reader, writer = await asyncio.open_connection(sock=client)
+        writer.write(b"question\n")
+        await asyncio.sleep(0.3)                        # delivered; both sides wait now
+        for _ in range(3):
+            gc.collect()
+            await asyncio.sleep(0.05)
+        release.set()
+        answer = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        ports.close()
+        receiving.cancel()
+        agent_end.close()
+        stolen.close()
+        app.close()
+        return answer
+
+    assert asyncio.run(go()) == b"answer\n"

@@ -19,6 +19,7 @@ import asyncssh
 from podtwin.agent.link.wire import INCOMING_HOST
 from podtwin.agent.link.handoff import readable
 from podtwin.agent.streams import splice
+from podtwin.agent.tasks import TaskSet
 from podtwin.runner.sidecar.settings import IncomingSettings
 
 log = logging.getLogger("podtwin.sidecar.incoming")
@@ -61,6 +62,9 @@ class IncomingPorts:
         self.refused: set[int] = set()            # app ports refused while they keep listening
         self.task: asyncio.Task | None = None
         self.push: asyncio.Task | None = None
+        # Handed-over connections' tasks: held here, as the loop holds tasks only weakly (a
+        # connection whose both sides wait was collected mid-request: its client saw EOF).
+        self.conns = TaskSet("incoming")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,7 +96,7 @@ class IncomingPorts:
                         conn.close()
                         continue
                     conn.setblocking(False)
-                    loop.create_task(self._deliver_socket(conn, local), name="incoming:conn")
+                    self.conns.spawn(self._deliver_socket(conn, local), "conn")
                 for extra in conns[len(lines):]:
                     extra.close()
         except (OSError, ValueError, KeyError) as exc:
@@ -158,6 +162,7 @@ class IncomingPorts:
             self.task.cancel()
         if self.push is not None:
             self.push.cancel()
+        self.conns.cancel_all()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
