@@ -106,31 +106,53 @@ class PortForwardStream:
         await ws.close()
 
     async def _down(self, ws, writer: asyncio.StreamWriter) -> None:
+        """The server's frames to the client. Frames already received (one TLS read holds
+        several) are joined and written once the loop turns: one write per read from the API
+        server instead of one per frame (each write is a system call)."""
         prefix = {DATA: 2, ERROR: 2}     # the port number that starts each channel's first frame
-        while True:
-            msg = await ws.receive()
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    return
-                continue
-            data = msg.data
-            if not data:
-                continue
-            channel, start = data[0], 1
-            skip = prefix.get(channel, 0)
-            if skip:
-                taken = min(skip, len(data) - 1)
-                prefix[channel] = skip - taken
-                start += taken
-            if start >= len(data):
-                continue
-            if channel == DATA:
-                writer.write(memoryview(data)[start:])
-                await writer.drain()
-            elif channel == ERROR:
-                self.error += data[start:]
-                log.info("port-forward to %s: %s", self.pod, self.failure())
+        loop = asyncio.get_running_loop()
+        pending = bytearray()
+        flushing = False
+
+        def flush() -> None:
+            nonlocal flushing
+            flushing = False
+            if pending:
+                writer.write(bytes(pending))
+                pending.clear()
+
+        try:
+            while True:
+                if writer.transport.get_write_buffer_size() > 0 or len(pending) >= CHUNK:
+                    flush()
+                    await writer.drain()
+                msg = await ws.receive()
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                    aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return
+                    continue
+                data = msg.data
+                if not data:
+                    continue
+                channel, start = data[0], 1
+                skip = prefix.get(channel, 0)
+                if skip:
+                    taken = min(skip, len(data) - 1)
+                    prefix[channel] = skip - taken
+                    start += taken
+                if start >= len(data):
+                    continue
+                if channel == DATA:
+                    pending += memoryview(data)[start:]
+                    if not flushing:
+                        flushing = True
+                        loop.call_soon(flush)
+                elif channel == ERROR:
+                    self.error += data[start:]
+                    log.info("port-forward to %s: %s", self.pod, self.failure())
+        finally:
+            flush()
 
     def close(self) -> None:
         """From any thread: end the stream (its splice closes everything)."""
