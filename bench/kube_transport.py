@@ -82,7 +82,7 @@ class Bench:
         self.kube = KubeEngine(args.kubeconfig, None)
         self.client = client
         self.ns = f"eph-bench-{secrets.token_hex(3)}"
-        from podtwin.runner.config.image import agent_image_name, podtwin_image_name
+        from podtwin.runner.config.image import podtwin_image_name
         self.image = podtwin_image_name()
 
     # -- staging ----------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from pathlib import Path
 
 # The third-party packages podtwin.agent imports (tests/unit/test_agent_image.py checks the list).
 AGENT_REQUIREMENTS = ("asyncssh", "h11", "h2")
-VENV_SITE = Path("/opt/podtwin/lib/python3.11/site-packages")
+VENV_SITE = Path(sysconfig.get_paths()["purelib"])   # run with the venv's Python: its site-packages
 SOURCE = Path("/opt/podtwin-src/podtwin")
 TOOLS = ("iptables", "ip6tables", "iptables-save", "ip6tables-save", "iptables-restore", "ip6tables-restore")
-XTABLES = Path("/usr/lib/x86_64-linux-gnu/xtables")   # iptables' match and target modules (dlopen'd)
+# iptables' match and target modules (dlopen'd), in the machine's multiarch directory
+XTABLES = Path("/usr/lib") / (sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu") / "xtables"
 ETC = ("passwd", "group", "nsswitch.conf", "protocols", "services", "ethertypes", "ld.so.conf", "ld.so.conf.d")
 # Standard library parts no agent code reaches.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "distutils",
@@ -92,10 +93,16 @@ def stdlib(root: Path) -> None:
 def requirements_closure(names) -> list[metadata.Distribution]:
     todo, done = list(names), {}
     while todo:
-        name = re.split(r"[\s<>=!~;\[]", todo.pop())[0].lower().replace("_", "-")
+        requirement = todo.pop()
+        name = re.split(r"[\s<>=!~;\[]", requirement)[0].lower().replace("_", "-")
         if not name or name in done:
             continue
-        dist = metadata.distribution(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if ";" in requirement:   # a marker that does not apply here (another Python, platform)
+                continue
+            raise
         done[name] = dist
         todo += [r for r in dist.requires or [] if "extra ==" not in r]
     return list(done.values())

@@ -318,7 +318,7 @@ def images_load(cluster: str) -> None:
 @click.option("--context", help="kubeconfig context to check.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig file to check.")
 def doctor(namespace, context, kubeconfig) -> None:
-    """Check the Docker engine, the podtwin image, the cluster and your permissions.
+    """Check the Docker engine, the podtwin and agent images, the cluster and your permissions.
 
     \b
     Example:

@@ -13,6 +13,8 @@ import socket
 import sys
 import threading
 
+from podtwin.agent.sockopts import no_delay
+
 CHUNK = 256 * 1024
 
 
@@ -35,8 +37,7 @@ def relay(address: tuple[str, int] | str) -> int:
             sock.settimeout(10)
             sock.connect(address)
         else:
-            sock = socket.create_connection(address, timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = no_delay(socket.create_connection(address, timeout=10))
     except OSError as exc:
         print(f"podtwin-stdio-relay: cannot connect to {address}: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -20,9 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+import certifi
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.stream import stream
+from requests.utils import should_bypass_proxies
 from websocket import ABNF, WebSocketException
 
 from podtwin.runner.errors import (AgentError, ClusterUnavailable, Forbidden, ImageMissing, PodtwinError, SessionError,
@@ -74,6 +76,7 @@ class KubeEngine:
         # a time.
         self.streams = client.CoreV1Api(client.ApiClient())
         self.streams_lock = threading.Lock()
+        self._tls: ssl.SSLContext | bool | None = None   # the port-forwards' TLS, made once
         _, active = config.list_kube_config_contexts(config_file=kubeconfig)
         self.default_namespace = (active.get("context") or {}).get("namespace") or "default"
         try:
@@ -370,29 +373,36 @@ class KubeEngine:
 
     def websocket_settings(self):
         """What a WebSocket to the API server needs, from the kubeconfig as the client loaded it:
-        the server, TLS (CA, client certificate, name check) and the Authorization header (a
-        token from an exec plugin or OIDC is refreshed here, as for any request of the client's)."""
+        the server, TLS (CA -- certifi's when the kubeconfig names none, as the client's own
+        requests --, client certificate, name check), the proxy unless NO_PROXY covers the server,
+        and the Authorization header (a token from an exec plugin or OIDC is refreshed here, as for
+        any request of the client's: it may run the plugin, so call this off the event loop)."""
         from podtwin.runner.adapters.kube_portforward import WebSocketSettings
         cfg = self.api.configuration
         bearer = cfg.auth_settings().get("BearerToken") or {}   # refreshes an expiring token first
         headers = {"Authorization": bearer["value"]} if bearer.get("value") else {}
-        if cfg.host.startswith("https"):
-            if cfg.verify_ssl:
-                tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert \
-                    else ssl.create_default_context()
-                if cfg.assert_hostname is False:
-                    tls.check_hostname = False
-            else:
-                tls = ssl.create_default_context()
-                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-            if cfg.cert_file:
-                tls.load_cert_chain(cfg.cert_file, cfg.key_file)
+        with self.streams_lock:
+            if self._tls is None:
+                self._tls = self._tls_context(cfg)
+        proxy = cfg.proxy if cfg.proxy and not should_bypass_proxies(cfg.host, no_proxy=cfg.no_proxy or "") else None
+        return WebSocketSettings(host=cfg.host.rstrip("/"), ssl=self._tls, headers=headers,
+                                 server_hostname=cfg.tls_server_name or None, proxy=proxy,
+                                 proxy_headers=(cfg.proxy_headers or None) if proxy else None)
+
+    @staticmethod
+    def _tls_context(cfg) -> ssl.SSLContext | bool:
+        if not cfg.host.startswith("https"):
+            return False
+        if cfg.verify_ssl:
+            tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert or certifi.where())
+            if cfg.assert_hostname is False:
+                tls.check_hostname = False
         else:
-            tls = False
-        return WebSocketSettings(host=cfg.host.rstrip("/"), ssl=tls,
-                                 headers=headers,
-                                 server_hostname=cfg.tls_server_name or None, proxy=cfg.proxy or None,
-                                 proxy_headers=cfg.proxy_headers or None)
+            tls = ssl.create_default_context()
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        if cfg.cert_file:
+            tls.load_cert_chain(cfg.cert_file, cfg.key_file)
+        return tls
 
     # -- the agent as an ephemeral container -------------------------------------------------
     def start_ephemeral_agent(self, session: Session, pod: PodTarget, image: str, agent_cfg, public_key: str,

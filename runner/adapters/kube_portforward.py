@@ -89,11 +89,16 @@ class PortForwardStream:
         except (ConnectionError, OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.debug("port-forward to %s ended: %s", self.pod, exc)
         finally:
+            # Each step runs even if the session's end cancels this task again meanwhile.
             upstream.cancel()
-            await asyncio.gather(upstream, return_exceptions=True)
             writer.close()
-            await ws.close()
-            await self._session.close()
+            try:
+                await asyncio.gather(upstream, return_exceptions=True)
+            finally:
+                try:
+                    await ws.close()
+                finally:
+                    await self._session.close()
 
     @staticmethod
     async def _up(reader: asyncio.StreamReader, ws) -> None:

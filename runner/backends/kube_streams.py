@@ -105,7 +105,8 @@ class PortForward(StreamTransport):
 
     def connect(self, ready):
         async def open_stream():
-            stream = self.kube.port_forward(ready.namespace, ready.pod, ready.port)
+            # Off the loop: refreshing a token may run the kubeconfig's exec plugin.
+            stream = await asyncio.to_thread(self.kube.port_forward, ready.namespace, ready.pod, ready.port)
             await stream.open()
             return stream
         return open_stream

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 
+from podtwin.runner.errors import ConfigError
+
 DEV_IMAGE = "podtwin:dev"   # a checkout's habit: also tagged by every build
 RELEASE_REPOSITORY = "ghcr.io/podtwin/podtwin-agent"
 
@@ -32,7 +34,8 @@ def agent_image_name(image: str | None = None) -> str:
     image = image or podtwin_image_name()
     last = image.rsplit("/", 1)[-1]
     if "@" in last:
-        raise ValueError(f"{image}: an image named by digest has no agent image beside it")
+        raise ConfigError(f"{image}: an image named by digest has no agent image beside it",
+                          "name the podtwin image by tag (PODTWIN_IMAGE=name:tag), or set agent.image")
     name, sep, tag = image.rpartition(":") if ":" in last else (image, "", "")
     return f"{name}-agent{sep}{tag}"
 

@@ -79,7 +79,8 @@ class Bridge:
 def run(opts: SessionOptions, cfg: "PodtwinConfig", target: "Target", make_engine: Callable[[], "DockerEngine"],
         image: str, progress: Progress, detached: Callable[[str], None] | None = None) -> int:
     """One ``podtwin container run``: plan, bridge, run the app, tear down. ``image``: the local
-    podtwin image (the sidecar's; the agent's unless agent.image says); ``make_engine``: the Docker
+    podtwin image (the sidecar's; a Docker target's agent runs the agent image built beside it
+    unless agent.image says); ``make_engine``: the Docker
     engine, asked once the input alone has been checked; ``detached``: the app runs unattached
     (``App.run``)."""
     p = plan(opts, cfg, target, make_engine, image, progress)

@@ -413,7 +413,9 @@ def _build_all(echo: Echo, force: bool, image: str) -> str:
         build_podtwin(echo, digest, force, image, also)
     else:
         echo(f"[images] {image}: up to date ({digest[:12]})")
-    agent, agent_digest = agent_image_name(image), agent_hash(digest)
+    # The podtwin image's ID in the agent's hash: a new base (a newer Python or OpenSSL) makes a
+    # new podtwin image with the same source digest, and the agent image must follow it.
+    agent, agent_digest = agent_image_name(image), agent_hash(f"{digest}:{_image_id(image)}")
     agent_also = (release_image_name(), agent_image_name(DEV_IMAGE)) if image == PODTWIN_IMAGE else ()
     if force or _label(agent, HASH_LABEL) != agent_digest:
         build_agent(echo, agent_digest, force, image, agent, agent_also)

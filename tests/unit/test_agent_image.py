@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from podtwin.runner.config.image import agent_image_name
+from podtwin.runner.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +18,7 @@ def test_the_agent_image_is_named_beside_the_podtwin_image():
     assert agent_image_name("podtwin:dev") == "podtwin-agent:dev"
     assert agent_image_name("registry:5000/team/pt:1.2") == "registry:5000/team/pt-agent:1.2"
     assert agent_image_name("registry:5000/team/pt") == "registry:5000/team/pt-agent"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="by digest"):
         agent_image_name("podtwin@sha256:" + "0" * 64)
 
 
