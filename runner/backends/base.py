@@ -78,9 +78,13 @@ class Placement(ABC):
 
     def __init__(self, target: "Target", cfg: "PodtwinConfig", image: str) -> None:
         self.target, self.cfg = target, cfg
-        self.image = cfg.agent.image or image      # the agent's image (agent.image wins)
+        self.image = cfg.agent.image or self.default_agent_image(image)   # agent.image wins
         self.sidecar_image = image                 # the local podtwin image the sidecar runs
         self.incoming = cfg.feature.network.incoming.mode if cfg.feature.network.incoming.mode != "off" else None
+
+    def default_agent_image(self, image: str) -> str:
+        """The agent's image when agent.image names none, beside the podtwin image ``image``."""
+        raise NotImplementedError
 
     def local_images(self) -> tuple[str, ...]:
         """The images the local Docker engine must have: the sidecar's (a cluster pulls the

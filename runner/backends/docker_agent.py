@@ -20,12 +20,14 @@ class DockerContainerAgent(Placement):
 
     def __init__(self, target: DockerTarget, cfg, image: str, engine: DockerEngine) -> None:
         super().__init__(target, cfg, image)
-        self.image = cfg.agent.image or agent_image_name(image)   # the agent image built beside it
         self.engine = engine
         self.info: DockerTargetInfo | None = None
         self.session = None
         self.agent_id: str | None = None
         self.guard_id: str | None = None
+
+    def default_agent_image(self, image: str) -> str:
+        return agent_image_name(image)   # the agent image built beside it
 
     def local_images(self) -> tuple[str, ...]:
         return (self.sidecar_image, self.image)

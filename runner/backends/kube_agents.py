@@ -15,12 +15,14 @@ class _KubeAgent(Placement):
     def __init__(self, target: KubeTarget, cfg, image: str, kube: KubeEngine, namespace: str | None,
                  kubeconfig: str | None, context: str | None) -> None:
         super().__init__(target, cfg, image)
-        self.image = cfg.agent.image or cluster_agent_image()   # what the cluster's nodes can pull
         self.kube, self.namespace = kube, namespace
         self.kubeconfig, self.context = kubeconfig, context
         self.pod: PodTarget | None = None
         self.session = None
         self.ready: AgentReady | None = None
+
+    def default_agent_image(self, image: str) -> str:
+        return cluster_agent_image()   # what the cluster's nodes can pull
 
     def resolve(self, progress) -> Resolved:
         progress(f"resolving {self.target}")
