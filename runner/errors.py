@@ -79,6 +79,12 @@ class ClusterUnavailable(PodtwinError):
 
     default_hint = "check the cluster with `kubectl get nodes`, or pass --context/--kubeconfig"
 
+    @classmethod
+    def credentials_refused(cls, doing: str) -> "ClusterUnavailable":
+        """The API server answered 401 to what we were ``doing``."""
+        return cls(f"the cluster refused our credentials while trying to {doing}",
+                   "log in again (your token or certificate may have expired)")
+
 
 class Forbidden(PodtwinError):
     """The cluster does not let us do something the session needs (RBAC)."""

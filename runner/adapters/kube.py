@@ -97,8 +97,7 @@ class KubeEngine:
         if exc.status == 0 and "Handshake status 403" in message:  # a refused WebSocket upgrade
             exc.status, message = 403, _handshake_message(message)
         if exc.status == 401:
-            return ClusterUnavailable(f"the cluster refused our credentials while trying to {doing}",
-                                      "log in again (your token or certificate may have expired)")
+            return ClusterUnavailable.credentials_refused(doing)
         if exc.status == 403:
             if "PodSecurity" in message:
                 return pod_security_error(message, ephemeral="ephemeral" in doing)

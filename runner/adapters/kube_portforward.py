@@ -69,8 +69,7 @@ class PortForwardStream:
             await self._session.close()
             doing = f"port-forward to pod {self.pod} in {self.ns}"
             if exc.status == 401:
-                raise ClusterUnavailable(f"the cluster refused our credentials while trying to {doing}",
-                                         "log in again (your token or certificate may have expired)") from exc
+                raise ClusterUnavailable.credentials_refused(doing) from exc
             if exc.status == 403:
                 raise Forbidden(f"not allowed to {doing} (the API server answered 403 {exc.message})") from exc
             raise SessionError(f"could not {doing}: the API server answered {exc.status} {exc.message}") from exc
