@@ -26,6 +26,7 @@ import logging
 import socket
 
 from podtwin.agent.sockopts import no_delay
+from podtwin.agent.tasks import TaskSet
 
 log = logging.getLogger("podtwin.agent.handoff")
 
@@ -85,7 +86,7 @@ class HandoffServer:
     def __init__(self, listener: socket.socket, push: "IncomingPush | None" = None) -> None:
         self.listener = listener
         self.push = push   # where a client's {"incoming": true} connection goes
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks = TaskSet("handoff")
         self.accepting: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -95,9 +96,7 @@ class HandoffServer:
         loop = asyncio.get_running_loop()
         while True:
             client, _ = await loop.sock_accept(self.listener)
-            task = loop.create_task(self._serve(client), name="handoff:request")
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.tasks.spawn(self._serve(client), "request")
 
     async def _serve(self, client: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -133,8 +132,7 @@ class HandoffServer:
     def close(self) -> None:
         if self.accepting is not None:
             self.accepting.cancel()
-        for task in list(self.tasks):
-            task.cancel()
+        self.tasks.cancel_all()
 
 
 def _hand_over(client: socket.socket, out: socket.socket) -> None:

@@ -29,6 +29,7 @@ import asyncssh
 
 from podtwin.agent.link import wire
 from podtwin.agent.sockopts import no_delay
+from podtwin.agent.tasks import TaskSet
 from podtwin.runner.sidecar.settings import FilesSettings
 
 log = logging.getLogger("podtwin.sidecar.files")
@@ -46,7 +47,7 @@ class FileMounts:
         self.root = Path(settings.root())
         self.proc: asyncio.subprocess.Process | None = None
         self.channels: set = set()
-        self.joining: set = set()
+        self.joining = TaskSet("files")
         # bound now, so the port is known (and kept out of incoming's port following) at once
         self.listener = no_delay(socket.create_server(("127.0.0.1", 0)))
         self.listener.setblocking(False)
@@ -73,9 +74,7 @@ class FileMounts:
     def _connected(self, bridge: "_Bridge") -> None:
         """sshfs connected (at the mount, and again after each break): join it to a new sftp
         channel once the link is up."""
-        task = asyncio.get_running_loop().create_task(self._join(bridge), name="files:join")
-        self.joining.add(task)
-        task.add_done_callback(self.joining.discard)
+        self.joining.spawn(self._join(bridge), "join")
 
     async def _join(self, bridge: "_Bridge") -> None:
         assert bridge.sock is not None
@@ -125,8 +124,7 @@ class FileMounts:
         if self.server is not None:
             self.server.close()
         self.listener.close()
-        for task in self.joining:
-            task.cancel()
+        self.joining.cancel_all()
         for channel in self.channels:
             channel.close()
 
