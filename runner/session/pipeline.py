@@ -197,8 +197,10 @@ def open_bridge(p: Plan, engine: "DockerEngine", progress: Progress, teardown: T
                 try:
                     sidecar_id = sidecar.result()
                 finally:
-                    if sidecar.exception() is None:
-                        teardown.add("sidecar container", lambda: engine.remove(sidecar_id))
+                    if sidecar.exception() is None:   # started (exception() waits for the start)
+                        # Its id from the future itself: a Ctrl-C while result() waited left
+                        # sidecar_id empty, and the undo removed nothing ("Resource ID was not provided").
+                        teardown.add("sidecar container", lambda: engine.remove(sidecar.result()))
     ready = p.placement.wait_ready(progress)
 
     loop = LoopThread()
